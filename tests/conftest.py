@@ -1,0 +1,62 @@
+"""Shared fixtures: isolated environment, small generated image folders, a tiny backbone."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# A tiny random-weight backbone keeps the suite fast; tests that need real weights say so.
+TINY = dict(backbone="mobilenet_v2", weights="random", input_size=32)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory, monkeypatch):
+    """No downloads, no user config: every test gets its own Keras home."""
+    home = tmp_path_factory.mktemp("keras_home")
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    monkeypatch.setenv("FEATX_OFFLINE", "1")
+    monkeypatch.delenv("FEATX_CACHE_DIR", raising=False)
+    monkeypatch.delenv("FEATX_BACKBONE", raising=False)
+
+
+def write_image(path: Path, image: np.ndarray):
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(path.suffix or ".png", image)
+    assert ok
+    path.write_bytes(buf.tobytes())
+
+
+def class_image(label: int, index: int, size=(40, 48)) -> np.ndarray:
+    """A BGR image whose colour depends on the class, with per-image noise."""
+    rng = np.random.default_rng(1000 * label + index)
+    palette = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40],
+                        [200, 40, 200], [40, 200, 200]], dtype=np.float64)
+    image = palette[label % len(palette)] + rng.normal(0, 20, size=(*size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path, classes=("cat", "dog"), per_class=6, ext=".png", start=0) -> Path:
+    for label, name in enumerate(classes):
+        for i in range(start, start + per_class):
+            write_image(root / name / f"{name}_{i:03d}{ext}", class_image(label, i))
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def dogcat_path():
+    value = os.environ.get("FEATX_DOGCAT")
+    if not value or not Path(value).is_dir():
+        pytest.skip("FEATX_DOGCAT is not set to the dogcat dataset (.ci/run sets it)")
+    return Path(value)

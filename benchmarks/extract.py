@@ -106,7 +106,7 @@ def main():
     data = Path(args.data)
 
     net = create_backbone(args.backbone, args.weights)
-    mapper = EmbeddingMapper(net)
+    mapper = EmbeddingMapper(net, args.batch_size)
     model = net.feature_model()
     manifest = discover(data)
     files = [manifest.root / p for p in manifest.paths]

@@ -149,7 +149,7 @@ class ImageReader:
 class EmbeddingMapper:
     """The frozen backbone called through one traced ``tf.function`` (training=False)."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, batch_size: int | None = None):
         import tensorflow as tf
 
         model = backbone.feature_model()
@@ -163,13 +163,20 @@ class EmbeddingMapper:
             return tf.cast(features, tf.float32)
 
         self._embed = embed
+        self.batch_size = batch_size
         self.n_batches = 0
         self.n_images = 0
 
     def __call__(self, images) -> np.ndarray:
+        n = int(images.shape[0])
         self.n_batches += 1
-        self.n_images += int(images.shape[0])
-        return self._embed(images).numpy()
+        self.n_images += n
+        if self.batch_size and n < self.batch_size:
+            # A short last batch would make oneDNN build new kernels for one call (seconds);
+            # padding it to the usual shape is far cheaper.
+            images = np.concatenate([np.asarray(images), np.zeros(
+                (self.batch_size - n, *images.shape[1:]), dtype=np.uint8)])
+        return self._embed(images).numpy()[:n]
 
 
 class CacheWriter:
@@ -432,7 +439,7 @@ def _apply_plan(cache, plan, current, stats):
 def _extract_new(cache, net, root, todo, current, batch_size, workers, progress, stats):
     columns = {k: v[todo] for k, v in current.items()}
     reader = ImageReader(root, columns["paths"], net.preprocessing, batch_size, workers)
-    mapper = EmbeddingMapper(net)
+    mapper = EmbeddingMapper(net, batch_size)
     writer = CacheWriter(cache, columns)
     try:
         seconds = run_pipeline(reader, mapper, writer, progress)

@@ -24,6 +24,7 @@ from featx.backbones import (
     describe_backbones,
     get_backbone_cfg,
     list_backbones,
+    load_keras_model,
     register_backbone,
 )
 from featx.backbones import _registry
@@ -224,6 +225,25 @@ def test_keras_imagenet_offline_error_at_build_time(tmp_path, monkeypatch):
         backbone.feature_model()
 
 
+def test_keras_download_failure_is_one_clear_line(monkeypatch):
+    from featx.backbones import keras_apps
+
+    def offline_download(cfg, input_size, weights):
+        if weights == "imagenet":
+            raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: "
+                            "None -- [Errno -3] Temporary failure in name resolution")
+        raise AssertionError("only the download is expected")
+
+    monkeypatch.delenv("FEATX_OFFLINE")
+    monkeypatch.setattr(keras_apps, "_construct", offline_download)
+    backbone = create_backbone("inception_v3")
+    with pytest.raises(WeightsUnavailableError) as info:
+        backbone.feature_model()
+    message = str(info.value)
+    assert "\n" not in message and "URL fetch failure" in message
+    assert message.startswith("inception_v3: ImageNet weights must be downloaded by Keras")
+
+
 def _save_legacy_h5(model, path):
     """Write weights the way Keras' ImageNet files are stored (legacy HDF5 layout)."""
     import h5py
@@ -394,7 +414,8 @@ def test_feature_model_round_trips_through_keras_file(tmp_path, lite_small):
 
     model = lite_small.feature_model()
     model.save(tmp_path / "features.keras")
-    loaded = keras.saving.load_model(tmp_path / "features.keras")
+    loaded = load_keras_model(tmp_path / "features.keras")
+    assert isinstance(loaded, keras.Model)
     x = _noise(lite_small)
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 

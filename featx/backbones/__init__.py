@@ -4,7 +4,7 @@ Importing this package registers the built-in backbones without importing
 TensorFlow or Keras; models are built when a :class:`Backbone` is asked for one.
 """
 
-from ._backbone import Backbone, create_backbone
+from ._backbone import Backbone, create_backbone, load_keras_model
 from ._config import BackboneCfg
 from ._registry import (
     describe_backbones,
@@ -27,5 +27,6 @@ __all__ = [
     "get_backbone_cfg",
     "is_offline",
     "list_backbones",
+    "load_keras_model",
     "register_backbone",
 ]

@@ -155,8 +155,11 @@ class Backbone:
             import keras
 
             full = self._full()
-            base = full if full.name == "base" else keras.Model(full.inputs, full.outputs,
-                                                                name="base")
+            if self.layer is None:
+                base = self.base_model()
+            else:
+                base = full if full.name == "base" else keras.Model(full.inputs, full.outputs,
+                                                                    name="base")
             image, x = self._image_input()
             x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base(x))
             self._classifier = keras.Model(image, head(x), name=f"{self.cfg.name}_classifier")
@@ -164,13 +167,16 @@ class Backbone:
 
 
 def _pool(x, pooling, keras):
+    """Pool a feature map to (None, dim); float32 output even under mixed precision."""
     rank = len(x.shape)
     if rank == 2:
-        return x
+        if x.dtype == "float32":
+            return x
+        return keras.layers.Activation("linear", dtype="float32", name="to_float32")(x)
     if pooling == "flatten":
-        return keras.layers.Flatten(name="flatten")(x)
+        return keras.layers.Flatten(name="flatten", dtype="float32")(x)
     layer_cls, name = _POOLING_LAYERS[(pooling, rank)]
-    return getattr(keras.layers, layer_cls)(name=name)(x)
+    return getattr(keras.layers, layer_cls)(name=name, dtype="float32")(x)
 
 
 def create_backbone(name: str, weights="imagenet", *, layer: str | None = None,
@@ -210,3 +216,16 @@ def create_backbone(name: str, weights="imagenet", *, layer: str | None = None,
     kind, arg, weights_id = resolve(cfg, weights, seed, imagenet_file)
     return Backbone(entry, kind, arg, weights_id, layer=layer, pooling=pooling,
                     input_size=size, seed=int(seed))
+
+
+def load_keras_model(path, **kwargs):
+    """``keras.saving.load_model`` with featx's custom layers registered.
+
+    Keras only finds ``featx>Normalization`` once :mod:`featx.backbones.layers` has
+    been imported; this does that first. ``kwargs`` go to ``load_model``.
+    """
+    import keras
+
+    from . import layers  # noqa: F401  (registers the featx layers)
+
+    return keras.saving.load_model(path, **kwargs)

@@ -98,11 +98,10 @@ def _user_state(cfg: BackboneCfg, path, specs) -> dict[str, np.ndarray]:
             f"weights file {path} is not an EfficientNet-Lite state dict "
             f"(missing {exc})") from None
     if found != specs:
+        detail = (f"{len(found)} blocks, expected {len(specs)}" if len(found) != len(specs)
+                  else "block shapes differ")
         raise WeightsUnavailableError(
-            f"weights file {path} does not hold {cfg.name} weights "
-            f"({len(found)} blocks; {cfg.name} has {len(specs)} with other widths)"
-            if len(found) != len(specs) else
-            f"weights file {path} does not hold {cfg.name} weights (block shapes differ)")
+            f"weights file {path} does not hold {cfg.name} weights ({detail})")
     return state
 
 
@@ -258,7 +257,9 @@ def build_head(cfg: BackboneCfg, weights: str, seed: int):
         return None
     fc_w, fc_b = state["_fc.weight"], state["_fc.bias"]
     keras.utils.set_random_seed(seed)
-    head = keras.layers.Dense(fc_w.shape[0], activation="softmax", name="predictions")
+    # float32 so probabilities stay float32 under a mixed-precision policy.
+    head = keras.layers.Dense(fc_w.shape[0], activation="softmax", name="predictions",
+                              dtype="float32")
     head.build((None, fc_w.shape[1]))
     if weights != "random":
         head.set_weights([fc_w.T, fc_b])

@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from featx.errors import WeightsUnavailableError
-
 from ._config import BackboneCfg, resize_size_for
 from ._registry import register_backbone
 from ._weights import OFFLINE_ENV, is_offline, load_keras_weights, offline_error
@@ -55,8 +53,8 @@ def _keras_cache_dirs() -> list[Path]:
         user = Path.home()
         home = (user if os.access(user, os.W_OK) else Path("/tmp")) / ".keras"
     dirs = [home / "models"]
-    if home.exists() and not os.access(home, os.W_OK):
-        dirs.append(Path("/tmp/.keras/models"))  # get_file's fallback
+    if not os.access(home, os.W_OK):  # also when missing: get_file then uses /tmp/.keras
+        dirs.append(Path("/tmp/.keras/models"))
     return dirs
 
 

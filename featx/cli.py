@@ -129,6 +129,26 @@ def runtime_options(func):
     return func
 
 
+def augment_options(func):
+    """--zoom/--rotation/--brightness/--flip: the tutorials' augmentation, each switchable."""
+    for option in reversed([
+        click.option("--zoom", type=click.FloatRange(0, 0.9), default=0.5, show_default=True,
+                     help="Zoom in by up to this share of the side (0 = off)."),
+        click.option("--rotation", type=click.FloatRange(0, 180), default=15.0,
+                     show_default=True, help="Rotate by up to this many degrees (0 = off)."),
+        click.option("--brightness", type=click.FloatRange(0, 1), default=0.2,
+                     show_default=True, help="Scale brightness by 1 +/- this (0 = off)."),
+        click.option("--flip/--no-flip", default=True, show_default=True,
+                     help="Random horizontal flips."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _augment_dict(kw) -> dict:
+    return {k: kw.pop(k) for k in ("zoom", "rotation", "brightness", "flip")}
+
+
 def json_option(func):
     return click.option("--json", "json_", is_flag=True,
                         help="Print one JSON object as the last line of stdout.")(func)
@@ -171,7 +191,8 @@ def cli(verbose):
 @split_options
 @runtime_options
 @click.option("--augment", type=click.IntRange(0), default=0, show_default=True,
-              help="Also cache K augmented views of every training image.")
+              help="Also cache K augmented views of every training image (never val/test).")
+@augment_options
 @json_option
 @handle_errors
 def extract(data, backbone, json_, augment, **kw):
@@ -187,7 +208,9 @@ def extract(data, backbone, json_, augment, **kw):
     """
     from featx.extraction import extract as run_extract
 
-    features = run_extract(data, backbone=backbone, augment=augment, **_extract_kwargs(kw))
+    augmentation = _augment_dict(kw)
+    features = run_extract(data, backbone=backbone, augment=augment,
+                           augment_options=augmentation, **_extract_kwargs(kw))
     _warn_random(features.weights)
     stats = features.stats
     result = {
@@ -317,6 +340,331 @@ def cache_info(path, json_):
     click.echo(f"{'failed:':<15} {len(info['failed'])}")
     for row in info["failed"]:
         click.echo(f"    {row['path']}: {row['reason']}")
+
+
+def _clf_choice_check(ctx, param, value):
+    from featx.classifiers import classifier_names
+
+    names = classifier_names()
+    values = value if isinstance(value, tuple) else (value,)
+    expanded = []
+    for item in values:
+        for name in str(item).split(","):
+            name = name.strip()
+            if name != "all" and name not in names:
+                raise click.BadParameter(f"unknown classifier {name!r}; valid: "
+                                         f"{', '.join(names)} (or all)")
+            expanded.append(name)
+    return tuple(expanded) if isinstance(value, tuple) else expanded[0]
+
+
+def classifier_options(func):
+    for option in reversed([
+        click.option("--tune/--no-tune", default=True, show_default=True,
+                     help="Tune hyperparameters by stratified CV on the train split."),
+        click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
+                     help="Reweight classes for imbalanced data."),
+        click.option("--cv", type=click.IntRange(2), default=5, show_default=True,
+                     help="Cross-validation folds for tuning."),
+    ]):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@click.argument("data", type=click.Path())
+@click.option("--clf", default="svm", show_default=True, callback=_clf_choice_check,
+              help="Classifier: softmax, logistic, svm, knn or tree.")
+@classifier_options
+@click.option("--out", type=click.Path(file_okay=False), default="models", show_default=True,
+              help="Where the model and its metadata are saved.")
+@click.option("--name", default=None, help="Model file name [default: CLF-BACKBONE-DATASET].")
+@click.option("--use-augmented", is_flag=True,
+              help="Train on the cached augmented views too (see extract --augment).")
+@backbone_options()
+@split_options
+@runtime_options
+@json_option
+@handle_errors
+def fit(data, clf, backbone, json_, tune, class_weight, cv, out, name, use_augmented, **kw):
+    """Train a classifier on the cached embeddings of DATA and save it.
+
+    Extracts first (through the same cache) if DATA is not cached yet, trains on the train
+    split, reports val (and test) metrics, and saves MODEL.joblib with a MODEL.json sidecar.
+
+    Example:
+
+        featx fit photos/ --clf svm --json
+    """
+    from featx.api import fit as run_fit
+
+    if clf == "all":
+        raise click.BadParameter("fit takes one classifier; use `featx compare` for all",
+                                 param_hint="--clf")
+    outcome = run_fit(data, clf, backbone=backbone, tune=tune, class_weight=class_weight,
+                      out=out, name=name, use_augmented=use_augmented, cv=cv,
+                      **_extract_kwargs(kw))
+    _warn_random(outcome["weights"])
+    if json_:
+        emit_json(outcome)
+        return
+    click.echo(f"model:        {outcome['model']}")
+    click.echo(f"classifier:   {clf} on {outcome['backbone']} ({outcome['weights']}) features")
+    if outcome["val_accuracy"] is not None:
+        click.echo(f"val accuracy: {outcome['val_accuracy']:.4f}   "
+                   f"val macro-F1: {outcome['val_macro_f1']:.4f}")
+    if "test_accuracy" in outcome:
+        click.echo(f"test accuracy: {outcome['test_accuracy']:.4f}")
+    click.echo(f"fit:          {outcome['fit_seconds']:.2f} s, best params {outcome['best_params']}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file instead of stdout.")
+@json_option
+@handle_errors
+def predict(model, paths, top_k, batch_size, output, json_):
+    """Label images (files or folders) with a saved MODEL.
+
+    MODEL is a .joblib (or its .json sidecar) from `featx fit`, or a .keras model from
+    `featx finetune`. Images are preprocessed exactly as at training time; files that are in
+    the model's cache reuse their embeddings. Output: CSV (path,label,score, then top-k),
+    or JSON with --json. Note: joblib files execute code when loaded; only load models you
+    trust (featx checks the SHA-256 recorded in the metadata).
+
+    Example:
+
+        featx predict models/svm-efficientnet_lite0-photos.joblib new_photos/ > labels.csv
+    """
+    from featx.api import predict as run_predict
+
+    rows = run_predict(model, paths, top_k=top_k, batch_size=batch_size)
+    text = json.dumps(rows, default=_json_default) if json_ else _rows_to_csv(rows, top_k)
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(text + ("\n" if json_ else ""))
+        click.echo(f"wrote {len(rows)} predictions to {output}", err=True)
+    else:
+        click.echo(text, nl=json_)
+    for row in rows:
+        if row["error"]:
+            click.echo(f"featx: skipped {row['path']}: {row['error']}", err=True)
+
+
+def _rows_to_csv(rows, top_k) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["path", "label", "score"]
+    for k in range(1, top_k + 1):
+        header += [f"top{k}_label", f"top{k}_score"]
+    writer.writerow(header + ["error"])
+    for row in rows:
+        cells = [row["path"], row["label"], "" if row["score"] is None else f"{row['score']:.6f}"]
+        top = row.get("top", [])
+        for k in range(top_k):
+            cells += [top[k]["label"], f"{top[k]['score']:.6f}"] if k < len(top) else ["", ""]
+        writer.writerow(cells + [row["error"]])
+    return buffer.getvalue()
+
+
+@cli.command()
+@click.argument("data", type=click.Path())
+@click.option("--clf", "clfs", multiple=True, default=("all",), show_default=True,
+              callback=_clf_choice_check,
+              help="Classifiers to compare (repeat or comma-separate); 'all' for every one.")
+@classifier_options
+@click.option("--report-dir", type=click.Path(file_okay=False), default="reports",
+              show_default=True, help="Where report.md, report.json and the PNGs go.")
+@click.option("--eval-split", type=click.Choice(["val", "test"]), default="val",
+              show_default=True, help="Split the numbers are computed on.")
+@click.option("--augmented", type=click.Choice(["no", "yes", "both"]), default="no",
+              show_default=True,
+              help="Train on cached augmented views (extract --augment K): no, yes, or both rows.")
+@click.option("--finetune", is_flag=True, help="Add a fine-tuning row (slow: trains the network).")
+@click.option("--finetune-epochs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--finetune-warmup-epochs", type=click.IntRange(1), default=3, show_default=True)
+@backbone_options(multiple=True)
+@split_options
+@runtime_options
+@json_option
+@handle_errors
+def compare(data, clfs, backbone, json_, tune, class_weight, cv, report_dir, eval_split,
+            augmented, finetune, finetune_epochs, finetune_warmup_epochs, **kw):
+    """Train every classifier on the same cached features and write a benchmark report.
+
+    With a warm cache no image goes through the model. Writes report.md, report.json, a
+    confusion-matrix PNG per classifier and accuracy_vs_fit_time.png to --report-dir.
+
+    Example:
+
+        featx compare photos/ --report-dir reports/ --json
+    """
+    from featx.api import compare as run_compare
+
+    finetune_options = None
+    if finetune:
+        finetune_options = {"epochs": finetune_epochs, "warmup_epochs": finetune_warmup_epochs}
+    outcome = run_compare(data, clfs, backbones=backbone, report_dir=report_dir, tune=tune,
+                          class_weight=class_weight, eval_split=eval_split, cv=cv,
+                          finetune=finetune_options, augmented=augmented, **_extract_kwargs(kw))
+    results = outcome["results"]
+    _warn_random(kw["weights"])
+    if json_:
+        keys = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
+                "macro_f1", "fit_seconds", "predict_seconds", "augmented_views", "best_params")
+        emit_json({"report": outcome["report"],
+                   "results": [{k: r.get(k) for k in keys} for r in results]})
+        return
+    click.echo(f"{'classifier':<10} {'backbone':<20} {'split':<5} {'accuracy':>8} "
+               f"{'macro-F1':>8} {'fit s':>7}")
+    for r in sorted(results, key=lambda r: -r["accuracy"]):
+        click.echo(f"{r['clf'] + ('+aug' if r.get('augmented_views') else ''):<10} "
+                   f"{r['backbone']:<20} {r['split']:<5} {r['accuracy']:>8.4f} "
+                   f"{r['macro_f1']:>8.4f} {r['fit_seconds']:>7.2f}")
+    click.echo(f"report: {outcome['report']}")
+
+
+def _unfreeze_value(ctx, param, value):
+    if value == "all":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter("expected a number of layers or 'all'") from None
+    if number < 1:
+        raise click.BadParameter("must be at least 1 (or 'all')")
+    return number
+
+
+@cli.command()
+@click.argument("data", type=click.Path())
+@click.option("--warmup-epochs", type=click.IntRange(1), default=5, show_default=True,
+              help="Stage 1 (frozen base, new head) epochs at most.")
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True,
+              help="Stage 2 (top of the base unfrozen) epochs at most.")
+@click.option("--unfreeze", default="20", show_default=True, callback=_unfreeze_value,
+              help="Top N layers of the base to unfreeze in stage 2, or 'all'.")
+@click.option("--lr-head", type=float, default=1e-3, show_default=True)
+@click.option("--lr-base", type=float, default=1e-5, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2,
+              show_default=True)
+@click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
+              help="Early stopping patience on val loss (best weights restored).")
+@click.option("--augment/--no-augment", default=True, show_default=True,
+              help="Augment training batches on the fly.")
+@augment_options
+@click.option("--out", type=click.Path(file_okay=False), default="models", show_default=True)
+@click.option("--name", default=None, help="Model name [default: finetune-BACKBONE].")
+@backbone_options()
+@split_options
+@runtime_options
+@json_option
+@handle_errors
+def finetune(data, backbone, json_, augment, **kw):
+    """Fine-tune the backbone on DATA: head warm-up, then the top layers unfrozen.
+
+    Stage 1 trains a new dropout + softmax head on the frozen base (run in inference mode);
+    stage 2 unfreezes the top --unfreeze layers (BatchNormalization stays frozen) and
+    continues with the small --lr-base. Early stopping on val loss restores the best
+    weights; the best model is saved as a .keras file (usable by `featx predict`) with
+    its history as CSV and PNG. Uses the same split as the cache.
+
+    Example:
+
+        featx finetune photos/ --warmup-epochs 3 --epochs 5 --unfreeze 20 --json
+    """
+    from featx.finetuning import finetune as run_finetune
+
+    for unused in ("layer", "pooling", "workers", "mixed_precision"):
+        if kw.pop(unused, None) not in (None, False):
+            raise click.BadParameter(f"--{unused.replace('_', '-')} does not apply to finetune")
+    augmentation = _augment_dict(kw)
+    result = run_finetune(
+        data, backbone=backbone, augment=augmentation if augment else False,
+        batch_size=kw.pop("batch_size") or 32, **kw)
+    summary = result.to_dict()
+    _warn_random(result.weights)
+    if json_:
+        emit_json({"model": str(result.model_path), "val_accuracy": result.val_accuracy,
+                   "val_macro_f1": result.val_macro_f1, "seconds": result.seconds,
+                   "epochs_run": result.epochs_run, **summary})
+        return
+    click.echo(f"model:        {result.model_path}")
+    click.echo(f"val accuracy: {result.val_accuracy:.4f}   val macro-F1: {result.val_macro_f1:.4f}")
+    click.echo(f"epochs:       {result.epochs_run} (stage 1: {result.stage1_epochs}), "
+               f"best epoch {result.best_epoch}, {result.seconds:.1f} s")
+    click.echo(f"history:      {result.history_path}, {result.plot_path}")
+
+
+@cli.command("augment-preview")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_png", type=click.Path(dir_okay=False), required=True,
+              help="PNG file to write.")
+@click.option("--n", type=click.IntRange(2, 64), default=16, show_default=True,
+              help="Cells in the grid (the first is the original).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", type=click.IntRange(32, 1024), default=224, show_default=True)
+@augment_options
+@handle_errors
+def augment_preview(image, out_png, n, seed, size, **kw):
+    """Write a grid of augmented versions of IMAGE, to check augmentation before trusting it.
+
+    Example:
+
+        featx augment-preview photos/cat/cat.1.jpg --out preview.png
+    """
+    from featx.augment import augment_preview as run_preview
+
+    path = run_preview(image, out_png, _augment_dict(kw), n=n, seed=seed, size=size)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--report-dir", type=click.Path(file_okay=False), default="reports",
+              show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache",
+              show_default=True, envvar="FEATX_CACHE_DIR")
+@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True)
+@handle_errors
+def demo(data, report_dir, cache_dir, backbone):
+    """The main job end to end: extract, then compare every classifier.
+
+    Without DATA it first writes scikit-learn's bundled digits (1797 images, 10 classes)
+    as PNG class folders under examples/digits.
+
+    Example:
+
+        featx demo            # on the digits
+        featx demo photos/    # on your own folder
+    """
+    from featx.api import compare as run_compare
+    from featx.extraction import extract as run_extract
+
+    if data is None:
+        from featx.sample_data import write_digits
+
+        data = write_digits("examples/digits")
+        click.echo(f"wrote scikit-learn's digits as image folders under {data}", err=True)
+    features = run_extract(data, backbone=backbone, cache_dir=cache_dir)
+    stats = features.stats
+    click.echo(f"extract: {stats.n_images} images, {stats.n_extracted} through "
+               f"{features.backbone} ({features.weights_id}) in {stats.seconds:.1f} s, "
+               f"{stats.n_failed} failed; cache {features.cache_path}")
+    outcome = run_compare(data, ("all",), backbones=(backbone,), report_dir=report_dir,
+                          cache_dir=cache_dir, progress=False)
+    for r in sorted(outcome["results"], key=lambda r: -r["accuracy"]):
+        click.echo(f"  {r['clf']:<9} val accuracy {r['accuracy']:.4f}  macro-F1 "
+                   f"{r['macro_f1']:.4f}  fit {r['fit_seconds']:.2f} s")
+    click.echo(f"report: {outcome['report']}")
 
 
 def main():

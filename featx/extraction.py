@@ -58,6 +58,7 @@ class Features:
             self.root = Path(cache.attr("root"))
             self.split_params = cache.json_attr("split_params", {})
             self.preprocessing = cache.json_attr("preprocessing", {})
+            self.extraction_seconds = float(cache.attr("extraction_seconds", 0.0))
             failed = cache.failed()
         self.paths = rows["paths"]
         self.labels = rows["labels"]
@@ -368,6 +369,9 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
                     batch_size or 32, progress)
             failed = plan["known_failed"] + new_failed
             cache.set_failed(failed)
+            # what the cached rows cost to compute, summed over runs (for cost comparisons)
+            attrs["extraction_seconds"] = float(cache.attr("extraction_seconds", 0.0)) + \
+                stats.model_seconds
             cache.set_attrs(**attrs)
         finally:
             cache.close()

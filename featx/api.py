@@ -1,0 +1,365 @@
+"""High-level API over the cache: fit, predict and compare. The CLI wraps these functions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from featx.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+EXTRACT_OPTIONS = ("weights", "layer", "pooling", "input_size", "batch_size", "cache_dir",
+                   "val_fraction", "test_fraction", "seed", "train_per_class",
+                   "mixed_precision", "workers", "progress")
+
+
+def _extract(data_dir, backbone, options):
+    from featx.extraction import extract
+
+    return extract(data_dir, backbone=backbone,
+                   **{k: v for k, v in options.items() if k in EXTRACT_OPTIONS})
+
+
+def _metrics(scores: dict) -> dict:
+    keep = ("accuracy", "balanced_accuracy", "macro_f1", "n", "predict_ms_per_image")
+    return {k: scores[k] for k in keep if k in scores}
+
+
+def fit(data_dir, clf="svm", *, backbone="efficientnet_lite0", tune=True, class_weight=None,
+        out="models", name=None, use_augmented=False, cv=5, **options) -> dict:
+    """Extract (or reuse) embeddings, fit ``clf`` on the train split, evaluate, save.
+
+    Returns a dict with ``model`` (path), ``clf``, ``val_accuracy``, ``val_macro_f1``,
+    ``fit_seconds``, ``best_params`` and, when a test split exists, ``test_*``.
+    """
+    from featx.classifiers import evaluate, fit_classifier, make_classifier
+    from featx.persist import save_model
+
+    make_classifier(clf)  # unknown names fail before any extraction
+    features = _extract(data_dir, backbone, options)
+    X_train, y_train = features.arrays("train", views=use_augmented)
+    result = fit_classifier(clf, X_train, y_train, tune=tune, class_weight=class_weight,
+                            seed=options.get("seed", 42), cv=cv)
+    metrics, predictions = {}, {}
+    for split in ("val", "test"):
+        if features.has_split(split):
+            X, y = features.arrays(split)
+            metrics[split] = _metrics(evaluate(result.estimator, X, y, features.class_names))
+            idx = features.indices(split)
+            predictions[split] = dict(zip(features.paths[idx].tolist(),
+                                          result.estimator.predict(X).tolist()))
+    name = name or f"{clf}-{features.backbone}-{features.root.name}"
+    metadata = {
+        "kind": "featx-classifier",
+        "clf": clf,
+        "classes": list(features.class_names),
+        "backbone": features.backbone,
+        "weights": features.weights,
+        "weights_id": features.weights_id,
+        "backbone_options": {"layer": features.key.get("layer"), "pooling": features.key.get("pooling"),
+                             "input_size": features.preprocessing.get("input_size"),
+                             "seed": options.get("seed", 42),
+                             "weights_arg": str(options.get("weights", "imagenet"))},
+        "cache_key": features.key,
+        "cache": str(features.cache_path),
+        "preprocessing": features.preprocessing,
+        "data_root": str(features.root),
+        "split_params": features.split_params,
+        "n_train": int(len(y_train)),
+        "trained_on_augmented_views": bool(use_augmented),
+        "metrics": metrics,
+        "best_params": result.best_params,
+        "tuned": result.tuned,
+        "class_weight": result.class_weight,
+        "fit_seconds": result.fit_seconds,
+        "val_predictions": {p: features.class_names[i]
+                            for p, i in predictions.get("val", {}).items()},
+    }
+    path = save_model(result.estimator, out, name, metadata)
+    outcome = {
+        "model": str(path),
+        "clf": clf,
+        "backbone": features.backbone,
+        "weights": features.weights,
+        "val_accuracy": metrics.get("val", {}).get("accuracy"),
+        "val_macro_f1": metrics.get("val", {}).get("macro_f1"),
+        "fit_seconds": result.fit_seconds,
+        "best_params": result.best_params,
+        "extract_reused": features.stats.reused,
+        "cache": str(features.cache_path),
+    }
+    if "test" in metrics:
+        outcome["test_accuracy"] = metrics["test"]["accuracy"]
+        outcome["test_macro_f1"] = metrics["test"]["macro_f1"]
+    return outcome
+
+
+# ----- predict ---------------------------------------------------------------------
+def expand_paths(paths) -> list[Path]:
+    """Files as given, folders searched recursively for image files (hidden ones skipped)."""
+    from featx.data import IMAGE_EXTENSIONS
+
+    out = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            out.extend(sorted(
+                p for p in item.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)))
+        elif item.is_file():
+            out.append(item)
+        else:
+            raise DataError(f"{item}: no such file or directory")
+    if not out:
+        raise DataError("no image files among the given paths")
+    return out
+
+
+def _sha256(path) -> str:
+    from featx.data import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
+
+
+def _cached_embeddings(metadata, hashes):
+    """Rows of the model's own cache whose content hash matches (train/predict parity)."""
+    from featx.errors import CacheError
+    from featx.extraction import Features
+
+    cache = Path(metadata.get("cache", ""))
+    if not cache.is_file():
+        return {}
+    try:
+        features = Features.open(cache)
+    except CacheError:
+        return {}
+    if features.key != metadata.get("cache_key"):
+        return {}
+    rows = features.lookup(hashes)
+    if not rows:
+        return {}
+    from featx.cache import FeatureCache
+
+    shas = list(rows)
+    with FeatureCache.open(cache) as c:
+        X = c.embeddings([rows[s] for s in shas])
+    return dict(zip(shas, X))
+
+
+def _backbone_for(metadata):
+    from featx.backbones import create_backbone
+
+    opts = metadata["backbone_options"]
+    weights = metadata["weights"] if metadata["weights"] != "file" else opts["weights_arg"]
+    net = create_backbone(metadata["backbone"], weights, layer=opts.get("layer") or None,
+                          pooling=opts.get("pooling"), input_size=opts.get("input_size"),
+                          seed=opts.get("seed", 0))
+    if net.weights_id != metadata["weights_id"]:
+        raise DataError(f"the model was trained on {metadata['weights_id']} features but "
+                        f"{net.weights_id} is what is available here")
+    return net
+
+
+def embed_files(net, files, batch_size=32, progress=False):
+    """Embeddings of image files (not cached). Returns (X, errors) with '' for success."""
+    from featx.extraction import EmbeddingMapper, ImageReader
+
+    reader = ImageReader("/", [str(Path(f).resolve()) for f in files], net.preprocessing,
+                         batch_size)
+    mapper = EmbeddingMapper(net, batch_size)
+    X = np.zeros((len(files), net.dim), np.float32)
+    errors = [""] * len(files)
+    for indices, images, errs in reader.dataset():
+        emb = mapper(images)
+        for j, i in enumerate(indices.numpy()):
+            X[i] = emb[j]
+            errors[i] = errs.numpy()[j].decode()
+    return X, errors
+
+
+def predict(model_path, paths, *, top_k=3, batch_size=32) -> list[dict]:
+    """Label image files with a model saved by ``fit`` (or ``finetune``).
+
+    Known files (same content as a row of the model's cache) reuse their cached embedding;
+    others are embedded with the backbone and preprocessing recorded in the model metadata.
+    """
+    model_path = Path(model_path)
+    if model_path.suffix == ".keras":
+        return _predict_keras(model_path, expand_paths(paths), top_k, batch_size)
+    from featx.persist import load_model
+
+    estimator, metadata = load_model(model_path)
+    files = expand_paths(paths)
+    hashes = [_sha256(f) for f in files]
+    cached = _cached_embeddings(metadata, hashes)
+    todo = [i for i, h in enumerate(hashes) if h not in cached]
+    X = np.zeros((len(files), len(next(iter(cached.values()))) if cached else 0), np.float32)
+    errors = [""] * len(files)
+    if todo:
+        net = _backbone_for(metadata)
+        X_new, errs = embed_files(net, [files[i] for i in todo], batch_size)
+        if X.shape[1] == 0:
+            X = np.zeros((len(files), X_new.shape[1]), np.float32)
+        for j, i in enumerate(todo):
+            X[i], errors[i] = X_new[j], errs[j]
+    for i, h in enumerate(hashes):
+        if h in cached:
+            X[i] = cached[h]
+    return _label_rows(estimator, metadata["classes"], files, X, errors, top_k)
+
+
+def _predict_keras(model_path, files, top_k, batch_size):
+    """Rows for a fine-tuned end-to-end Keras model (its own preprocessing and head)."""
+    from featx.finetuning import load_finetuned, predict_images
+
+    model, metadata = load_finetuned(model_path)
+    classes = metadata["class_names"]
+    probabilities = predict_images(model, metadata, files, batch_size, on_error="nan")
+    rows = []
+    for path, p in zip(files, probabilities):
+        if np.isnan(p).any():
+            rows.append({"path": str(path), "label": "", "score": None,
+                         "error": "cannot decode image"})
+            continue
+        order = np.argsort(-p)[:top_k]
+        rows.append({"path": str(path), "label": classes[int(order[0])],
+                     "score": float(p[order[0]]),
+                     "top": [{"label": classes[int(j)], "score": float(p[j])} for j in order],
+                     "error": ""})
+    return rows
+
+
+def class_scores(estimator, X) -> np.ndarray:
+    """Per-class scores: probabilities when the model has them, else decision values."""
+    if hasattr(estimator, "predict_proba"):
+        try:
+            return estimator.predict_proba(X)
+        except AttributeError:
+            pass
+    scores = estimator.decision_function(X)
+    if scores.ndim == 1:  # binary: score of the positive class
+        scores = np.stack([-scores, scores], axis=1)
+    return scores
+
+
+def _label_rows(estimator, classes, files, X, errors, top_k):
+    ok = np.array([not e for e in errors])
+    rows = []
+    labels = estimator.predict(X[ok]) if ok.any() else []
+    scores = class_scores(estimator, X[ok]) if ok.any() else []
+    k = 0
+    for i, path in enumerate(files):
+        if not ok[i]:
+            rows.append({"path": str(path), "label": "", "score": None, "error": errors[i]})
+            continue
+        order = np.argsort(-scores[k])[:top_k]
+        label = classes[int(labels[k])]
+        rows.append({"path": str(path), "label": label,
+                     "score": float(scores[k][list(estimator.classes_).index(labels[k])]),
+                     "top": [{"label": classes[int(estimator.classes_[j])],
+                              "score": float(scores[k][j])} for j in order],
+                     "error": ""})
+        k += 1
+    return rows
+
+
+# ----- compare ---------------------------------------------------------------------
+def compare(data_dir, clfs=("all",), *, backbones=("efficientnet_lite0",), report_dir="reports",
+            tune=True, class_weight=None, eval_split="val", cv=5, finetune=None,
+            augmented="no", **options) -> dict:
+    """Fit every classifier on the same cached features of every backbone; write a report.
+
+    ``augmented``: "no" (original images only), "yes" (train on augmented views too, when
+    the cache holds them) or "both" (one row each). ``finetune``: None, or a dict of
+    :func:`featx.finetuning.finetune` options to add a fine-tuning row.
+    """
+    from featx.classifiers import classifier_names, compare as compare_features
+    from featx.reports import write_compare_report
+
+    names = classifier_names() if "all" in clfs else list(clfs)
+    for name in names:
+        if name not in classifier_names():
+            raise UsageError(f"unknown classifier {name!r}; valid: {', '.join(classifier_names())}")
+    results, features_list = [], []
+    for backbone in backbones:
+        features = _extract(data_dir, backbone, options)
+        features_list.append(features)
+        if not features.has_split(eval_split):
+            raise DataError(f"{data_dir}: the {eval_split} split is empty")
+        variants = {"no": [False], "yes": [True], "both": [False, True]}[augmented]
+        for use_views in variants:
+            view = _AugmentedView(features) if use_views else features
+            rows = compare_features([view], names, tune=tune, class_weight=class_weight,
+                                    seed=options.get("seed", 42), eval_split=eval_split, cv=cv)
+            for row in rows:
+                row.pop("estimator", None)
+                row["augmented_views"] = bool(use_views)
+                row["extraction_seconds"] = features.extraction_seconds
+            results.extend(rows)
+    notes = []
+    if finetune is not None:
+        notes.extend(_add_finetune_row(data_dir, results, backbones[0], options, finetune,
+                                       eval_split))
+    first = features_list[0]
+    dataset = _dataset_summary(first)
+    report = write_compare_report(results, dataset, report_dir, notes=notes)
+    return {"report": str(Path(report_dir) / "report.md"), "results": results,
+            "report_files": report, "dataset": dataset}
+
+
+class _AugmentedView:
+    """A Features stand-in whose train split includes the cached augmented views."""
+
+    def __init__(self, features):
+        self._features = features
+
+    def __getattr__(self, name):
+        return getattr(self._features, name)
+
+    def arrays(self, split, views=False):
+        return self._features.arrays(split, views=(split == "train"))
+
+
+def _dataset_summary(features) -> dict:
+    originals = features.view == 0
+    counts = {}
+    for split in ("train", "val", "test"):
+        mask = originals & (features.split == split)
+        counts[split] = int(mask.sum())
+    per_class = {name: int((originals & (features.labels == i)).sum())
+                 for i, name in enumerate(features.class_names)}
+    return {"root": str(features.root), "class_names": list(features.class_names),
+            "class_counts": per_class, "split_sizes": counts,
+            "split_params": features.split_params,
+            "n_failed": features.stats.n_failed,
+            "n_augmented_views": int((~originals).sum())}
+
+
+def _add_finetune_row(data_dir, results, backbone, options, finetune_options,
+                      eval_split) -> list[str]:
+    from featx.finetuning import finetune, finetune_row
+
+    keep = ("weights", "input_size", "val_fraction", "test_fraction", "seed",
+            "train_per_class", "cache_dir", "progress")
+    outcome = finetune(data_dir, backbone=backbone,
+                       **{k: v for k, v in options.items() if k in keep}, **finetune_options)
+    row = finetune_row(outcome, backbone, options.get("weights", "imagenet"), split=eval_split)
+    row["augmented_views"] = False
+    results.append(row)
+    probes = [r for r in results if r["clf"] != "finetune"]
+    best = max(probes, key=lambda r: r["accuracy"])
+    probe_cost = best["fit_seconds"] + (best.get("extraction_seconds") or 0.0)
+    ratio = row["fit_seconds"] / probe_cost if probe_cost else float("nan")
+    diff = row["accuracy"] - best["accuracy"]
+    return [
+        f"Fine-tuning took {row['fit_seconds']:.1f} s against {probe_cost:.1f} s for the best "
+        f"linear probe ({best['clf']}, extraction {best.get('extraction_seconds') or 0:.1f} s + "
+        f"fit {best['fit_seconds']:.1f} s): a cost ratio of {ratio:.1f}x.",
+        f"Accuracy difference (fine-tune minus best probe, {row['split']} split): {diff:+.4f}.",
+    ]

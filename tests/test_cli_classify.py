@@ -1,0 +1,145 @@
+"""fit / predict / compare end to end through the CLI, on generated images and a tiny backbone."""
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_dataset
+from featx.cli import cli
+
+TINY_ARGS = ["--backbone", "mobilenet_v2", "--weights", "random", "--input-size", "32",
+             "--batch-size", "4", "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def last_json(result):
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data", classes=("red", "green", "blue"), per_class=10)
+
+
+def test_fit_then_predict_parity(dataset, tmp_path):
+    cache_dir, models = tmp_path / "cache", tmp_path / "models"
+    out = last_json(invoke("fit", dataset, "--clf", "softmax", *TINY_ARGS, "--cache-dir",
+                           cache_dir, "--out", models, "--cv", "3", "--json"))
+    for key in ("model", "clf", "val_accuracy", "val_macro_f1", "fit_seconds", "best_params"):
+        assert key in out
+    assert out["val_accuracy"] > 0.6  # colour classes are easy even for random features
+    metadata = json.loads((models / (out["model"].rsplit("/", 1)[-1].replace(".joblib", ".json"))).read_text())
+    assert metadata["weights"] == "random" and len(metadata["sha256"]) == 64
+    val_predictions = metadata["val_predictions"]
+
+    # predict the val files: cached rows are reused -> exactly fit's predictions
+    val_files = [dataset / p for p in val_predictions]
+    result = invoke("predict", out["model"], *val_files, "--json")
+    rows = last_json(result)
+    got = {r["path"]: r["label"] for r in rows}
+    assert got == {str(dataset / p): label for p, label in val_predictions.items()}
+
+    # the same files copied elsewhere (not in the cache) are embedded afresh: same labels
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    (cache_dir).rename(tmp_path / "cache_gone")
+    rows = last_json(invoke("predict", out["model"], *[copy / p for p in val_predictions],
+                            "--json"))
+    assert [r["label"] for r in rows] == list(val_predictions.values())
+
+
+def test_predict_csv_and_output_file(dataset, tmp_path):
+    out = last_json(invoke("fit", dataset, "--clf", "knn", "--no-tune", *TINY_ARGS,
+                           "--cache-dir", tmp_path / "cache", "--out", tmp_path / "m", "--json"))
+    (dataset / "red" / "broken.jpg").write_bytes(b"nope")
+    result = invoke("predict", out["model"], dataset / "red", "--top-k", "2")
+    assert result.exit_code == 0
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(table[0])[:3] == ["path", "label", "score"]
+    assert "top2_label" in table[0]
+    assert len(table) == 11
+    broken = [r for r in table if r["path"].endswith("broken.jpg")]
+    assert broken and broken[0]["label"] == "" and broken[0]["error"]
+    target = tmp_path / "pred.csv"
+    assert invoke("predict", out["model"], dataset / "green", "-o", target).exit_code == 0
+    assert target.read_text().startswith("path,label,score")
+
+
+def test_compare_writes_report_and_reuses_cache(dataset, tmp_path):
+    cache_dir, reports = tmp_path / "cache", tmp_path / "reports"
+    first = invoke("extract", dataset, *TINY_ARGS, "--cache-dir", cache_dir, "--json")
+    assert first.exit_code == 0
+    out = last_json(invoke("compare", dataset, *TINY_ARGS, "--cache-dir", cache_dir,
+                           "--report-dir", reports, "--cv", "3", "--json", "-v"))
+    assert {r["clf"] for r in out["results"]} == {"softmax", "logistic", "svm", "knn", "tree"}
+    for r in out["results"]:
+        assert {"clf", "backbone", "accuracy", "macro_f1", "fit_seconds",
+                "predict_seconds"} <= set(r)
+        assert r["weights"] == "random" and r["split"] == "val"
+    assert (reports / "report.md").exists() and (reports / "report.json").exists()
+    assert (reports / "accuracy_vs_fit_time.png").exists()
+    assert len(list(reports.glob("confusion_*.png"))) == 5
+    report = (reports / "report.md").read_text()
+    assert "RANDOM" in report and "val" in report
+
+
+def test_compare_warm_cache_runs_no_images_through_model(dataset, tmp_path, monkeypatch):
+    from featx import extraction
+
+    cache_dir = tmp_path / "cache"
+    assert invoke("extract", dataset, *TINY_ARGS, "--cache-dir", cache_dir).exit_code == 0
+    calls = []
+    original = extraction.EmbeddingMapper.__call__
+    monkeypatch.setattr(extraction.EmbeddingMapper, "__call__",
+                        lambda self, images: calls.append(len(images)) or original(self, images))
+    out = last_json(invoke("compare", dataset, "--clf", "softmax,knn", "--no-tune", *TINY_ARGS,
+                           "--cache-dir", cache_dir, "--report-dir", tmp_path / "r", "--json"))
+    assert calls == []
+    assert [r["clf"] for r in out["results"]] == ["softmax", "knn"]
+
+
+def test_classifier_errors_exit_2(dataset, tmp_path):
+    bad = invoke("fit", dataset, "--clf", "forest", *TINY_ARGS, "--cache-dir", tmp_path)
+    assert bad.exit_code == 2 and "softmax" in bad.stderr and "svm" in bad.stderr
+    missing = invoke("predict", tmp_path / "nope.joblib", dataset)
+    assert missing.exit_code == 2 and "nope.joblib" in missing.stderr
+    split = tmp_path / "split"
+    make_dataset(split / "train", classes=("cat",), per_class=4)
+    make_dataset(split / "val", classes=("cat", "dog"), per_class=2)
+    result = invoke("fit", split, "--clf", "softmax", *TINY_ARGS, "--cache-dir", tmp_path / "c",
+                    "--out", tmp_path / "m")
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "one class" in result.stderr
+
+
+def test_model_with_mismatched_backbone_is_refused(dataset, tmp_path):
+    out = last_json(invoke("fit", dataset, "--clf", "tree", "--no-tune", *TINY_ARGS,
+                           "--cache-dir", tmp_path / "cache", "--out", tmp_path / "m", "--json"))
+    sidecar = tmp_path / "m" / (out["model"].rsplit("/", 1)[-1].replace(".joblib", ".json"))
+    metadata = json.loads(sidecar.read_text())
+    metadata["weights_id"] = "random:seed=7"
+    sidecar.write_text(json.dumps(metadata))
+    copy = tmp_path / "new.png"
+    shutil.copy(next((dataset / "red").glob("*.png")), copy)
+    with open(copy, "ab") as handle:  # new content: not in the cache, so it must be embedded
+        handle.write(b"\0")
+    result = invoke("predict", out["model"], copy)
+    assert result.exit_code == 2 and "random:seed=7" in result.stderr
+
+
+def test_tampered_model_is_refused(dataset, tmp_path):
+    out = last_json(invoke("fit", dataset, "--clf", "tree", "--no-tune", *TINY_ARGS,
+                           "--cache-dir", tmp_path / "cache", "--out", tmp_path / "m", "--json"))
+    with open(out["model"], "ab") as handle:
+        handle.write(b"tampered")
+    result = invoke("predict", out["model"], dataset / "red")
+    assert result.exit_code == 2
+    assert "SHA-256" in result.stderr

@@ -1,0 +1,29 @@
+"""End-to-end on real photos with the real offline ImageNet weights (needs $FEATX_DOGCAT)."""
+
+import pytest
+
+from conftest import dogcat_path
+from featx.extraction import extract
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def dogcat_cache(tmp_path_factory):
+    data = dogcat_path()
+    cache_dir = tmp_path_factory.mktemp("dogcat_cache")
+    features = extract(data, cache_dir=cache_dir, progress=False)
+    return data, cache_dir, features
+
+
+def test_dogcat_extracts_with_real_weights(dogcat_cache):
+    data, cache_dir, features = dogcat_cache
+    assert features.weights == "imagenet"
+    assert features.weights_id.startswith("imagenet:efficientnet-lite0-57934424.pth")
+    assert features.stats.n_images == 1399 and features.stats.n_failed == 0
+    assert features.dim == 1280
+    assert features.class_names == ["cat", "dog"]
+    # stratified 80/20 with seed 42
+    assert len(features.indices("train")) == 1119 and len(features.indices("val")) == 280
+    again = extract(data, cache_dir=cache_dir, progress=False)
+    assert again.stats.reused and again.stats.n_extracted == 0

@@ -78,7 +78,7 @@ def test_compare_writes_report_and_reuses_cache(dataset, tmp_path):
     first = invoke("extract", dataset, *TINY_ARGS, "--cache-dir", cache_dir, "--json")
     assert first.exit_code == 0
     out = last_json(invoke("compare", dataset, *TINY_ARGS, "--cache-dir", cache_dir,
-                           "--report-dir", reports, "--cv", "3", "--json", "-v"))
+                           "--report-dir", reports, "--cv", "3", "--json"))
     assert {r["clf"] for r in out["results"]} == {"softmax", "logistic", "svm", "knn", "tree"}
     for r in out["results"]:
         assert {"clf", "backbone", "accuracy", "macro_f1", "fit_seconds",

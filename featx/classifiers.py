@@ -1,0 +1,499 @@
+"""Classical classifiers on cached embeddings: registry, tuning by CV on train rows, evaluation.
+
+Every classifier is a scikit-learn :class:`~sklearn.pipeline.Pipeline` whose preprocessing
+(scaling or L2 normalisation) is a pipeline step, so it is fitted on training rows only, and
+inside cross-validation on each fold's training part only. Nothing here ever sees validation
+or test rows unless the caller passes them to :func:`evaluate`.
+
+The last step of every pipeline is named ``"clf"``; grid keys are pipeline parameter names
+(``"clf__C"``), so ``make_classifier(name).set_params(**result.best_params)`` reproduces a fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from featx.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+LIMITED_CV_WARNING = ("a class has fewer than 2 training rows; fitting {name} with default "
+                      "parameters, no tuning")
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """How to build one classifier.
+
+    Attributes
+    ----------
+    factory : callable
+        ``factory(class_weight, seed) -> Pipeline`` with default hyperparameters.
+    grid : dict
+        Short hyperparameter grid for :class:`~sklearn.model_selection.GridSearchCV`
+        (pipeline parameter names -> candidate values).
+    description : str
+        One line for humans (``featx compare --help``, reports).
+    supports_class_weight : bool
+        Whether ``class_weight="balanced"`` changes anything.
+    adapt_grid : callable or None
+        ``adapt_grid(grid, n_fold_train) -> grid``: drops candidates that cannot be fitted on
+        the smallest CV training fold (e.g. more neighbours than rows).
+    """
+
+    factory: Callable[[Any, int], Any]
+    grid: dict
+    description: str
+    supports_class_weight: bool = True
+    adapt_grid: Callable[[dict, int], dict] | None = None
+
+
+@dataclass
+class FitResult:
+    """A fitted classifier and how it was obtained.
+
+    Attributes
+    ----------
+    estimator : Pipeline
+        Refitted on all training rows with ``best_params``.
+    best_params : dict
+        Values of the grid parameters used for ``estimator`` (pipeline parameter names);
+        the defaults when not tuned.
+    cv_score : float or None
+        Mean CV accuracy of ``best_params``; None when not tuned.
+    fit_seconds : float
+        Wall time of the whole fit, cross-validation included.
+    tuned : bool
+        Whether a grid search ran.
+    cv_splits : int
+        Number of CV folds (0 when not tuned).
+    class_weight : str or None
+        The class weighting actually applied (None where unsupported).
+    n_train : int
+        Number of training rows.
+    """
+
+    estimator: Any
+    best_params: dict
+    cv_score: float | None
+    fit_seconds: float
+    tuned: bool = False
+    cv_splits: int = 0
+    class_weight: str | None = None
+    n_train: int = 0
+    converged: bool = field(default=True, repr=False)
+
+
+# ----- factories ------------------------------------------------------------------------
+# Scaling choices: the logistic models see standardised features (lbfgs converges quickly
+# on them); the SVM sees L2-normalised rows because liblinear's dual solver stalls on
+# standardised 1280-d features (||x||^2 ~ 1280) and finishes in a few passes on unit rows;
+# kNN tunes its own metric (cosine is L2 normalisation in disguise); trees need no scaling.
+
+def _softmax(class_weight, seed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = LogisticRegression(C=1.0, max_iter=1000, class_weight=class_weight, random_state=seed)
+    return Pipeline([("scale", StandardScaler()), ("clf", clf)])
+
+
+def _logistic(class_weight, seed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    binary = LogisticRegression(C=1.0, max_iter=1000, class_weight=class_weight, random_state=seed)
+    return Pipeline([("scale", StandardScaler()), ("clf", OneVsRestClassifier(binary))])
+
+
+def _svm(class_weight, seed):
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import Normalizer
+    from sklearn.svm import LinearSVC
+
+    clf = LinearSVC(C=1.0, dual=True, max_iter=2000, class_weight=class_weight, random_state=seed)
+    return Pipeline([("normalize", Normalizer()), ("clf", clf)])
+
+
+def _knn(class_weight, seed):
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
+
+    # Brute force: tree indexes do not help in 1000+ dimensions.
+    clf = KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute")
+    return Pipeline([("clf", clf)])
+
+
+def _tree(class_weight, seed):
+    from sklearn.pipeline import Pipeline
+    from sklearn.tree import DecisionTreeClassifier
+
+    clf = DecisionTreeClassifier(max_depth=None, class_weight=class_weight, random_state=seed)
+    return Pipeline([("clf", clf)])
+
+
+def _knn_grid(grid, n_fold_train):
+    ks = [k for k in grid["clf__n_neighbors"] if k <= n_fold_train] or [1]
+    return {**grid, "clf__n_neighbors": ks}
+
+
+CLASSIFIERS: dict[str, ClassifierSpec] = {
+    "softmax": ClassifierSpec(
+        _softmax, {"clf__C": [0.01, 0.1, 1.0]},
+        "multinomial logistic regression (lbfgs) on standardised features"),
+    "logistic": ClassifierSpec(
+        _logistic, {"clf__estimator__C": [0.01, 0.1, 1.0]},
+        "one-vs-rest binary logistic regressions on standardised features"),
+    "svm": ClassifierSpec(
+        _svm, {"clf__C": [0.1, 1.0]},
+        "linear SVM (liblinear, dual, one-vs-rest) on L2-normalised features"),
+    "knn": ClassifierSpec(
+        _knn, {"clf__n_neighbors": [1, 5, 15], "clf__metric": ["cosine", "euclidean"]},
+        "k-nearest neighbours (k and metric tuned); no class weighting",
+        supports_class_weight=False, adapt_grid=_knn_grid),
+    "tree": ClassifierSpec(
+        _tree, {"clf__max_depth": [4, 8, 16]},
+        "decision tree (depth tuned)"),
+}
+
+
+def classifier_names() -> list[str]:
+    """Registered classifier names, in registry order.
+
+    Examples
+    --------
+    >>> classifier_names()
+    ['softmax', 'logistic', 'svm', 'knn', 'tree']
+    """
+    return list(CLASSIFIERS)
+
+
+def _spec(name: str) -> ClassifierSpec:
+    try:
+        return CLASSIFIERS[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown classifier {name!r}; valid names: {', '.join(classifier_names())}") from None
+
+
+def _effective_class_weight(name, spec, class_weight):
+    if class_weight is None:
+        return None
+    if class_weight != "balanced":
+        raise UsageError(f"class_weight must be None or 'balanced', not {class_weight!r}")
+    if not spec.supports_class_weight:
+        log.warning("%s does not support class_weight='balanced'; fitting it unweighted", name)
+        return None
+    return class_weight
+
+
+def make_classifier(name: str, *, class_weight: str | None = None, seed: int = 0):
+    """Build an unfitted pipeline with default hyperparameters.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`classifier_names`.
+    class_weight : {None, "balanced"}
+        Ignored, with a logged warning, for classifiers that do not support it (knn).
+    seed : int
+        ``random_state`` of every randomised step.
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+
+    Raises
+    ------
+    UsageError
+        Unknown name (the message lists the valid ones) or bad ``class_weight``.
+
+    Examples
+    --------
+    >>> [step for step, _ in make_classifier("svm").steps]
+    ['normalize', 'clf']
+    """
+    spec = _spec(name)
+    return spec.factory(_effective_class_weight(name, spec, class_weight), seed)
+
+
+# ----- fitting --------------------------------------------------------------------------
+
+def _check_training_data(X, y):
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2:
+        raise DataError(f"training features must be 2-D (rows, dim), got shape {X.shape}")
+    if len(X) != len(y):
+        raise DataError(f"{len(X)} training rows but {len(y)} labels")
+    if len(y) == 0:
+        raise DataError("the train split is empty: there is nothing to fit")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise DataError(
+            f"the train split has only one class (label {classes[0]!r}, {len(y)} rows); "
+            "a classifier needs at least two")
+    return X, y
+
+
+def _n_splits(y, cv):
+    """min(cv, smallest class count): StratifiedKFold needs every class in every fold."""
+    return int(min(cv, np.unique(y, return_counts=True)[1].min()))
+
+
+def _current_params(estimator, grid):
+    params = estimator.get_params()
+    return {key: params[key] for key in grid}
+
+
+def _run_quietly(fit):
+    """Run ``fit()``, turning per-fit ConvergenceWarnings into one summary log line."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        result = fit()
+    not_converged = 0
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            not_converged += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result, not_converged
+
+
+def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
+                   class_weight: str | None = None, seed: int = 0, cv: int = 5,
+                   n_jobs: int = 1, scoring: str = "accuracy",
+                   blas_threads: int | None = 1) -> FitResult:
+    """Fit one classifier on training rows, tuning its grid by stratified CV on those rows.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`classifier_names`.
+    X_train : ndarray of shape (n_train, dim)
+        Training rows only; validation and test rows must never be passed here.
+    y_train : ndarray of shape (n_train,)
+        Integer labels.
+    tune : bool
+        Grid search with ``StratifiedKFold(min(cv, smallest class count), shuffle, seed)``;
+        falls back to the defaults, with a logged warning, when a class has < 2 rows.
+    class_weight : {None, "balanced"}
+    seed : int
+        Seeds the estimator and the CV shuffling; the same seed gives the same model.
+    cv : int
+        Upper bound on the number of folds.
+    n_jobs : int
+        Parallel CV fits (GridSearchCV ``n_jobs``).
+    scoring : str
+        GridSearchCV scoring.
+    blas_threads : int or None
+        BLAS threads during the fit. The solvers here make many small matrix-vector
+        products, for which one thread is fastest; with two threads on two shared cores an
+        OvR logistic fit ran 4x slower. None leaves the BLAS library's setting alone.
+
+    Returns
+    -------
+    FitResult
+
+    Raises
+    ------
+    UsageError
+        Unknown classifier name.
+    DataError
+        Empty train split or only one class in it.
+    """
+    spec = _spec(name)
+    X, y = _check_training_data(X_train, y_train)
+    weight = _effective_class_weight(name, spec, class_weight)
+    pipeline = spec.factory(weight, seed)
+    n_splits = _n_splits(y, cv) if tune else 0
+    if tune and n_splits < 2:
+        log.warning(LIMITED_CV_WARNING.format(name=name))
+        tune, n_splits = False, 0
+
+    started = time.perf_counter()
+    with _blas_limit(blas_threads):
+        if tune:
+            search = _grid_search(spec, pipeline, y, n_splits, seed, n_jobs, scoring)
+            search, not_converged = _run_quietly(lambda: search.fit(X, y))
+            estimator, best_params = search.best_estimator_, dict(search.best_params_)
+            cv_score = float(search.best_score_)
+        else:
+            estimator, not_converged = _run_quietly(lambda: pipeline.fit(X, y))
+            best_params, cv_score = _current_params(estimator, spec.grid), None
+    fit_seconds = time.perf_counter() - started
+
+    if not_converged:
+        log.warning("%s: %d fit(s) stopped at max_iter before converging "
+                    "(usually harmless on separable embeddings)", name, not_converged)
+    return FitResult(estimator=estimator, best_params=best_params, cv_score=cv_score,
+                     fit_seconds=fit_seconds, tuned=tune, cv_splits=n_splits,
+                     class_weight=weight, n_train=len(y), converged=not not_converged)
+
+
+def _blas_limit(threads):
+    if threads is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def _grid_search(spec, pipeline, y, n_splits, seed, n_jobs, scoring):
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    grid = spec.grid
+    if spec.adapt_grid is not None:
+        smallest_fold_train = len(y) - int(np.ceil(len(y) / n_splits))
+        grid = spec.adapt_grid(grid, smallest_fold_train)
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return GridSearchCV(pipeline, grid, cv=folds, scoring=scoring, n_jobs=n_jobs, refit=True,
+                        error_score="raise")
+
+
+# ----- evaluation -----------------------------------------------------------------------
+
+def evaluate(estimator, X, y, class_names, *, blas_threads: int | None = 1) -> dict:
+    """Score a fitted classifier on one split.
+
+    Parameters
+    ----------
+    estimator : fitted classifier
+    X : ndarray of shape (n, dim)
+    y : ndarray of shape (n,)
+        Integer labels indexing ``class_names``.
+    class_names : sequence of str
+    blas_threads : int or None
+        BLAS threads while predicting (timed), as in :func:`fit_classifier`.
+
+    Returns
+    -------
+    dict
+        ``n``, ``accuracy``, ``balanced_accuracy``, ``macro_f1`` (over the classes present in
+        ``y`` or predicted), ``per_class`` (one dict per class name, in order: ``class``,
+        ``precision``, ``recall``, ``f1``, ``support``), ``confusion_matrix`` (list of lists,
+        rows = true class, columns = predicted, every class in order), ``predict_seconds``,
+        ``predict_ms_per_image``.
+    """
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
+                                 f1_score, precision_recall_fscore_support)
+
+    X, y = np.asarray(X), np.asarray(y)
+    if len(y) == 0:
+        raise DataError("no rows to evaluate on: the evaluation split is empty")
+    labels = np.arange(len(class_names))
+    with _blas_limit(blas_threads):
+        started = time.perf_counter()
+        pred = estimator.predict(X)
+        predict_seconds = time.perf_counter() - started
+
+    with warnings.catch_warnings():
+        # classes missing from a small split make balanced accuracy warn; the number is still right
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(y, pred)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=labels, zero_division=0)
+    per_class = [
+        {"class": str(c), "precision": float(p), "recall": float(r), "f1": float(f),
+         "support": int(s)}
+        for c, p, r, f, s in zip(class_names, precision, recall, f1, support)]
+    return {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "predict_seconds": predict_seconds,
+        "predict_ms_per_image": 1000.0 * predict_seconds / len(y),
+    }
+
+
+# ----- compare --------------------------------------------------------------------------
+
+def compare(features_list, clfs, *, tune: bool = True, class_weight: str | None = None,
+            seed: int = 0, eval_split: str = "val", cv: int = 5, n_jobs: int = 1,
+            blas_threads: int | None = 1) -> list[dict]:
+    """Fit every classifier on every feature set's train rows and score it on ``eval_split``.
+
+    Parameters
+    ----------
+    features_list : iterable of Features-like
+        Needs ``arrays(split) -> (X, y)``, ``class_names``, ``backbone`` and ``weights``;
+        ``weights_id`` and ``stats.seconds`` are used when present.
+    clfs : iterable of str
+        Classifier names (validated before anything is fitted).
+    tune, class_weight, seed, cv, n_jobs, blas_threads
+        As in :func:`fit_classifier`.
+    eval_split : str
+        "val" or "test"; the caller decides which (use "test" only for the final numbers).
+
+    Returns
+    -------
+    list of dict
+        One result dict per (features, classifier), in input order; the schema is documented
+        in :func:`featx.reports.write_compare_report`. Each also carries the fitted pipeline
+        under ``"estimator"`` (not written to report.json).
+    """
+    clfs = list(clfs)
+    for name in clfs:
+        _spec(name)
+    results = []
+    for features in features_list:
+        X_train, y_train = features.arrays("train")
+        X_eval, y_eval = features.arrays(eval_split)
+        if len(y_eval) == 0:
+            raise DataError(f"the {eval_split} split of {features.backbone} features is empty; "
+                            "nothing to evaluate on")
+        for name in clfs:
+            fit = fit_classifier(name, X_train, y_train, tune=tune, class_weight=class_weight,
+                                 seed=seed, cv=cv, n_jobs=n_jobs, blas_threads=blas_threads)
+            scores = evaluate(fit.estimator, X_eval, y_eval, features.class_names,
+                              blas_threads=blas_threads)
+            results.append(result_dict(name, features, fit, scores, eval_split, seed))
+            log.info("%s on %s: %s accuracy %.4f, fit %.2f s", name, features.backbone,
+                     eval_split, scores["accuracy"], fit.fit_seconds)
+    return results
+
+
+def result_dict(name, features, fit: FitResult, scores: dict, split: str, seed: int = 0) -> dict:
+    """Assemble one compare result from a fit and its evaluation (schema in featx.reports)."""
+    stats = getattr(features, "stats", None)
+    return {
+        "clf": name,
+        "backbone": features.backbone,
+        "weights": features.weights,
+        "weights_id": getattr(features, "weights_id", None),
+        "split": split,
+        "n_train": fit.n_train,
+        "n_eval": scores["n"],
+        "accuracy": scores["accuracy"],
+        "balanced_accuracy": scores["balanced_accuracy"],
+        "macro_f1": scores["macro_f1"],
+        "fit_seconds": fit.fit_seconds,
+        "predict_seconds": scores["predict_seconds"],
+        "predict_ms_per_image": scores["predict_ms_per_image"],
+        "extract_seconds": getattr(stats, "seconds", None),
+        "tuned": fit.tuned,
+        "cv_splits": fit.cv_splits,
+        "cv_score": fit.cv_score,
+        "best_params": fit.best_params,
+        "class_weight": fit.class_weight,
+        "seed": seed,
+        "class_names": [str(c) for c in features.class_names],
+        "per_class": scores["per_class"],
+        "confusion_matrix": scores["confusion_matrix"],
+        "estimator": fit.estimator,
+    }

@@ -1,0 +1,369 @@
+"""Compare report: report.md, report.json, confusion-matrix PNGs and an accuracy-vs-fit-time plot.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas), never through
+pyplot, so writing a report neither needs a display nor changes the caller's backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED_KEYS = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
+                 "macro_f1", "fit_seconds")
+# Keys that hold live objects, not numbers: kept out of report.json.
+NOT_SERIALISED = ("estimator",)
+CELL_TEXT_MAX_CLASSES = 30
+TICK_LABELS_MAX = 120
+RANDOM_WEIGHTS_BANNER = (
+    "> **WARNING: RANDOM BACKBONE WEIGHTS.** At least one backbone below used random "
+    "(untrained) weights. Those numbers say nothing about transfer learning; random weights "
+    "are for tests and throughput benchmarks only.")
+
+
+# ----- dataset summary ------------------------------------------------------------------
+
+def dataset_summary(features, splits=("train", "val", "test")) -> dict:
+    """The ``dataset`` argument of :func:`write_compare_report`, from a Features-like object.
+
+    Counts original images only (``view == 0``) when the object has a ``view`` array.
+
+    Returns
+    -------
+    dict
+        ``root`` (str), ``class_names`` (list), ``counts`` ({split: [count per class]}, only
+        splits that have rows), ``split_sizes`` ({split: n}).
+    """
+    labels = np.asarray(features.labels)
+    split = np.asarray(features.split)
+    keep = np.ones(len(labels), bool)
+    if getattr(features, "view", None) is not None:
+        keep = np.asarray(features.view) == 0
+    n_classes = len(features.class_names)
+    counts = {}
+    for name in splits:
+        rows = keep & (split == name)
+        if rows.any():
+            counts[name] = np.bincount(labels[rows], minlength=n_classes).tolist()
+    return {
+        "root": str(getattr(features, "root", "")),
+        "class_names": [str(c) for c in features.class_names],
+        "counts": counts,
+        "split_sizes": {name: int(sum(c)) for name, c in counts.items()},
+    }
+
+
+# ----- formatting helpers ---------------------------------------------------------------
+
+def _md(text) -> str:
+    """Escape what would break a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _num(value, digits) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_params(params) -> str:
+    """``{"clf__estimator__C": 0.1}`` -> ``"C=0.1"``; "-" when empty."""
+    if not params:
+        return "-"
+    return ", ".join(f"{key.rsplit('__', 1)[-1]}={value}" for key, value in params.items())
+
+
+def _sorted(results):
+    return sorted(results, key=lambda r: (-r["accuracy"], r["fit_seconds"]))
+
+
+def _slug(text) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _check_results(results):
+    if not results:
+        raise ValueError("no results to report")
+    for i, result in enumerate(results):
+        missing = [key for key in REQUIRED_KEYS if key not in result]
+        if missing:
+            raise ValueError(f"result {i} ({result.get('clf', '?')}) lacks {', '.join(missing)}")
+
+
+# ----- markdown ------------------------------------------------------------------------
+
+RESULT_COLUMNS = ("classifier", "backbone", "weights", "split", "accuracy", "balanced accuracy",
+                  "macro-F1", "fit s", "predict ms/image", "best parameters")
+
+
+def _results_table(rows) -> list[str]:
+    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |",
+             "|" + "|".join(["---"] * 4 + ["---:"] * 5 + ["---"]) + "|"]
+    for r in rows:
+        cells = [r["clf"], r["backbone"], r["weights"], r["split"],
+                 _num(r["accuracy"], 4), _num(r["balanced_accuracy"], 4), _num(r["macro_f1"], 4),
+                 _num(r["fit_seconds"], 2), _num(r.get("predict_ms_per_image"), 3),
+                 format_params(r.get("best_params"))
+                 + (" (not tuned)" if r.get("tuned") is False and r.get("best_params") else "")]
+        lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+    return lines
+
+
+def _per_class_table(result) -> list[str]:
+    lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for row in result["per_class"]:
+        lines.append(f"| {_md(row['class'])} | {row['precision']:.4f} | {row['recall']:.4f} | "
+                     f"{row['f1']:.4f} | {row['support']} |")
+    return lines
+
+
+def _dataset_section(dataset) -> list[str]:
+    lines = ["## Dataset", "", f"Root: `{dataset.get('root', '?')}`", ""]
+    names = dataset.get("class_names", [])
+    counts = dataset.get("counts") or {}
+    if counts:
+        splits = list(counts)
+        lines += ["| class | " + " | ".join(splits) + " | total |",
+                  "|---|" + "---:|" * (len(splits) + 1)]
+        for i, name in enumerate(names):
+            per_split = [counts[s][i] for s in splits]
+            lines.append(f"| {_md(name)} | " + " | ".join(map(str, per_split))
+                         + f" | {sum(per_split)} |")
+        lines.append("")
+    elif names:
+        lines += [f"Classes ({len(names)}): " + ", ".join(_md(n) for n in names), ""]
+    sizes = dataset.get("split_sizes") or {s: sum(c) for s, c in counts.items()}
+    if sizes:
+        lines += ["Split sizes: " + ", ".join(f"{s} {n}" for s, n in sizes.items()), ""]
+    return lines
+
+
+def _provenance_line(results, dataset) -> str:
+    splits = sorted({r["split"] for r in results})
+    sizes = dataset.get("split_sizes") or {}
+    n_eval = ", ".join(f"**{s}** split ({sizes[s]} images)" if s in sizes else f"**{s}** split"
+                       for s in splits)
+    n_train = sizes.get("train")
+    train = f"train split ({n_train} images)" if n_train is not None else "train split"
+    weights = sorted({f"{r['weights']} (`{r['weights_id']}`)" if r.get("weights_id")
+                      else str(r["weights"]) for r in results})
+    line = (f"Numbers come from the {n_eval}; every classifier, its scaling and its "
+            f"hyperparameter tuning were fitted on the {train} only. "
+            f"Backbone weights: {', '.join(weights)}.")
+    if "train" in splits:
+        line += " Scores on the train split are optimistic."
+    if any(r["weights"] == "random" for r in results):
+        line += " **RANDOM weights: not a transfer-learning result.**"
+    return line
+
+
+def _markdown(ordered, dataset, notes, files) -> str:
+    best = ordered[0]
+    lines = ["# featx compare report", ""]
+    if any(r["weights"] == "random" for r in ordered):
+        lines += [RANDOM_WEIGHTS_BANNER, ""]
+    lines += [_provenance_line(ordered, dataset), "",
+              "## Results (sorted by accuracy)", ""]
+    lines += _results_table(ordered)
+    if any(r.get("tuned") for r in ordered):
+        lines += ["", "Best parameters were chosen by stratified k-fold cross-validation on the "
+                  "train split (fold counts in report.json); \"fit s\" includes that tuning."]
+    lines += [""]
+    if best.get("per_class"):
+        lines += [f"## Per-class metrics of the best model: {best['clf']} on {best['backbone']} "
+                  f"({best['weights']}), {best['split']} split", ""]
+        lines += _per_class_table(best) + [""]
+    lines += _dataset_section(dataset)
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    lines += ["## Figures", ""]
+    if files.get("accuracy_vs_fit_time"):
+        lines.append(f"- [accuracy vs fit time]({files['accuracy_vs_fit_time']})")
+    for label, name in files.get("confusion", {}).items():
+        lines.append(f"- [confusion matrix: {_md(label)}]({name})")
+    return "\n".join(lines) + "\n"
+
+
+# ----- figures -------------------------------------------------------------------------
+
+def _confusion_names(results) -> list[str]:
+    """One unique file name per result: confusion_<clf>_<backbone>[_<weights>][_<k>].png."""
+    base = [f"{_slug(r['clf'])}_{_slug(r['backbone'])}" for r in results]
+    names = [b if base.count(b) == 1 else f"{b}_{_slug(r['weights'])}"
+             for b, r in zip(base, results)]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return [f"confusion_{name}.png" for name in unique]
+
+
+def plot_confusion(matrix, class_names, path, title="") -> Path:
+    """Confusion-matrix PNG: rows true class, columns predicted, colour = fraction of the row.
+
+    Counts are written in the cells up to 30 classes; beyond that the figure grows, labels
+    shrink and cells are left to the colour scale so that 100 classes stay legible.
+    """
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(matrix, dtype=float)
+    n = len(class_names)
+    rows = cm.sum(axis=1, keepdims=True)
+    fraction = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    side = min(max(5.0, 0.25 * n + 2.5), 30.0)
+    # Cells are 0.25 in (18 pt) wide beyond ~10 classes, so 7 pt labels still fit.
+    label_size = 9 if n <= CELL_TEXT_MAX_CLASSES else 7
+
+    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8 if n <= CELL_TEXT_MAX_CLASSES else 0.4,
+                 label="fraction of the true class")
+    step = max(1, math.ceil(n / TICK_LABELS_MAX))
+    ticks = np.arange(0, n, step)
+    ax.set_xticks(ticks, [class_names[i] for i in ticks], rotation=90, fontsize=label_size)
+    ax.set_yticks(ticks, [class_names[i] for i in ticks], fontsize=label_size)
+    axis_size = 10 if n <= CELL_TEXT_MAX_CLASSES else 16
+    ax.set_xlabel("predicted class", fontsize=axis_size)
+    ax.set_ylabel("true class", fontsize=axis_size)
+    if title:
+        ax.set_title(title, fontsize=axis_size)
+    if n <= CELL_TEXT_MAX_CLASSES:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j] or i == j:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+                            fontsize=label_size, color="white" if fraction[i, j] > 0.5 else "black")
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def plot_accuracy_vs_fit_time(results, path) -> Path:
+    """Scatter of accuracy against fit seconds (log x), one labelled point per result."""
+    from matplotlib.figure import Figure
+
+    several_backbones = len({r["backbone"] for r in results}) > 1
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    for r in results:
+        seconds = max(float(r["fit_seconds"]), 1e-3)  # log axis: keep instant fits visible
+        label = f"{r['clf']}/{r['backbone']}" if several_backbones else r["clf"]
+        if r["weights"] == "random":
+            label += " (RANDOM)"
+        ax.scatter(seconds, r["accuracy"], s=36, color="tab:red" if r["weights"] == "random"
+                   else "tab:blue")
+        ax.annotate(label, (seconds, r["accuracy"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("fit time including tuning (s, log scale)")
+    ax.set_ylabel(f"accuracy ({', '.join(sorted({r['split'] for r in results}))} split)")
+    ax.set_title("accuracy vs fit time")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _confusion_title(r) -> str:
+    title = (f"{r['clf']} on {r['backbone']} ({r['weights']}), "
+             f"{r['split']} accuracy {r['accuracy']:.3f}")
+    return title + ("  [RANDOM WEIGHTS]" if r["weights"] == "random" else "")
+
+
+# ----- the report ----------------------------------------------------------------------
+
+def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
+                         notes: list[str] | None = None) -> dict:
+    """Write report.md, report.json and the PNGs of a compare run into ``report_dir``.
+
+    Parameters
+    ----------
+    results : list of dict
+        One per (classifier, feature set), as returned by :func:`featx.classifiers.compare`.
+        Required keys:
+
+        - ``clf`` (str): classifier name; extra rows such as ``"finetune"`` are welcome.
+        - ``backbone`` (str), ``weights`` (str: "imagenet", "random", "file").
+        - ``split`` (str): the split the numbers come from ("val" or "test").
+        - ``accuracy``, ``balanced_accuracy``, ``macro_f1`` (float in [0, 1]).
+        - ``fit_seconds`` (float): wall time of the fit including tuning.
+
+        Optional keys (shown as "-" or skipped when missing):
+
+        - ``weights_id`` (str), ``n_train``, ``n_eval`` (int).
+        - ``predict_seconds`` (float), ``predict_ms_per_image`` (float).
+        - ``extract_seconds`` (float or None): the feature extraction run's seconds.
+        - ``tuned`` (bool), ``cv_splits`` (int), ``cv_score`` (float or None),
+          ``best_params`` (dict; keys may be pipeline names like ``clf__C``),
+          ``class_weight`` (str or None), ``seed`` (int).
+        - ``class_names`` (list of str), ``per_class`` (list of dicts ``class``,
+          ``precision``, ``recall``, ``f1``, ``support``), ``confusion_matrix`` (list of
+          lists, rows true, columns predicted); a confusion PNG is drawn when present.
+        - ``estimator``: ignored here, never written to report.json.
+        - anything else JSON-serialisable is copied to report.json as is.
+    dataset : dict
+        ``root``, ``class_names``, optional ``counts`` ({split: [count per class]}) and
+        ``split_sizes`` ({split: n}); :func:`dataset_summary` builds it from Features.
+    report_dir : str or Path
+        Created if missing; files in it with the same names are overwritten.
+    notes : list of str, optional
+        Extra lines for a "Notes" section (e.g. a fine-tuning cost ratio).
+
+    Returns
+    -------
+    dict
+        The content of report.json: ``featx_version``, ``created``, ``splits``, ``weights``,
+        ``random_weights``, ``dataset``, ``best`` (clf, backbone, weights, accuracy),
+        ``results`` (sorted by accuracy, best first), ``notes`` and ``files`` (names relative
+        to ``report_dir``: ``markdown``, ``json``, ``accuracy_vs_fit_time``, ``confusion``
+        mapping "clf/backbone/weights" to a PNG name).
+    """
+    from featx.persist import featx_version
+
+    _check_results(results)
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    ordered = _sorted(results)
+    notes = list(notes or [])
+
+    files = {"markdown": "report.md", "json": "report.json",
+             "accuracy_vs_fit_time": "accuracy_vs_fit_time.png", "confusion": {}}
+    for r, name in zip(ordered, _confusion_names(ordered)):
+        if r.get("confusion_matrix") is None:
+            continue
+        class_names = r.get("class_names") or dataset.get("class_names")
+        plot_confusion(r["confusion_matrix"], class_names, report_dir / name, _confusion_title(r))
+        files["confusion"][f"{r['clf']}/{r['backbone']}/{r['weights']}"] = name
+    plot_accuracy_vs_fit_time(ordered, report_dir / files["accuracy_vs_fit_time"])
+
+    best = ordered[0]
+    report = {
+        "featx_version": featx_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "splits": sorted({r["split"] for r in ordered}),
+        "weights": sorted({r["weights"] for r in ordered}),
+        "random_weights": any(r["weights"] == "random" for r in ordered),
+        "dataset": dataset,
+        "best": {key: best[key] for key in ("clf", "backbone", "weights", "accuracy")},
+        "results": [{k: v for k, v in r.items() if k not in NOT_SERIALISED} for r in ordered],
+        "notes": notes,
+        "files": files,
+    }
+    (report_dir / "report.md").write_text(_markdown(ordered, dataset, notes, files),
+                                          encoding="utf-8")
+    (report_dir / "report.json").write_text(
+        json.dumps(report, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return json.loads(json.dumps(report, default=_json_default))

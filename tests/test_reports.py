@@ -1,0 +1,134 @@
+"""Compare reports: markdown table, JSON, confusion PNGs, accuracy-vs-time plot."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+
+from featx.classifiers import compare
+from featx.reports import (RESULT_COLUMNS, dataset_summary, format_params, plot_confusion,
+                           write_compare_report)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class FakeFeatures:
+    def __init__(self, classes=3, n=90, backbone="toy", weights="imagenet", seed=0):
+        X, y = make_blobs(n_samples=n, centers=classes, n_features=8, random_state=seed)
+        self.X, self.labels = X.astype(np.float32), y
+        self.split = np.array(["train", "train", "val"] * (n // 3))
+        self.view = np.zeros(n, dtype=np.int16)
+        self.class_names = [f"class{i}" for i in range(classes)]
+        self.backbone, self.weights, self.weights_id = backbone, weights, f"{weights}:x"
+        self.root = "/data/toy"
+
+    def arrays(self, split, views=False):
+        mask = self.split == split
+        return self.X[mask], self.labels[mask]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return compare([FakeFeatures()], ["softmax", "knn", "tree"], cv=3)
+
+
+def table_rows(markdown):
+    lines = markdown.splitlines()
+    start = lines.index("| " + " | ".join(RESULT_COLUMNS) + " |")
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_report_files_and_numbers(results, tmp_path):
+    features = FakeFeatures()
+    dataset = dataset_summary(features)
+    report = write_compare_report(results, dataset, tmp_path / "report",
+                                  notes=["fine-tune time / best linear-probe time: 3.2x"])
+    out = tmp_path / "report"
+    for name in ("report.md", "report.json", "accuracy_vs_fit_time.png",
+                 "confusion_softmax_toy.png", "confusion_knn_toy.png", "confusion_tree_toy.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC or name.startswith("report")
+
+    markdown = (out / "report.md").read_text()
+    rows = table_rows(markdown)
+    ordered = sorted(results, key=lambda r: (-r["accuracy"], r["fit_seconds"]))
+    assert [row[0] for row in rows] == [r["clf"] for r in ordered]
+    for row, r in zip(rows, ordered):
+        assert row[1:4] == ["toy", "imagenet", "val"]
+        assert row[4] == f"{r['accuracy']:.4f}" and row[5] == f"{r['balanced_accuracy']:.4f}"
+        assert row[6] == f"{r['macro_f1']:.4f}" and row[7] == f"{r['fit_seconds']:.2f}"
+        assert row[8] == f"{r['predict_ms_per_image']:.3f}"
+        assert row[9] == format_params(r["best_params"])
+    assert "**val** split (30 images)" in markdown and "train split (60 images)" in markdown
+    assert "imagenet (`imagenet:x`)" in markdown and "RANDOM" not in markdown
+    assert f"Per-class metrics of the best model: {ordered[0]['clf']}" in markdown
+    train0, val0 = (int(((features.split == s) & (features.labels == 0)).sum())
+                    for s in ("train", "val"))
+    assert f"| class0 | {train0} | {val0} | {train0 + val0} |" in markdown
+    assert "- fine-tune time / best linear-probe time: 3.2x" in markdown
+
+    stored = json.loads((out / "report.json").read_text())
+    assert stored == report
+    assert stored["best"]["clf"] == ordered[0]["clf"]
+    assert stored["splits"] == ["val"] and stored["random_weights"] is False
+    for saved, r in zip(stored["results"], ordered):
+        assert "estimator" not in saved
+        assert saved["accuracy"] == r["accuracy"]
+        assert saved["confusion_matrix"] == r["confusion_matrix"]
+    assert set(stored["files"]["confusion"].values()) == {
+        "confusion_softmax_toy.png", "confusion_knn_toy.png", "confusion_tree_toy.png"}
+
+
+def test_random_weights_and_untuned_rows_are_flagged(tmp_path):
+    results = compare([FakeFeatures(weights="random")], ["softmax"], tune=False)
+    report = write_compare_report(results, {"root": "/data/toy"}, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.count("RANDOM") >= 2 and "WARNING" in markdown.splitlines()[2]
+    assert table_rows(markdown)[0][9] == "C=1.0 (not tuned)"
+    assert "cross-validation" not in markdown
+    assert report["random_weights"] is True
+
+
+def test_extra_rows_and_file_name_collisions(results, tmp_path):
+    imagenet = {**results[0], "accuracy": 0.9}
+    random = {**results[0], "weights": "random", "accuracy": 0.5}
+    finetune = {"clf": "finetune", "backbone": "toy", "weights": "imagenet", "split": "val",
+                "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0,
+                "fit_seconds": 120.0, "best_params": {"epochs": 5}}
+    report = write_compare_report([imagenet, random, finetune], {"root": "/x"}, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert table_rows(markdown)[0][0] == "finetune"
+    assert table_rows(markdown)[0][8] == "-"  # no predict time given
+    assert sorted(report["files"]["confusion"].values()) == [
+        "confusion_softmax_toy_imagenet.png", "confusion_softmax_toy_random.png"]
+    assert "Per-class metrics" not in markdown  # the best row (finetune) has none
+
+
+def test_many_classes_confusion_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 100
+    matrix = np.diag(rng.integers(5, 20, n)) + (rng.random((n, n)) < 0.02)
+    path = plot_confusion(matrix, [f"species_{i:03d}" for i in range(n)], tmp_path / "cm.png",
+                          title="100 classes")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_dataset_summary_counts_original_images_only():
+    features = FakeFeatures(n=30)
+    features.view[:3] = 1  # augmented views do not count
+    summary = dataset_summary(features)
+    assert summary["split_sizes"] == {"train": 18, "val": 9}
+    assert sum(summary["counts"]["train"]) == 18 and "test" not in summary["counts"]
+    assert summary["class_names"] == ["class0", "class1", "class2"]
+
+
+def test_results_need_the_required_keys(tmp_path):
+    with pytest.raises(ValueError, match="lacks fit_seconds"):
+        write_compare_report([{"clf": "x", "backbone": "b", "weights": "w", "split": "val",
+                               "accuracy": 1, "balanced_accuracy": 1, "macro_f1": 1}],
+                             {}, tmp_path)

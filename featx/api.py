@@ -41,6 +41,11 @@ def fit(data_dir, clf="svm", *, backbone="efficientnet_lite0", tune=True, class_
     make_classifier(clf)  # unknown names fail before any extraction
     features = _extract(data_dir, backbone, options)
     X_train, y_train = features.arrays("train", views=use_augmented)
+    present = sorted(set(y_train.tolist()))
+    if len(present) < 2:
+        found = ", ".join(repr(features.class_names[i]) for i in present) or "none"
+        raise DataError(f"{data_dir}: the train split has only one class ({found}); "
+                        "a classifier needs at least two")
     result = fit_classifier(clf, X_train, y_train, tune=tune, class_weight=class_weight,
                             seed=options.get("seed", 42), cv=cv)
     metrics, predictions = {}, {}

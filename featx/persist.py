@@ -181,7 +181,7 @@ def load_model(path):
 
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such model file")
+        raise DataError(f"{path}: model file not found")
     artifact, _ = _paths(path)
     metadata = read_metadata(path)
     recorded = metadata.get("artifact")

@@ -117,7 +117,8 @@ def test_classifier_errors_exit_2(dataset, tmp_path):
     result = invoke("fit", split, "--clf", "softmax", *TINY_ARGS, "--cache-dir", tmp_path / "c",
                     "--out", tmp_path / "m")
     assert result.exit_code == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "one class" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "only one class ('cat')" in errors[0]
 
 
 def test_model_with_mismatched_backbone_is_refused(dataset, tmp_path):

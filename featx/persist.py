@@ -180,9 +180,9 @@ def load_model(path):
     import joblib
 
     path = Path(path)
+    artifact, _ = _paths(path)
     if not path.exists():
         raise DataError(f"{path}: model file not found")
-    artifact, _ = _paths(path)
     metadata = read_metadata(path)
     recorded = metadata.get("artifact")
     if recorded:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -40,14 +41,18 @@ def fit(data_dir, clf="svm", *, backbone="efficientnet_lite0", tune=True, class_
 
     make_classifier(clf)  # unknown names fail before any extraction
     features = _extract(data_dir, backbone, options)
+    if use_augmented and not (features.view > 0).any():
+        raise DataError(f"{features.cache_path}: no augmented views cached; "
+                        "run `featx extract --augment K` first")
     X_train, y_train = features.arrays("train", views=use_augmented)
     present = sorted(set(y_train.tolist()))
     if len(present) < 2:
         found = ", ".join(repr(features.class_names[i]) for i in present) or "none"
         raise DataError(f"{data_dir}: the train split has only one class ({found}); "
                         "a classifier needs at least two")
+    groups = features.sha256[features.indices("train", views=True)] if use_augmented else None
     result = fit_classifier(clf, X_train, y_train, tune=tune, class_weight=class_weight,
-                            seed=options.get("seed", 42), cv=cv)
+                            seed=options.get("seed", 42), cv=cv, groups=groups)
     metrics, predictions = {}, {}
     for split in ("val", "test"):
         if features.has_split(split):
@@ -168,6 +173,10 @@ def _backbone_for(metadata):
     if net.weights_id != metadata["weights_id"]:
         raise DataError(f"the model was trained on {metadata['weights_id']} features but "
                         f"{net.weights_id} is what is available here")
+    recorded = {k: v for k, v in metadata["cache_key"].items() if k != "compute_dtype"}
+    if json.loads(json.dumps(net.key())) != recorded:
+        raise DataError("the model's cache key does not match this featx's backbone "
+                        f"({metadata['backbone']}): its features cannot be reproduced here")
     return net
 
 
@@ -298,6 +307,9 @@ def compare(data_dir, clfs=("all",), *, backbones=("efficientnet_lite0",), repor
         if not features.has_split(eval_split):
             raise DataError(f"{data_dir}: the {eval_split} split is empty")
         variants = {"no": [False], "yes": [True], "both": [False, True]}[augmented]
+        if augmented != "no" and not (features.view > 0).any():
+            raise DataError(f"{features.cache_path}: no augmented views cached; "
+                            "run `featx extract --augment K` first")
         for use_views in variants:
             view = _AugmentedView(features) if use_views else features
             rows = compare_features([view], names, tune=tune, class_weight=class_weight,
@@ -305,14 +317,17 @@ def compare(data_dir, clfs=("all",), *, backbones=("efficientnet_lite0",), repor
             for row in rows:
                 row.pop("estimator", None)
                 row["augmented_views"] = bool(use_views)
+                if use_views:
+                    row["clf"] += "+aug"
                 row["extraction_seconds"] = features.extraction_seconds
             results.extend(rows)
     notes = []
     if finetune is not None:
         notes.extend(_add_finetune_row(data_dir, results, backbones[0], options, finetune,
                                        eval_split))
-    first = features_list[0]
-    dataset = _dataset_summary(first)
+    from featx.reports import dataset_summary
+
+    dataset = dataset_summary(features_list[0])
     report = write_compare_report(results, dataset, report_dir, notes=notes)
     return {"report": str(Path(report_dir) / "report.md"), "results": results,
             "report_files": report, "dataset": dataset}
@@ -330,20 +345,9 @@ class _AugmentedView:
     def arrays(self, split, views=False):
         return self._features.arrays(split, views=(split == "train"))
 
-
-def _dataset_summary(features) -> dict:
-    originals = features.view == 0
-    counts = {}
-    for split in ("train", "val", "test"):
-        mask = originals & (features.split == split)
-        counts[split] = int(mask.sum())
-    per_class = {name: int((originals & (features.labels == i)).sum())
-                 for i, name in enumerate(features.class_names)}
-    return {"root": str(features.root), "class_names": list(features.class_names),
-            "class_counts": per_class, "split_sizes": counts,
-            "split_params": features.split_params,
-            "n_failed": features.stats.n_failed,
-            "n_augmented_views": int((~originals).sum())}
+    def train_groups(self):
+        """Content hash per training row, so CV keeps an image and its views together."""
+        return self._features.sha256[self._features.indices("train", views=True)]
 
 
 def _add_finetune_row(data_dir, results, backbone, options, finetune_options,
@@ -357,7 +361,7 @@ def _add_finetune_row(data_dir, results, backbone, options, finetune_options,
     row = finetune_row(outcome, backbone, options.get("weights", "imagenet"), split=eval_split)
     row["augmented_views"] = False
     results.append(row)
-    probes = [r for r in results if r["clf"] != "finetune"]
+    probes = [r for r in results if r["clf"] != "finetune" and r["backbone"] == backbone]
     best = max(probes, key=lambda r: r["accuracy"])
     probe_cost = best["fit_seconds"] + (best.get("extraction_seconds") or 0.0)
     ratio = row["fit_seconds"] / probe_cost if probe_cost else float("nan")
@@ -367,4 +371,7 @@ def _add_finetune_row(data_dir, results, backbone, options, finetune_options,
         f"linear probe ({best['clf']}, extraction {best.get('extraction_seconds') or 0:.1f} s + "
         f"fit {best['fit_seconds']:.1f} s): a cost ratio of {ratio:.1f}x.",
         f"Accuracy difference (fine-tune minus best probe, {row['split']} split): {diff:+.4f}.",
-    ]
+    ] + ([
+        "The fine-tune row is scored on the val split, which also chose its best epoch "
+        "(early stopping), so it is slightly optimistic; a test split avoids this.",
+    ] if row["split"] == "val" else [])

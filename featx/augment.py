@@ -17,6 +17,7 @@ Importing this module imports Keras (for the serialisable :class:`RandomBrightne
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -270,6 +271,55 @@ def view_seed(seed: int, view: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(view)]).generate_state(1)[0] % (2**31 - 64))
 
 
+RECIPE_ATTR = "augment_recipe"
+
+
+def augment_recipe(options, seed: int) -> dict:
+    """What the cached views were drawn with: the options and the seed, normalised.
+
+    A disabled transformation is ``None`` whether it was given as ``0``, ``False`` or
+    ``None``, and numbers are floats, so equivalent spellings compare equal.
+    """
+    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
+    normalised = {name: (float(value) if value else None)
+                  for name, value in options.to_dict().items() if name != "flip"}
+    normalised["flip"] = bool(options.flip)
+    return {"options": normalised, "seed": int(seed)}
+
+
+def recorded_recipe(cache) -> dict | None:
+    """The recipe recorded in ``cache`` (:data:`RECIPE_ATTR`), or None."""
+    value = cache.attr(RECIPE_ATTR)
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _drop_views_of_other_recipe(cache, recipe: dict):
+    """Drop every augmented view unless the cache records ``recipe`` (or holds none).
+
+    Returns the cache to go on with (a new object when rows were dropped).
+    """
+    recorded = recorded_recipe(cache)
+    if recorded == recipe:
+        return cache
+    views = cache.rows()["view"] if cache.n_rows else np.zeros(0, dtype=np.int16)
+    stale = views > 0
+    if stale.any():
+        if recorded is None:
+            reason = "no augmentation recipe was recorded with them"
+        else:
+            reason = (f"the augmentation recipe changed from {json.dumps(recorded, sort_keys=True)}"
+                      f" to {json.dumps(recipe, sort_keys=True)}")
+        log.info("recomputing augmented views: dropping %d cached views because %s",
+                 int(stale.sum()), reason)
+        cache = cache.compact(~stale)
+    return cache
+
+
 def missing_views(rows: dict, k: int) -> dict[int, list[int]]:
     """Training images lacking some of views 1..k: row index of view 0 -> missing views.
 
@@ -316,13 +366,18 @@ class _ViewAugmenter:
 
 
 def extract_augmented_views(cache, net, root, k: int, options=None, seed: int = 0,
-                            batch_size: int = 32, progress: bool = True) -> int:
+                            batch_size: int = 32, progress: bool = True):
     """Append K augmented views of every training image that does not have them yet.
+
+    The recipe (options and seed, :func:`augment_recipe`) is recorded in the cache
+    attribute :data:`RECIPE_ATTR`. When the cache holds views of another recipe, or of an
+    unrecorded one, every augmented view is dropped first and recomputed.
 
     Parameters
     ----------
     cache : featx.cache.FeatureCache
-        Open for writing (the caller holds its lock); its view-0 rows are current.
+        Open for writing (the caller holds its lock); its view-0 rows are current. Dropping
+        views rewrites the file and closes this object: go on with the returned cache.
     net : featx.backbones.Backbone
         The backbone the cache was made with (its model is built only if work remains).
     root : Path
@@ -343,26 +398,49 @@ def extract_augmented_views(cache, net, root, k: int, options=None, seed: int = 
 
     Returns
     -------
-    int
+    cache : featx.cache.FeatureCache
+        The open cache to go on with: ``cache`` itself, or its reopened replacement when
+        views were dropped (then ``cache`` is closed). If this raises, the replacement
+        is closed here; ``cache`` is left to the caller, as always.
+    done : int
         Number of (image, view) embeddings computed and appended; 0 when nothing was
         missing (then the model is not even built).
     """
+    if k <= 0:
+        return cache, 0
+    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
+    if not options.enabled:
+        raise UsageError("augmented views need at least one augmentation option enabled")
+    recipe = augment_recipe(options, seed)
+    original = cache
+    try:
+        cache = _drop_views_of_other_recipe(cache, recipe)
+        if recorded_recipe(cache) != recipe:
+            # recorded before any view is written, so views of a run that dies are kept
+            # (and completed) by a rerun with the same recipe, and dropped by another
+            cache.set_attrs(**{RECIPE_ATTR: json.dumps(recipe, sort_keys=True)})
+        return cache, _append_missing_views(cache, net, root, k, options, seed, batch_size,
+                                            progress)
+    except BaseException:
+        if cache is not original:
+            cache.close()  # the caller only knows (and closes) the original object
+        raise
+
+
+def _append_missing_views(cache, net, root, k, options, seed, batch_size, progress) -> int:
     from tqdm.auto import tqdm
 
     from featx.extraction import EmbeddingMapper, ImageReader
 
-    if k <= 0:
-        return 0
-    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
-    if not options.enabled:
-        raise UsageError("augmented views need at least one augmentation option enabled")
     rows = cache.rows()
     todo = missing_views(rows, k)
     if not todo:
         return 0
     sources = np.fromiter(todo.keys(), dtype=np.int64)  # increasing: cache row order
     reader = ImageReader(root, rows["paths"][sources], net.preprocessing, batch_size)
-    mapper = EmbeddingMapper(net)
+    # with the batch size, the mapper pads short batches (a view's subset of a batch, the
+    # last batch) instead of having oneDNN build kernels for each new shape
+    mapper = EmbeddingMapper(net, batch_size)
     augmenter = _ViewAugmenter(options, seed)
     total = sum(len(v) for v in todo.values())
     done = 0

@@ -275,7 +275,7 @@ def _run_quietly(fit):
 def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
                    class_weight: str | None = None, seed: int = 0, cv: int = 5,
                    n_jobs: int = 1, scoring: str = "accuracy",
-                   blas_threads: int | None = 1) -> FitResult:
+                   blas_threads: int | None = 1, groups=None) -> FitResult:
     """Fit one classifier on training rows, tuning its grid by stratified CV on those rows.
 
     Parameters
@@ -298,6 +298,9 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
         Parallel CV fits (GridSearchCV ``n_jobs``).
     scoring : str
         GridSearchCV scoring.
+    groups : array-like of shape (n_train,), optional
+        Rows that must stay in the same CV fold (augmented views of one image share its
+        content hash); folds then come from ``StratifiedGroupKFold``.
     blas_threads : int or None
         BLAS threads during the fit. The solvers here make many small matrix-vector
         products, for which one thread is fastest; with two threads on two shared cores an
@@ -326,8 +329,8 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
     started = time.perf_counter()
     with _blas_limit(blas_threads):
         if tune:
-            search = _grid_search(spec, pipeline, y, n_splits, seed, n_jobs, scoring)
-            search, not_converged = _run_quietly(lambda: search.fit(X, y))
+            search = _grid_search(spec, pipeline, y, n_splits, seed, n_jobs, scoring, groups)
+            search, not_converged = _run_quietly(lambda: search.fit(X, y, groups=groups))
             estimator, best_params = search.best_estimator_, dict(search.best_params_)
             cv_score = float(search.best_score_)
         else:
@@ -351,14 +354,17 @@ def _blas_limit(threads):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
-def _grid_search(spec, pipeline, y, n_splits, seed, n_jobs, scoring):
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+def _grid_search(spec, pipeline, y, n_splits, seed, n_jobs, scoring, groups=None):
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
 
     grid = spec.grid
     if spec.adapt_grid is not None:
         smallest_fold_train = len(y) - int(np.ceil(len(y) / n_splits))
         grid = spec.adapt_grid(grid, smallest_fold_train)
-    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    if groups is None:
+        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    else:  # keep every augmented view in its image's fold, or CV scores leak
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return GridSearchCV(pipeline, grid, cv=folds, scoring=scoring, n_jobs=n_jobs, refit=True,
                         error_score="raise")
 
@@ -453,13 +459,15 @@ def compare(features_list, clfs, *, tune: bool = True, class_weight: str | None 
     results = []
     for features in features_list:
         X_train, y_train = features.arrays("train")
+        groups = getattr(features, "train_groups", lambda: None)()
         X_eval, y_eval = features.arrays(eval_split)
         if len(y_eval) == 0:
             raise DataError(f"the {eval_split} split of {features.backbone} features is empty; "
                             "nothing to evaluate on")
         for name in clfs:
             fit = fit_classifier(name, X_train, y_train, tune=tune, class_weight=class_weight,
-                                 seed=seed, cv=cv, n_jobs=n_jobs, blas_threads=blas_threads)
+                                 seed=seed, cv=cv, n_jobs=n_jobs, blas_threads=blas_threads,
+                                 groups=groups)
             scores = evaluate(fit.estimator, X_eval, y_eval, features.class_names,
                               blas_threads=blas_threads)
             results.append(result_dict(name, features, fit, scores, eval_split, seed))

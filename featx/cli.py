@@ -355,7 +355,7 @@ def _clf_choice_check(ctx, param, value):
                 raise click.BadParameter(f"unknown classifier {name!r}; valid: "
                                          f"{', '.join(names)} (or all)")
             expanded.append(name)
-    return tuple(expanded) if isinstance(value, tuple) else expanded[0]
+    return tuple(expanded) if isinstance(value, tuple) else ",".join(expanded)
 
 
 def classifier_options(func):
@@ -398,8 +398,8 @@ def fit(data, clf, backbone, json_, tune, class_weight, cv, out, name, use_augme
     """
     from featx.api import fit as run_fit
 
-    if clf == "all":
-        raise click.BadParameter("fit takes one classifier; use `featx compare` for all",
+    if clf == "all" or "," in clf:
+        raise click.BadParameter("fit takes one classifier; use `featx compare` for several",
                                  param_hint="--clf")
     outcome = run_fit(data, clf, backbone=backbone, tune=tune, class_weight=class_weight,
                       out=out, name=name, use_augmented=use_augmented, cv=cv,

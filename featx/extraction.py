@@ -35,7 +35,9 @@ class ExtractStats:
     n_copied: int = 0  # rows reused from identical content under another path
     n_augmented: int = 0  # augmented views computed in this run
     seconds: float = 0.0
-    model_seconds: float = 0.0
+    model_seconds: float = 0.0  # the reader -> model -> writer pipeline, wall time
+    first_batch_seconds: float = 0.0  # of which the first batch (model tracing included)
+    first_batch_images: int = 0
     images_per_second: float = 0.0
     reused: bool = False
     failed: list = dataclasses.field(default_factory=list)
@@ -133,7 +135,12 @@ class ImageReader:
             return np.zeros((self.size, self.size, 3), np.uint8), reason.encode()
 
     def dataset(self):
+        import cv2
         import tensorflow as tf
+
+        # tf.data already runs several decoders at once; OpenCV's own thread pool on top
+        # of that only oversubscribes the cores the model needs.
+        cv2.setNumThreads(1)
 
         def load(index):
             image, error = tf.numpy_function(self._load, [index], [tf.uint8, tf.string])
@@ -224,12 +231,20 @@ class CacheWriter:
             raise self._error
 
 
+@dataclasses.dataclass
+class PipelineTiming:
+    seconds: float
+    first_batch_images: int = 0
+    first_batch_seconds: float = 0.0  # includes tracing the model: a one-off cost
+
+
 def run_pipeline(reader: ImageReader, mapper: EmbeddingMapper, writer: CacheWriter,
-                 progress: bool = True) -> float:
-    """Sequential engine: reader batches -> mapper -> writer. Returns seconds spent."""
+                 progress: bool = True) -> PipelineTiming:
+    """Sequential engine: reader batches -> mapper -> writer."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    first_batch = None
     bar = tqdm(total=len(reader.relpaths), unit="img", disable=not progress, desc="extract",
                dynamic_ncols=True, smoothing=0.1)
     try:
@@ -237,10 +252,12 @@ def run_pipeline(reader: ImageReader, mapper: EmbeddingMapper, writer: CacheWrit
             embeddings = mapper(images)
             writer.put(indices.numpy(), embeddings, errors.numpy())
             bar.update(int(indices.shape[0]))
+            if first_batch is None:
+                first_batch = (int(indices.shape[0]), time.perf_counter() - start)
     finally:
         bar.close()
         writer.close()
-    return time.perf_counter() - start
+    return PipelineTiming(time.perf_counter() - start, *(first_batch or (0, 0.0)))
 
 
 # ----- orchestration ---------------------------------------------------------------
@@ -331,7 +348,10 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
                          train_per_class=train_per_class)
     net = create_backbone(backbone, weights, layer=layer, pooling=pooling,
                           input_size=input_size, seed=seed)
-    key = net.key()
+    # float16 compute changes the embeddings, so it is part of the cache key
+    device = configure_devices(mixed_precision) if mixed_precision else None
+    fp16 = mixed_precision and device == "gpu"
+    key = {**net.key(), "compute_dtype": "mixed_float16"} if fp16 else net.key()
     cache_path = cache_path_for(cache_dir, root, net.cfg.name, net.weights, key)
     with CacheLock(cache_path):
         previous = _previous_state(cache_path, key)
@@ -347,16 +367,14 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             "class_names": manifest.class_names, "split_params": manifest.split_params,
             "layout": manifest.layout, "featx_version": __version__,
         }
-        device = None
-        if plan["extract"].size and previous is None:
-            device = configure_devices(mixed_precision)
+        if device is None and (plan["extract"].size or previous is None):
+            device = configure_devices()  # before the model is built: GPU memory growth
         cache = FeatureCache.open_for_write(
             cache_path, key=key, dim=net.dim if previous is None else None, attrs=attrs)
         try:
             cache = _apply_plan(cache, plan, current, stats)
             new_failed = []
             if plan["extract"].size:
-                device = device or configure_devices(mixed_precision)
                 size = batch_size or DEFAULT_BATCH_SIZE[device]
                 stats.model_seconds, new_failed = _extract_new(
                     cache, net, manifest.root, plan["extract"], current, size, workers,
@@ -364,7 +382,9 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             if augment:
                 from featx.augment import extract_augmented_views
 
-                stats.n_augmented = extract_augmented_views(
+                # returns the cache to go on with: a new object when stale views of
+                # another augmentation recipe were dropped (the old one is then closed)
+                cache, stats.n_augmented = extract_augmented_views(
                     cache, net, manifest.root, augment, augment_options or {}, seed,
                     batch_size or 32, progress)
             failed = plan["known_failed"] + new_failed
@@ -375,6 +395,10 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             cache.set_attrs(**attrs)
         finally:
             cache.close()
+            if fp16:
+                import keras
+
+                keras.mixed_precision.set_global_policy("float32")
     stats.failed = [(p, r) for p, _, r in failed]
     stats.n_failed = len(failed)
     stats.n_images = len(manifest.paths) - stats.n_failed
@@ -446,9 +470,11 @@ def _extract_new(cache, net, root, todo, current, batch_size, workers, progress,
     mapper = EmbeddingMapper(net, batch_size)
     writer = CacheWriter(cache, columns)
     try:
-        seconds = run_pipeline(reader, mapper, writer, progress)
+        timing = run_pipeline(reader, mapper, writer, progress)
     finally:
         stats.n_extracted = mapper.n_images
+    stats.first_batch_seconds = timing.first_batch_seconds
+    stats.first_batch_images = timing.first_batch_images
     for path, _, reason in writer.failed:
         log.warning("skipped %s: %s", path, reason)
-    return seconds, writer.failed
+    return timing.seconds, writer.failed

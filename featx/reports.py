@@ -259,7 +259,7 @@ def plot_accuracy_vs_fit_time(results, path) -> Path:
     several_backbones = len({r["backbone"] for r in results}) > 1
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
-    for r in results:
+    for i, r in enumerate(sorted(results, key=lambda r: float(r["fit_seconds"]))):
         seconds = max(float(r["fit_seconds"]), 1e-3)  # log axis: keep instant fits visible
         label = f"{r['clf']}/{r['backbone']}" if several_backbones else r["clf"]
         if r["weights"] == "random":
@@ -267,7 +267,7 @@ def plot_accuracy_vs_fit_time(results, path) -> Path:
         ax.scatter(seconds, r["accuracy"], s=36, color="tab:red" if r["weights"] == "random"
                    else "tab:blue")
         ax.annotate(label, (seconds, r["accuracy"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+                    xytext=(5, 4 + 10 * (i % 3)), fontsize=8)  # staggered: near ties
     ax.set_xscale("log")
     ax.set_xlabel("fit time including tuning (s, log scale)")
     ax.set_ylabel(f"accuracy ({', '.join(sorted({r['split'] for r in results}))} split)")

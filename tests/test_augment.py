@@ -8,9 +8,11 @@ from featx.augment import (
     AugmentOptions,
     RandomBrightnessFactor,
     augment_preview,
+    augment_recipe,
     build_augmentation,
     missing_views,
 )
+from featx.cache import FeatureCache
 from featx.errors import UsageError
 from featx.extraction import extract
 
@@ -172,3 +174,54 @@ def test_augmented_views_follow_augment_options(tmp_path):
     with pytest.raises(UsageError):
         extract(data, augment=2, augment_options=AugmentOptions.none(),
                 cache_dir=tmp_path / "cache", progress=False, **TINY)
+
+
+def _view_embeddings(features):
+    """(path, view) -> embedding of every augmented row."""
+    rows = np.flatnonzero(features.view > 0)
+    with FeatureCache.open(features.cache_path) as cache:
+        X = cache.embeddings(rows)
+    return {(features.paths[i], int(features.view[i])): x for i, x in zip(rows, X)}
+
+
+def test_changed_augment_options_recompute_every_view(tmp_path, caplog):
+    import h5py
+
+    data = make_dataset(tmp_path / "data", per_class=4)
+    kw = dict(cache_dir=tmp_path / "cache", progress=False, batch_size=4, augment=2, **TINY)
+    zoomed = {"zoom": 0.5, "rotation": None, "brightness": None}
+    flat = {"zoom": 0, "rotation": None, "brightness": None}
+
+    first = extract(data, augment_options=zoomed, **kw)
+    n_views = 2 * int(((first.view == 0) & (first.split == "train")).sum())
+    assert n_views and first.stats.n_augmented == n_views
+    with FeatureCache.open(first.cache_path) as cache:
+        assert cache.json_attr("augment_recipe") == augment_recipe(zoomed, seed=42)
+    before = _view_embeddings(first)
+
+    with caplog.at_level("INFO", logger="featx.augment"):
+        second = extract(data, augment_options=flat, **kw)
+    assert second.stats.n_augmented == n_views  # every view, not 0
+    assert "recipe changed" in caplog.text
+    assert np.bincount(second.view).tolist() == np.bincount(first.view).tolist()
+    after = _view_embeddings(second)
+    assert after.keys() == before.keys()
+    for key, x in after.items():
+        # random weights give tiny embeddings: compare relatively
+        assert not np.allclose(x, before[key], rtol=1e-3, atol=0), key  # not zoomed now
+    with FeatureCache.open(second.cache_path) as cache:
+        recipe = cache.json_attr("augment_recipe")
+    assert recipe == augment_recipe(flat, seed=42)
+    assert recipe["options"]["zoom"] is None and recipe["seed"] == 42
+
+    # the same options again, and an equivalent spelling of them, compute nothing
+    again = extract(data, augment_options=flat, **kw)
+    assert again.stats.n_augmented == 0 and again.stats.reused
+    assert extract(data, augment_options={**flat, "zoom": None}, **kw).stats.n_augmented == 0
+    for key, x in _view_embeddings(again).items():
+        np.testing.assert_array_equal(x, after[key])
+
+    # views of a cache that recorded no recipe cannot be vouched for: recomputed
+    with h5py.File(again.cache_path, "r+") as h5:
+        del h5.attrs["augment_recipe"]
+    assert extract(data, augment_options=flat, **kw).stats.n_augmented == n_views

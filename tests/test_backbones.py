@@ -453,6 +453,127 @@ def test_torch_reader_refuses_foreign_globals(tmp_path):
         load_state_dict(path)
 
 
+_TORCH_MAGIC, _TORCH_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+
+
+def _plain(value):
+    """Opcodes of a primitive value, without the PROTO header and STOP."""
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def _write_legacy_pth(path, tensors, storages, keys=None, header=None):
+    """Hand-write a legacy torch file (no torch needed).
+
+    ``tensors``: name -> (storage key, offset, size, stride); ``storages``: key ->
+    float32 array; ``keys``: the storage key list (default: ``storages``' keys);
+    ``header``: raw bytes replacing the magic-number pickle.
+    """
+    state = b"\x80\x02ccollections\nOrderedDict\n)R"
+    for name, (key, offset, size, stride) in tensors.items():
+        pid = (b"(" + _plain("storage") + b"ctorch\nFloatStorage\n" + _plain(key)
+               + _plain("cpu") + _plain(len(storages[key])) + b"Nt")
+        state += (_plain(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"Q"
+                  + _plain(offset) + _plain(tuple(size)) + _plain(tuple(stride))
+                  + b"\x89tRs")  # NEWFALSE (requires_grad), TUPLE, REDUCE, SETITEM
+    with open(path, "wb") as f:
+        f.write(pickle.dumps(_TORCH_MAGIC, protocol=2) if header is None else header)
+        pickle.dump(_TORCH_PROTOCOL, f, protocol=2)
+        pickle.dump({"protocol_version": 1001, "little_endian": True}, f, protocol=2)
+        f.write(state + b".")
+        pickle.dump(list(storages) if keys is None else keys, f, protocol=2)
+        for key in (list(storages) if keys is None else keys):
+            data = np.asarray(storages.get(key, []), "<f4")
+            f.write(np.int64(data.size).astype("<i8").tobytes() + data.tobytes())
+
+
+def _bad_pth_errors(path):
+    """The reader's error, and create_backbone's (which must name the file)."""
+    with pytest.raises(TorchPickleError) as reader:
+        load_state_dict(path)
+    with pytest.raises(WeightsUnavailableError, match=path.name) as featx:
+        create_backbone("efficientnet_lite0", path, input_size=32).feature_model()
+    for info in (reader, featx):
+        assert "\n" not in str(info.value)
+    return str(reader.value)
+
+
+def test_crafted_legacy_file_reads_back(tmp_path):
+    path = tmp_path / "ok.pth"
+    data = np.arange(12, dtype="float32")
+    _write_legacy_pth(path, {"a": ("0", 2, (2, 3), (3, 1)), "b": ("0", 0, (3, 2), (1, 3)),
+                             "c": ("0", 12, (0,), (1,))}, {"0": data})
+    state = load_state_dict(path)
+    np.testing.assert_array_equal(state["a"], data[2:8].reshape(2, 3))
+    np.testing.assert_array_equal(state["b"], data[:6].reshape(2, 3).T)
+    assert state["c"].shape == (0,)
+
+
+def test_torch_reader_refuses_globals_in_header_pickles(tmp_path):
+    marker = tmp_path / "pwned"
+    # builtins.open(marker, "w"): creates the marker file under a plain pickle.load.
+    payload = f"cbuiltins\nopen\n(S{str(marker)!r}\nS'w'\ntR.".encode()
+    live = pickle.loads(payload)
+    live.close()
+    assert marker.exists()  # the payload really runs code when unpickled naively
+    marker.unlink()
+    data = {"0": np.ones(4, "float32")}
+    tensors = {"w": ("0", 0, (4,), (1,))}
+    path = tmp_path / "evil.pth"
+    _write_legacy_pth(path, tensors, data, header=payload)  # the magic-number position
+    assert "not allowed" in _bad_pth_errors(path)
+    assert not marker.exists()
+    # The same payload as protocol version, system info or storage key list.
+    for position in range(1, 4):
+        chunks = [pickle.dumps(_TORCH_MAGIC, protocol=2), pickle.dumps(_TORCH_PROTOCOL),
+                  pickle.dumps({"little_endian": True}), b"", b""]
+        chunks[position] = payload
+        if position == 3:  # a valid (empty) state dict before the key list
+            chunks[3] = b"\x80\x02ccollections\nOrderedDict\n)R."
+            chunks[4] = payload
+        path.write_bytes(b"".join(chunks))
+        with pytest.raises(TorchPickleError, match="not allowed"):
+            load_state_dict(path)
+        assert not marker.exists()
+
+
+@pytest.mark.parametrize("tensor, reason", [
+    (("0", 10, (4,), (1,)), "outside its storage"),        # offset past the end
+    (("0", 0, (3, 4), (4, 1)), "outside its storage"),     # extent past the end
+    (("0", 0, (2, 2), (1, 9)), "outside its storage"),     # stride past the end
+    (("0", 0, (64,), (0,)), "more elements"),              # stride-0 memory bomb
+    (("0", -1, (2,), (1,)), "negative"),
+    (("0", 0, (2,), (-1,)), "negative"),
+    (("0", 0, (-2,), (1,)), "negative"),
+    (("0", 0, (2, 2), (1,)), "strides"),
+])
+def test_torch_reader_bounds_checks_tensors(tmp_path, tensor, reason):
+    path = tmp_path / "oob.pth"
+    _write_legacy_pth(path, {"w": tensor}, {"0": np.arange(8, dtype="float32")})
+    assert reason in _bad_pth_errors(path)
+
+
+def test_torch_reader_truncated_or_mismatched_storages(tmp_path):
+    path = tmp_path / "cut.pth"
+    data = {"0": np.arange(8, dtype="float32"), "1": np.arange(6, dtype="float32")}
+    tensors = {"a": ("0", 0, (8,), (1,)), "b": ("1", 0, (6,), (1,))}
+    _write_legacy_pth(path, tensors, data)
+    whole = path.read_bytes()
+    for cut in (4, 24, 24 + 4):  # inside the last storage, inside its count, no count
+        path.write_bytes(whole[:-cut])
+        assert "truncated" in _bad_pth_errors(path)
+    # The key list must name exactly the storages the state dict uses.
+    for keys in (["0"], ["0", "1", "2"], ["0", "0", "1"], "01"):
+        _write_legacy_pth(path, tensors, data, keys=keys)
+        assert "storage keys" in _bad_pth_errors(path)
+    # A storage's element count must match its persistent id.
+    _write_legacy_pth(path, tensors, data)
+    raw = bytearray(path.read_bytes())
+    count_at = len(raw) - 6 * 4 - 8
+    raw[count_at:count_at + 8] = np.int64(5).tobytes()
+    path.write_bytes(bytes(raw))
+    assert "holds 5 elements" in _bad_pth_errors(path)
+
+
 # ---------------------------------------------------------------- ImageNet facts (FACTS.md)
 
 def _sample_image(file_name, size, resize_size):

@@ -27,3 +27,17 @@ def test_dogcat_extracts_with_real_weights(dogcat_cache):
     assert len(features.indices("train")) == 1119 and len(features.indices("val")) == 280
     again = extract(data, cache_dir=cache_dir, progress=False)
     assert again.stats.reused and again.stats.n_extracted == 0
+
+
+def test_dogcat_best_classifier_reaches_097(dogcat_cache, tmp_path):
+    from featx.api import compare
+
+    data, cache_dir, _ = dogcat_cache
+    outcome = compare(data, ("all",), cache_dir=cache_dir, report_dir=tmp_path / "report",
+                      progress=False)
+    results = outcome["results"]
+    assert {r["clf"] for r in results} == {"softmax", "logistic", "svm", "knn", "tree"}
+    assert all(r["split"] == "val" and r["n_eval"] == 280 for r in results)
+    best = max(results, key=lambda r: r["accuracy"])
+    assert best["accuracy"] >= 0.97, best
+    assert (tmp_path / "report" / "report.md").exists()

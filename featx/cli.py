@@ -16,6 +16,7 @@ import sys
 import click
 
 from featx import __version__
+from featx._json import json_default
 from featx.errors import FeatxError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -57,17 +58,7 @@ def handle_errors(func):
 
 def emit_json(obj):
     """Print ``obj`` as one JSON line (the last line of stdout)."""
-    click.echo(json.dumps(obj, default=_json_default))
-
-
-def _json_default(value):
-    import numpy as np
-
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+    click.echo(json.dumps(obj, default=json_default))
 
 
 def backbone_options(multiple: bool = False):
@@ -443,7 +434,7 @@ def predict(model, paths, top_k, batch_size, output, json_):
     from featx.api import predict as run_predict
 
     rows = run_predict(model, paths, top_k=top_k, batch_size=batch_size)
-    text = json.dumps(rows, default=_json_default) if json_ else _rows_to_csv(rows, top_k)
+    text = json.dumps(rows, default=json_default) if json_ else _rows_to_csv(rows, top_k)
     if output:
         from pathlib import Path
 

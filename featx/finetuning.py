@@ -49,6 +49,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from featx._json import json_default
 from featx.errors import DataError, ImageDecodeError, UsageError
 
 log = logging.getLogger(__name__)
@@ -853,16 +854,8 @@ def _write_metadata(result: FinetuneResult, net, manifest, sha: str) -> None:
     }
     path = result.metadata_path
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, default=_json_default))
+    tmp.write_text(json.dumps(metadata, indent=2, default=json_default))
     os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 # ----- comparison ------------------------------------------------------------------

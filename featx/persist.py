@@ -12,13 +12,13 @@ models you trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from featx._json import json_default
 from featx.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,9 @@ def _sklearn_version() -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from featx.data import file_sha256
+
+    return file_sha256(path)
 
 
 def _check_name(name: str):
@@ -74,15 +72,6 @@ def _write_atomic(path: Path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def _to_json(value):
-    """json.dumps ``default=``: numpy scalars/arrays and paths."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
@@ -125,7 +114,7 @@ def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sha256": _sha256(artifact),
     }
-    text = json.dumps(record, indent=2, default=_to_json) + "\n"
+    text = json.dumps(record, indent=2, default=json_default) + "\n"
     _write_atomic(sidecar, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return artifact
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featx._json import json_default
+
 REQUIRED_KEYS = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
                  "macro_f1", "fit_seconds")
 # Keys that hold live objects, not numbers: kept out of report.json.
@@ -84,14 +86,6 @@ def _sorted(results):
 
 def _slug(text) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "x"
-
-
-def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
 
 
 def _check_results(results):
@@ -365,5 +359,5 @@ def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
     (report_dir / "report.md").write_text(_markdown(ordered, dataset, notes, files),
                                           encoding="utf-8")
     (report_dir / "report.json").write_text(
-        json.dumps(report, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    return json.loads(json.dumps(report, default=_json_default))
+        json.dumps(report, indent=2, default=json_default) + "\n", encoding="utf-8")
+    return json.loads(json.dumps(report, default=json_default))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 
@@ -32,11 +31,9 @@ def offline_error(cfg: BackboneCfg, reason: str) -> WeightsUnavailableError:
 
 @functools.lru_cache(maxsize=16)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from featx.data import file_sha256
+
+    return file_sha256(path)
 
 
 def short_sha256(path: str | Path) -> str:

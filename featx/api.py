@@ -319,7 +319,6 @@ def compare(data_dir, clfs=("all",), *, backbones=("efficientnet_lite0",), repor
                 row["augmented_views"] = bool(use_views)
                 if use_views:
                     row["clf"] += "+aug"
-                row["extraction_seconds"] = features.extraction_seconds
             results.extend(rows)
     notes = []
     if finetune is not None:
@@ -363,12 +362,12 @@ def _add_finetune_row(data_dir, results, backbone, options, finetune_options,
     results.append(row)
     probes = [r for r in results if r["clf"] != "finetune" and r["backbone"] == backbone]
     best = max(probes, key=lambda r: r["accuracy"])
-    probe_cost = best["fit_seconds"] + (best.get("extraction_seconds") or 0.0)
+    probe_cost = best["fit_seconds"] + (best.get("extract_seconds") or 0.0)
     ratio = row["fit_seconds"] / probe_cost if probe_cost else float("nan")
     diff = row["accuracy"] - best["accuracy"]
     return [
         f"Fine-tuning took {row['fit_seconds']:.1f} s against {probe_cost:.1f} s for the best "
-        f"linear probe ({best['clf']}, extraction {best.get('extraction_seconds') or 0:.1f} s + "
+        f"linear probe ({best['clf']}, extraction {best.get('extract_seconds') or 0:.1f} s + "
         f"fit {best['fit_seconds']:.1f} s): a cost ratio of {ratio:.1f}x.",
         f"Accuracy difference (fine-tune minus best probe, {row['split']} split): {diff:+.4f}.",
     ] + ([

@@ -493,7 +493,10 @@ def result_dict(name, features, fit: FitResult, scores: dict, split: str, seed: 
         "fit_seconds": fit.fit_seconds,
         "predict_seconds": scores["predict_seconds"],
         "predict_ms_per_image": scores["predict_ms_per_image"],
-        "extract_seconds": getattr(stats, "seconds", None),
+        # what computing the cached features cost (summed over extraction runs), so a
+        # probe's full cost is known even when this run reused the cache
+        "extract_seconds": getattr(features, "extraction_seconds", None)
+        if getattr(features, "extraction_seconds", None) else getattr(stats, "seconds", None),
         "tuned": fit.tuned,
         "cv_splits": fit.cv_splits,
         "cv_score": fit.cv_score,

@@ -379,19 +379,23 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
                 stats.model_seconds, new_failed = _extract_new(
                     cache, net, manifest.root, plan["extract"], current, size, workers,
                     progress, stats)
+            augment_seconds = 0.0
             if augment:
                 from featx.augment import extract_augmented_views
 
+                augment_started = time.perf_counter()
                 # returns the cache to go on with: a new object when stale views of
                 # another augmentation recipe were dropped (the old one is then closed)
                 cache, stats.n_augmented = extract_augmented_views(
                     cache, net, manifest.root, augment, augment_options or {}, seed,
                     batch_size or 32, progress)
+                if stats.n_augmented:
+                    augment_seconds = time.perf_counter() - augment_started
             failed = plan["known_failed"] + new_failed
             cache.set_failed(failed)
             # what the cached rows cost to compute, summed over runs (for cost comparisons)
             attrs["extraction_seconds"] = float(cache.attr("extraction_seconds", 0.0)) + \
-                stats.model_seconds
+                stats.model_seconds + augment_seconds
             cache.set_attrs(**attrs)
         finally:
             cache.close()

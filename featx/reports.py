@@ -299,7 +299,7 @@ def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
 
         - ``weights_id`` (str), ``n_train``, ``n_eval`` (int).
         - ``predict_seconds`` (float), ``predict_ms_per_image`` (float).
-        - ``extract_seconds`` (float or None): the feature extraction run's seconds.
+        - ``extract_seconds`` (float or None): what extracting the cached features cost.
         - ``tuned`` (bool), ``cv_splits`` (int), ``cv_score`` (float or None),
           ``best_params`` (dict; keys may be pipeline names like ``clf__C``),
           ``class_weight`` (str or None), ``seed`` (int).

@@ -2,7 +2,9 @@
 
 Crash safety: rows are appended batch by batch; the ``n_committed`` attribute is advanced
 only after the rows are written and flushed, so a process killed at any moment leaves at
-most one uncommitted batch, which the next writer truncates away. Whole-file rewrites
+most one uncommitted batch, which the next writer truncates away. Writers keep HDF5's
+metadata in memory between flushes (no evictions), so what is on disk between two flushes
+is the last flushed, consistent state plus raw rows that are not committed yet. Whole-file rewrites
 (compaction after files were removed) go to a temporary file that replaces the cache
 atomically. A lock file prevents two writers on one cache.
 """
@@ -112,6 +114,14 @@ def _open_h5(path, mode):
         ) from None
 
 
+def _hold_metadata_until_flush(h5):
+    """Stop HDF5 from writing metadata to disk whenever its cache fills up (evictions)."""
+    config = h5.id.get_mdc_config()
+    config.evictions_enabled = False
+    config.incr_mode = config.decr_mode = config.flash_incr_mode = 0  # required with no evictions
+    h5.id.set_mdc_config(config)
+
+
 def validate(h5, path, key: dict | None = None):
     """Raise CacheError unless ``h5`` is a featx cache (of ``key``, when given)."""
     version = h5.attrs.get("featx_cache_version")
@@ -151,6 +161,7 @@ class FeatureCache:
         if path.exists():
             h5 = _open_h5(path, "r+")
             validate(h5, path, key)
+            _hold_metadata_until_flush(h5)
             cache = cls(path, h5, writable=True)
             cache._truncate_uncommitted()
         else:
@@ -161,7 +172,9 @@ class FeatureCache:
             cls._create_layout(h5, key=key, dim=dim, attrs=attrs)
             h5.close()
             os.replace(tmp, path)
-            cache = cls(path, _open_h5(path, "r+"), writable=True)
+            h5 = _open_h5(path, "r+")
+            _hold_metadata_until_flush(h5)
+            cache = cls(path, h5, writable=True)
         return cache
 
     @staticmethod
@@ -316,7 +329,9 @@ class FeatureCache:
             target.set_failed(self.failed())
         self.close()
         os.replace(tmp, self.path)
-        return FeatureCache(self.path, _open_h5(self.path, "r+"), writable=True)
+        h5 = _open_h5(self.path, "r+")
+        _hold_metadata_until_flush(h5)
+        return FeatureCache(self.path, h5, writable=True)
 
 
 def list_caches(cache_dir) -> list[dict]:

@@ -131,32 +131,37 @@ def _committed(path):
         return 0
 
 
+def _kill_after(cmd, cache_dir, at_least):
+    """Start ``cmd`` and SIGKILL it once ``at_least`` rows are committed; return that count."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            files = list(cache_dir.glob("*/*.h5"))
+            if files and _committed(files[0]) >= at_least:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)  # a real crash: no cleanup runs
+    finally:
+        proc.wait()
+    (cache_file,) = cache_dir.glob("*/*.h5")
+    return _committed(cache_file)
+
+
 def test_resume_after_kill(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=120)
     cache_dir = tmp_path / "cache"
     cmd = [sys.executable, "-m", "featx", "extract", str(data), "--backbone", "mobilenet_v2",
            "--weights", "random", "--input-size", "96", "--batch-size", "1",
            "--cache-dir", str(cache_dir), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    committed = 0
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            files = list(cache_dir.glob("*/*.h5"))
-            committed = _committed(files[0]) if files else 0
-            if committed >= 5:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)  # a real crash: no cleanup runs
-    finally:
-        proc.wait()
-    (cache_file,) = cache_dir.glob("*/*.h5")
-    killed_at = _committed(cache_file)
-    assert 5 <= killed_at < 240, "the run must be killed part-way"
+    first = _kill_after(cmd, cache_dir, 5)
+    assert 5 <= first < 240, "the run must be killed part-way"
+    second = _kill_after(cmd, cache_dir, first + 5)  # the resumed run crashes too
+    assert first < second < 240
 
     resumed = extract(data, cache_dir=cache_dir, backbone="mobilenet_v2", weights="random",
                       input_size=96, batch_size=8, progress=False)
-    assert resumed.stats.n_extracted == 240 - killed_at
+    assert resumed.stats.n_extracted == 240 - second
     assert len(resumed.paths) == 240 == len(set(resumed.paths))
     assert set(resumed.paths) == {p.relative_to(data).as_posix() for p in data.rglob("*.png")}

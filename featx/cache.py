@@ -1,12 +1,11 @@
 """The HDF5 embedding cache: one file per (dataset, backbone key).
 
-Crash safety: rows are appended batch by batch; the ``n_committed`` attribute is advanced
-only after the rows are written and flushed, so a process killed at any moment leaves at
-most one uncommitted batch, which the next writer truncates away. Writers keep HDF5's
-metadata in memory between flushes (no evictions), so what is on disk between two flushes
-is the last flushed, consistent state plus raw rows that are not committed yet. Whole-file rewrites
-(compaction after files were removed) go to a temporary file that replaces the cache
-atomically. A lock file prevents two writers on one cache.
+Crash safety: a cache file is never modified in place. A writing session
+(:class:`CacheSession`) appends each finished batch as a small part file (written to a
+temporary name, then renamed) and finally writes the whole new cache to a temporary file
+that atomically replaces the old one; the next session merges the part files a killed one
+left. So kill -9 at any moment loses at most the batch in flight, never the cache. A lock
+file prevents two writers on one cache.
 """
 
 from __future__ import annotations
@@ -26,14 +25,14 @@ from featx.errors import CacheError
 CACHE_FORMAT_VERSION = 1
 CHUNK_ROWS = 64
 ROW_FIELDS = {
-    # name: (dtype, fill) for the per-row 1-D datasets stored beside `embeddings`
-    "labels": ("int64", None),
-    "paths": ("str", None),
-    "split": ("str", None),
-    "sha256": ("str", None),
-    "size": ("int64", None),
-    "mtime_ns": ("int64", None),
-    "view": ("int16", None),
+    # name: dtype of the per-row 1-D datasets stored beside `embeddings`
+    "labels": "int64",
+    "paths": "str",
+    "split": "str",
+    "sha256": "str",
+    "size": "int64",
+    "mtime_ns": "int64",
+    "view": "int16",
 }
 FAILED_FIELDS = ("paths", "sha256", "reasons")
 
@@ -114,14 +113,6 @@ def _open_h5(path, mode):
         ) from None
 
 
-def _hold_metadata_until_flush(h5):
-    """Stop HDF5 from writing metadata to disk whenever its cache fills up (evictions)."""
-    config = h5.id.get_mdc_config()
-    config.evictions_enabled = False
-    config.incr_mode = config.decr_mode = config.flash_incr_mode = 0  # required with no evictions
-    h5.id.set_mdc_config(config)
-
-
 def validate(h5, path, key: dict | None = None):
     """Raise CacheError unless ``h5`` is a featx cache (of ``key``, when given)."""
     version = h5.attrs.get("featx_cache_version")
@@ -136,14 +127,12 @@ def validate(h5, path, key: dict | None = None):
 
 
 class FeatureCache:
-    """Reader/writer of one cache file. Use ``FeatureCache.open_for_write`` to write."""
+    """Read-only view of one cache file. ``open_for_write`` returns a :class:`CacheSession`."""
 
-    def __init__(self, path, h5, writable=False):
+    def __init__(self, path, h5):
         self.path = Path(path)
         self.h5 = h5
-        self.writable = writable
 
-    # ----- opening -----------------------------------------------------------------
     @classmethod
     def open(cls, path) -> "FeatureCache":
         path = Path(path)
@@ -154,63 +143,12 @@ class FeatureCache:
         return cls(path, h5)
 
     @classmethod
-    def open_for_write(cls, path, *, key: dict, dim: int | None, attrs: dict) -> "FeatureCache":
-        """Open (or create) a cache for appending. The caller must hold its CacheLock."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            h5 = _open_h5(path, "r+")
-            validate(h5, path, key)
-            _hold_metadata_until_flush(h5)
-            cache = cls(path, h5, writable=True)
-            cache._truncate_uncommitted()
-        else:
-            if dim is None:
-                raise ValueError("dim is needed to create a cache")
-            tmp = path.with_name(path.name + ".tmp")
-            h5 = _open_h5(tmp, "w")
-            cls._create_layout(h5, key=key, dim=dim, attrs=attrs)
-            h5.close()
-            os.replace(tmp, path)
-            h5 = _open_h5(path, "r+")
-            _hold_metadata_until_flush(h5)
-            cache = cls(path, h5, writable=True)
-        return cache
-
-    @staticmethod
-    def _create_layout(h5, *, key, dim, attrs):
-        h5.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim), dtype="float32",
-                          chunks=(CHUNK_ROWS, dim))
-        for name, (kind, _) in ROW_FIELDS.items():
-            h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_dtype(kind),
-                              chunks=(1024,))
-        failed = h5.create_group("failed")
-        for name in FAILED_FIELDS:
-            failed.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_str_dtype(),
-                                  chunks=(256,))
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        h5.attrs.update({
-            "featx_cache_version": CACHE_FORMAT_VERSION,
-            "key": json.dumps(key, sort_keys=True),
-            "dim": dim,
-            "created": now,
-            "updated": now,
-            "n_committed": 0,
-        })
-        for name, value in attrs.items():
-            h5.attrs[name] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-
-    def _truncate_uncommitted(self):
-        n = self.n_rows
-        for name in ("embeddings", *ROW_FIELDS):
-            if self.h5[name].shape[0] != n:
-                self.h5[name].resize(n, axis=0)
-        self.h5.flush()
+    def open_for_write(cls, path, *, key: dict, dim: int | None, attrs: dict) -> "CacheSession":
+        """Open (or create) a cache for changes. The caller must hold its CacheLock."""
+        return CacheSession(path, key=key, dim=dim, attrs=attrs)
 
     def close(self):
         if self.h5 is not None:
-            if self.writable:
-                self.h5.flush()
             self.h5.close()
             self.h5 = None
 
@@ -220,7 +158,6 @@ class FeatureCache:
     def __exit__(self, *exc):
         self.close()
 
-    # ----- reading -----------------------------------------------------------------
     @property
     def n_rows(self) -> int:
         return int(self.h5.attrs["n_committed"])
@@ -235,9 +172,7 @@ class FeatureCache:
 
     def attr(self, name, default=None):
         value = self.h5.attrs.get(name, default)
-        if isinstance(value, bytes):
-            value = value.decode()
-        return value
+        return value.decode() if isinstance(value, bytes) else value
 
     def json_attr(self, name, default=None):
         value = self.attr(name)
@@ -247,7 +182,7 @@ class FeatureCache:
         """All committed per-row metadata (not the embeddings), strings decoded."""
         n = self.n_rows
         out = {}
-        for name, (kind, _) in ROW_FIELDS.items():
+        for name, kind in ROW_FIELDS.items():
             values = self.h5[name][:n]
             out[name] = _decode(values) if kind == "str" else np.asarray(values)
         return out
@@ -258,11 +193,10 @@ class FeatureCache:
         if indices is None:
             return data[: self.n_rows]
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.size == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        order = np.argsort(indices)
         out = np.empty((indices.size, self.dim), dtype=np.float32)
-        out[order] = data[indices[order]]  # h5py fancy indexing wants increasing indices
+        if indices.size:
+            order = np.argsort(indices)
+            out[order] = data[indices[order]]  # h5py fancy indexing wants increasing indices
         return out
 
     def failed(self) -> list[tuple[str, str, str]]:
@@ -270,68 +204,263 @@ class FeatureCache:
         columns = [_decode(group[name][:]) for name in FAILED_FIELDS]
         return list(zip(*columns))
 
-    # ----- writing -----------------------------------------------------------------
+
+class CacheSession:
+    """Changes to one cache, made safe against a crash at any moment.
+
+    The cache file itself is never modified in place: appended rows go to small part
+    files, each written to a temporary name and renamed, and :meth:`commit` writes the
+    whole new cache to a temporary file that atomically replaces the old one. A process
+    killed at any moment therefore leaves the last committed cache intact plus the part
+    files of every finished batch, which the next session merges (:meth:`recover`), so at
+    most the batch in flight is lost. Reads see the session's current state.
+    """
+
+    def __init__(self, path, *, key: dict | None, dim: int | None = None, attrs=None):
+        self.path = Path(path)
+        self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            if dim is None or key is None:
+                raise ValueError("key and dim are needed to create a cache")
+            self._write_file(self.path, key=key, dim=dim, attrs=attrs or {}, rows=None)
+        self._main = FeatureCache.open(self.path)
+        if key is not None:
+            validate(self._main.h5, self.path, key)
+        self.dim = self._main.dim
+        self.key = self._main.key
+        self._rows = self._main.rows()
+        self._origin = np.arange(len(self._rows["paths"]), dtype=np.int64)  # >= 0: main row
+        self._parts: list[tuple[Path, int]] = []  # origin -(j+1) -> (part file, row in it)
+        self._staged_attrs: dict = {}
+        self._staged_failed = None
+        self._run = f"{os.getpid()}-{time.time_ns()}"
+        self._seq = 0
+        self.dirty = False
+        self._load_leftover_parts()
+
+    @classmethod
+    def recover(cls, path) -> int:
+        """Merge the part files a killed session left behind; returns the rows recovered."""
+        path = Path(path)
+        parts_dir = path.with_name(path.name + ".parts")
+        if not path.exists() or not parts_dir.exists():
+            return 0
+        session = cls(path, key=None)
+        recovered = len(session._parts)
+        session.close()
+        return recovered
+
+    # ----- reading (the session's current state) ---------------------------------------
+    @property
+    def n_rows(self) -> int:
+        return len(self._origin)
+
+    def attr(self, name, default=None):
+        if name in self._staged_attrs:
+            return self._staged_attrs[name]
+        return self._main.attr(name, default)
+
+    def json_attr(self, name, default=None):
+        value = self.attr(name)
+        return default if value is None else json.loads(value)
+
+    def rows(self) -> dict[str, np.ndarray]:
+        return {name: values.copy() for name, values in self._rows.items()}
+
+    def embeddings(self, indices=None) -> np.ndarray:
+        indices = np.arange(self.n_rows) if indices is None else np.asarray(indices, np.int64)
+        origin = self._origin[indices]
+        out = np.empty((len(indices), self.dim), dtype=np.float32)
+        in_main = origin >= 0
+        out[in_main] = self._main.embeddings(origin[in_main])
+        for i in np.flatnonzero(~in_main):
+            part, row = self._parts[-origin[i] - 1]
+            out[i] = _load_part(part)["embeddings"][row]
+        return out
+
+    def failed(self):
+        return self._main.failed() if self._staged_failed is None else self._staged_failed
+
+    # ----- changes -----------------------------------------------------------------
     def append(self, embeddings: np.ndarray, **columns):
-        """Append rows and commit them. ``columns`` are the ROW_FIELDS, equal lengths."""
+        """Add rows; durable once this returns (a part file is written and renamed)."""
         n_new = len(embeddings)
         if n_new == 0:
             return
-        start = self.n_rows
-        stop = start + n_new
-        self.h5["embeddings"].resize(stop, axis=0)
-        self.h5["embeddings"][start:stop] = np.asarray(embeddings, dtype=np.float32)
+        self.parts_dir.mkdir(exist_ok=True)
+        part = self.parts_dir / f"part-{self._run}-{self._seq:06d}.npz"
+        self._seq += 1
+        arrays = {name: _column(columns[name], kind) for name, kind in ROW_FIELDS.items()}
+        tmp = part.with_name(part.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, embeddings=np.asarray(embeddings, np.float32),
+                     **{name: values.astype(str) if values.dtype == object else values
+                        for name, values in arrays.items()})
+        os.replace(tmp, part)
+        self._add_part_rows(part, arrays)
+
+    def _add_part_rows(self, part: Path, arrays: dict):
+        n_new = len(arrays["paths"])
+        first = len(self._parts)
+        self._parts.extend((part, row) for row in range(n_new))
+        origin = -(np.arange(first, first + n_new, dtype=np.int64) + 1)
+        self._origin = np.concatenate([self._origin, origin])
         for name in ROW_FIELDS:
-            values = columns[name]
-            dataset = self.h5[name]
-            dataset.resize(stop, axis=0)
-            dataset[start:stop] = list(values) if ROW_FIELDS[name][0] == "str" else values
-        self.h5.flush()
-        self.h5.attrs["n_committed"] = stop  # the commit point
-        self.h5.flush()
+            self._rows[name] = np.concatenate([self._rows[name], arrays[name]])
+        self.dirty = True
+
+    def compact(self, keep: np.ndarray) -> "CacheSession":
+        """Keep only the rows where ``keep`` is true (applied at commit)."""
+        keep = np.asarray(keep, dtype=bool)
+        self._origin = self._origin[keep]
+        self._rows = {name: values[keep] for name, values in self._rows.items()}
+        self.dirty = True
+        return self
 
     def rewrite_column(self, name: str, values):
-        """Overwrite a per-row column (labels or split after rediscovery)."""
-        kind = ROW_FIELDS[name][0]
-        self.h5[name][: self.n_rows] = list(values) if kind == "str" else np.asarray(values)
+        self._rows[name] = _column(values, ROW_FIELDS[name])
+        self.dirty = True
 
     def set_failed(self, failed: list[tuple[str, str, str]]):
-        group = self.h5["failed"]
-        for i, name in enumerate(FAILED_FIELDS):
-            group[name].resize(len(failed), axis=0)
-            if failed:
-                group[name][:] = [row[i] for row in failed]
+        self._staged_failed = [tuple(map(str, row)) for row in failed]
+        self.dirty = True
 
     def set_attrs(self, **attrs):
         for name, value in attrs.items():
-            self.h5.attrs[name] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-        self.h5.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self.h5.flush()
+            self._staged_attrs[name] = value if isinstance(value, (str, int, float)) \
+                else json.dumps(value)
+        self.dirty = True
 
-    def compact(self, keep: np.ndarray) -> "FeatureCache":
-        """Keep only rows where ``keep`` is true, by rewriting to a temp file atomically.
-
-        Returns the reopened cache (this object is closed).
-        """
-        keep = np.asarray(keep, dtype=bool)
-        indices = np.flatnonzero(keep)
+    # ----- committing --------------------------------------------------------------
+    def commit(self):
+        """Write the session's state as the new cache file (atomically) and drop its parts."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.h5.attrs.items()}
-        rows = self.rows()
-        with _open_h5(tmp, "w") as out:
-            self._create_layout(out, key=json.loads(attrs["key"]), dim=self.dim, attrs={})
-            for name, value in attrs.items():
-                out.attrs[name] = value
-            out.attrs["n_committed"] = 0
-            target = FeatureCache(tmp, out, writable=True)
-            for start in range(0, len(indices), 4096):
-                part = indices[start:start + 4096]
-                target.append(self.embeddings(part), **{k: v[part] for k, v in rows.items()})
-            target.set_failed(self.failed())
-        self.close()
+        attrs = {k: self._main.attr(k) for k in self._main.h5.attrs}
+        attrs.update(self._staged_attrs)
+        attrs["merged_parts"] = json.dumps(self._merged_parts(attrs.get("merged_parts")))
+        self._write_file(tmp, key=self.key, dim=self.dim, attrs=attrs, rows=self)
+        self._main.close()
         os.replace(tmp, self.path)
-        h5 = _open_h5(self.path, "r+")
-        _hold_metadata_until_flush(h5)
-        return FeatureCache(self.path, h5, writable=True)
+        for part in {part for part, _ in self._parts}:
+            part.unlink(missing_ok=True)
+        self._main = FeatureCache.open(self.path)
+        self._origin = np.arange(self.n_rows, dtype=np.int64)
+        self._parts, self._staged_attrs, self._staged_failed = [], {}, None
+        self.dirty = False
+
+    def close(self):
+        if self._main is None:
+            return
+        try:
+            if self.dirty:
+                self.commit()
+        finally:
+            self._main.close()
+            self._main = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _merged_parts(self, previous) -> dict:
+        """Highest part number merged per run, so a rerun never merges a part twice."""
+        merged = json.loads(previous) if previous else {}
+        for part, _ in self._parts:
+            run, seq = _part_id(part)
+            merged[run] = max(merged.get(run, -1), seq)
+        return merged
+
+    def _load_leftover_parts(self):
+        if not self.parts_dir.exists():
+            return
+        merged = json.loads(self._main.attr("merged_parts") or "{}")
+        for stray in self.parts_dir.glob("*.tmp"):
+            stray.unlink()
+        for part in sorted(self.parts_dir.glob("part-*.npz"), key=_part_id):
+            run, seq = _part_id(part)
+            if seq <= merged.get(run, -1):
+                part.unlink()  # merged by a commit that finished just before a crash
+                continue
+            data = _load_part(part)
+            self._add_part_rows(part, {name: _column(data[name], kind)
+                                       for name, kind in ROW_FIELDS.items()})
+
+    @classmethod
+    def _write_file(cls, path, *, key, dim, attrs, rows):
+        h5 = _open_h5(path, "w")
+        try:
+            _create_layout(h5, key=key, dim=dim, attrs=attrs)
+            if rows is not None:
+                n = rows.n_rows
+                for name in ("embeddings", *ROW_FIELDS):
+                    h5[name].resize(n, axis=0)
+                for start in range(0, n, 4096):
+                    stop = min(n, start + 4096)
+                    h5["embeddings"][start:stop] = rows.embeddings(np.arange(start, stop))
+                for name, kind in ROW_FIELDS.items():
+                    values = rows._rows[name]
+                    h5[name][:] = list(values) if kind == "str" else values
+                failed = rows.failed()
+                for i, name in enumerate(FAILED_FIELDS):
+                    h5["failed"][name].resize(len(failed), axis=0)
+                    if failed:
+                        h5["failed"][name][:] = [row[i] for row in failed]
+                h5.attrs["n_committed"] = n
+            h5.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            h5.flush()
+            os.fsync(h5.id.get_vfd_handle())
+        finally:
+            h5.close()
+
+
+def _create_layout(h5, *, key, dim, attrs):
+    h5.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim), dtype="float32",
+                      chunks=(CHUNK_ROWS, dim))
+    for name, kind in ROW_FIELDS.items():
+        h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_dtype(kind),
+                          chunks=(1024,))
+    failed = h5.create_group("failed")
+    for name in FAILED_FIELDS:
+        failed.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_str_dtype(),
+                              chunks=(256,))
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    h5.attrs.update({"created": now, "updated": now})
+    for name, value in attrs.items():
+        if value is not None:
+            h5.attrs[name] = value if isinstance(value, (str, int, float, np.integer,
+                                                         np.floating)) else json.dumps(value)
+    h5.attrs.update({
+        "featx_cache_version": CACHE_FORMAT_VERSION,
+        "key": json.dumps(key, sort_keys=True),
+        "dim": dim,
+        "n_committed": 0,
+    })
+
+
+def _column(values, kind) -> np.ndarray:
+    if kind == "str":
+        return np.array([str(v) for v in values], dtype=object)
+    return np.asarray(values, dtype=kind)
+
+
+def _part_id(part: Path) -> tuple[str, int]:
+    run, _, seq = part.stem.removeprefix("part-").rpartition("-")
+    return run, int(seq)
+
+
+_PART_CACHE: dict = {}
+
+
+def _load_part(part: Path) -> dict:
+    """A part file's arrays (the last one read is kept: rows are read in order)."""
+    if part not in _PART_CACHE:
+        _PART_CACHE.clear()
+        with np.load(part, allow_pickle=False) as data:
+            _PART_CACHE[part] = {name: data[name] for name in data.files}
+    return _PART_CACHE[part]
 
 
 def list_caches(cache_dir) -> list[dict]:

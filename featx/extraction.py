@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from featx import data as featx_data
-from featx.cache import CacheLock, FeatureCache, cache_path_for
+from featx.cache import CacheLock, CacheSession, FeatureCache, cache_path_for
 from featx.errors import CacheError, DataError, ImageDecodeError
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,9 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
     key = {**net.key(), "compute_dtype": "mixed_float16"} if fp16 else net.key()
     cache_path = cache_path_for(cache_dir, root, net.cfg.name, net.weights, key)
     with CacheLock(cache_path):
+        recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
+        if recovered:
+            log.info("recovered %d rows that a stopped run had computed", recovered)
         previous = _previous_state(cache_path, key)
         manifest = _discover(root, split_options, previous)
         hashes, file_stats = _hash(manifest, previous)

@@ -1,5 +1,6 @@
 """Extraction pipeline and cache: reuse, incremental updates, failures, crash and resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, class_image, make_dataset, write_image
-from featx.cache import CacheLock, FeatureCache
+from featx.cache import CacheLock, FeatureCache, _part_id
 from featx.errors import CacheError
 from featx.extraction import extract
 
@@ -123,30 +124,38 @@ def test_invalid_cache_file_is_reported_not_overwritten(image_folder, cache_dir)
     assert features.cache_path.read_bytes() == b"definitely not hdf5"
 
 
-def _committed(path):
-    try:
-        with h5py.File(path, "r", locking=False) as h5:
-            return int(h5.attrs["n_committed"])
-    except (OSError, KeyError):
+def _durable_rows(cache_dir):
+    """Rows a rerun will find: the cache file's plus those of unmerged part files."""
+    files = list(cache_dir.glob("*/*.h5"))
+    if not files:
         return 0
+    try:
+        with h5py.File(files[0], "r", locking=False) as h5:
+            n = int(h5.attrs["n_committed"])
+            merged = json.loads(h5.attrs.get("merged_parts", "{}"))
+    except (OSError, KeyError):  # being replaced right now
+        return 0
+    for part in cache_dir.glob("*/*.parts/part-*.npz"):
+        run, seq = _part_id(part)
+        if seq > merged.get(run, -1):
+            n += 1  # --batch-size 1: one row per part
+    return n
 
 
 def _kill_after(cmd, cache_dir, at_least):
-    """Start ``cmd`` and SIGKILL it once ``at_least`` rows are committed; return that count."""
+    """Start ``cmd`` and SIGKILL it once ``at_least`` rows are durable; return that count."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     try:
         while time.time() < deadline and proc.poll() is None:
-            files = list(cache_dir.glob("*/*.h5"))
-            if files and _committed(files[0]) >= at_least:
+            if _durable_rows(cache_dir) >= at_least:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         os.kill(proc.pid, signal.SIGKILL)  # a real crash: no cleanup runs
     finally:
         proc.wait()
-    (cache_file,) = cache_dir.glob("*/*.h5")
-    return _committed(cache_file)
+    return _durable_rows(cache_dir)
 
 
 def test_resume_after_kill(tmp_path):
@@ -157,7 +166,7 @@ def test_resume_after_kill(tmp_path):
            "--cache-dir", str(cache_dir), "--no-progress"]
     first = _kill_after(cmd, cache_dir, 5)
     assert 5 <= first < 240, "the run must be killed part-way"
-    second = _kill_after(cmd, cache_dir, first + 5)  # the resumed run crashes too
+    second = _kill_after(cmd, cache_dir, first + 5)  # the resumed run is killed too
     assert first < second < 240
 
     resumed = extract(data, cache_dir=cache_dir, backbone="mobilenet_v2", weights="random",
@@ -165,3 +174,4 @@ def test_resume_after_kill(tmp_path):
     assert resumed.stats.n_extracted == 240 - second
     assert len(resumed.paths) == 240 == len(set(resumed.paths))
     assert set(resumed.paths) == {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
+    assert not list(cache_dir.glob("*/*.parts/*"))  # every part merged and removed

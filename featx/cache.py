@@ -232,6 +232,7 @@ class CacheSession:
         self._rows = self._main.rows()
         self._origin = np.arange(len(self._rows["paths"]), dtype=np.int64)  # >= 0: main row
         self._parts: list[tuple[Path, int]] = []  # origin -(j+1) -> (part file, row in it)
+        self._pending: list[tuple[np.ndarray, dict]] = []  # appended, not yet concatenated
         self._staged_attrs: dict = {}
         self._staged_failed = None
         self._run = f"{os.getpid()}-{time.time_ns()}"
@@ -254,7 +255,17 @@ class CacheSession:
     # ----- reading (the session's current state) ---------------------------------------
     @property
     def n_rows(self) -> int:
+        self._materialize()
         return len(self._origin)
+
+    def _materialize(self):
+        """Concatenate appended rows once, not per batch (which would be quadratic)."""
+        if self._pending:
+            self._origin = np.concatenate([self._origin] + [o for o, _ in self._pending])
+            self._rows = {name: np.concatenate([self._rows[name]] +
+                                               [rows[name] for _, rows in self._pending])
+                          for name in ROW_FIELDS}
+            self._pending = []
 
     def attr(self, name, default=None):
         if name in self._staged_attrs:
@@ -266,9 +277,11 @@ class CacheSession:
         return default if value is None else json.loads(value)
 
     def rows(self) -> dict[str, np.ndarray]:
+        self._materialize()
         return {name: values.copy() for name, values in self._rows.items()}
 
     def embeddings(self, indices=None) -> np.ndarray:
+        self._materialize()
         indices = np.arange(self.n_rows) if indices is None else np.asarray(indices, np.int64)
         origin = self._origin[indices]
         out = np.empty((len(indices), self.dim), dtype=np.float32)
@@ -305,13 +318,12 @@ class CacheSession:
         first = len(self._parts)
         self._parts.extend((part, row) for row in range(n_new))
         origin = -(np.arange(first, first + n_new, dtype=np.int64) + 1)
-        self._origin = np.concatenate([self._origin, origin])
-        for name in ROW_FIELDS:
-            self._rows[name] = np.concatenate([self._rows[name], arrays[name]])
+        self._pending.append((origin, arrays))
         self.dirty = True
 
     def compact(self, keep: np.ndarray) -> "CacheSession":
         """Keep only the rows where ``keep`` is true (applied at commit)."""
+        self._materialize()
         keep = np.asarray(keep, dtype=bool)
         self._origin = self._origin[keep]
         self._rows = {name: values[keep] for name, values in self._rows.items()}
@@ -319,6 +331,7 @@ class CacheSession:
         return self
 
     def rewrite_column(self, name: str, values):
+        self._materialize()
         self._rows[name] = _column(values, ROW_FIELDS[name])
         self.dirty = True
 
@@ -335,6 +348,7 @@ class CacheSession:
     # ----- committing --------------------------------------------------------------
     def commit(self):
         """Write the session's state as the new cache file (atomically) and drop its parts."""
+        self._materialize()
         tmp = self.path.with_name(self.path.name + ".tmp")
         attrs = {k: self._main.attr(k) for k in self._main.h5.attrs}
         attrs.update(self._staged_attrs)

@@ -321,10 +321,14 @@ class CacheSession:
         self._pending.append((origin, arrays))
         self.dirty = True
 
+    # Changes mark the session dirty only when they change something, so a run that reuses
+    # everything does not rewrite the cache file.
     def compact(self, keep: np.ndarray) -> "CacheSession":
         """Keep only the rows where ``keep`` is true (applied at commit)."""
         self._materialize()
         keep = np.asarray(keep, dtype=bool)
+        if keep.all():
+            return self
         self._origin = self._origin[keep]
         self._rows = {name: values[keep] for name, values in self._rows.items()}
         self.dirty = True
@@ -332,18 +336,23 @@ class CacheSession:
 
     def rewrite_column(self, name: str, values):
         self._materialize()
-        self._rows[name] = _column(values, ROW_FIELDS[name])
-        self.dirty = True
+        values = _column(values, ROW_FIELDS[name])
+        if not np.array_equal(values, self._rows[name]):
+            self._rows[name] = values
+            self.dirty = True
 
     def set_failed(self, failed: list[tuple[str, str, str]]):
-        self._staged_failed = [tuple(map(str, row)) for row in failed]
-        self.dirty = True
+        failed = [tuple(map(str, row)) for row in failed]
+        if failed != [tuple(row) for row in self.failed()]:
+            self._staged_failed = failed
+            self.dirty = True
 
     def set_attrs(self, **attrs):
         for name, value in attrs.items():
-            self._staged_attrs[name] = value if isinstance(value, (str, int, float)) \
-                else json.dumps(value)
-        self.dirty = True
+            value = value if isinstance(value, (str, int, float)) else json.dumps(value)
+            if value != self.attr(name):
+                self._staged_attrs[name] = value
+                self.dirty = True
 
     # ----- committing --------------------------------------------------------------
     def commit(self):

@@ -421,8 +421,7 @@ def _plan(previous, current) -> dict:
     n_files = len(current["paths"])
     file_key = list(zip(current["paths"], current["sha256"]))
     if previous is None:
-        return {"keep": np.zeros(0, bool), "row_of_file": np.full(n_files, -1),
-                "copy_from": {}, "extract": np.arange(n_files), "known_failed": []}
+        return {"keep": np.zeros(0, bool), "copy_from": {}, "extract": np.arange(n_files), "known_failed": []}
     rows = previous["rows"]
     split_of = dict(zip(current["paths"], current["split"]))
     index = {k: i for i, k in enumerate(file_key)}
@@ -450,7 +449,11 @@ def _plan(previous, current) -> dict:
 
 
 def _apply_plan(cache, plan, current, stats):
-    """Drop rows of removed/changed files, copy rows of moved files, refresh labels/splits."""
+    """Drop rows of removed/changed files, copy rows of moved files, refresh per-file columns.
+
+    Labels and splits follow the current folders and split options; size and mtime are
+    refreshed so a touched but unchanged file is not read again to hash it next time.
+    """
     if plan["copy_from"]:
         files = np.fromiter(plan["copy_from"].keys(), dtype=np.int64)
         sources = np.fromiter(plan["copy_from"].values(), dtype=np.int64)
@@ -466,8 +469,8 @@ def _apply_plan(cache, plan, current, stats):
         rows = cache.rows()
         where = {p: i for i, p in enumerate(current["paths"])}
         files = np.array([where[p] for p in rows["paths"]], dtype=np.int64)
-        cache.rewrite_column("labels", current["labels"][files])
-        cache.rewrite_column("split", current["split"][files])
+        for name in ("labels", "split", "size", "mtime_ns"):
+            cache.rewrite_column(name, current[name][files])
     return cache
 
 

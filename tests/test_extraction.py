@@ -54,12 +54,27 @@ def test_cached_rows_equal_direct_model_output(image_folder, cache_dir):
 
 def test_second_run_reuses_cache_with_zero_forward_passes(image_folder, cache_dir):
     first = run(image_folder, cache_dir)
+    before = first.cache_path.stat()
     second = run(image_folder, cache_dir)
+    after = second.cache_path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
     assert second.stats.n_extracted == 0
     assert second.stats.reused
     assert second.cache_path == first.cache_path
     np.testing.assert_array_equal(second.split, first.split)
     np.testing.assert_array_equal(second.arrays("train")[0], first.arrays("train")[0])
+
+
+def test_touched_file_is_reused_and_its_stat_recorded(image_folder, cache_dir):
+    run(image_folder, cache_dir)
+    touched = image_folder / "cat" / "cat_002.png"
+    os.utime(touched, ns=(1_000_000_000, 1_000_000_000))
+    features = run(image_folder, cache_dir)
+    assert features.stats.n_extracted == 0  # same content: no model call
+    with FeatureCache.open(features.cache_path) as cache:
+        rows = cache.rows()
+    row = list(rows["paths"]).index("cat/cat_002.png")
+    assert rows["mtime_ns"][row] == 1_000_000_000  # next run needs not re-hash it
 
 
 def test_added_files_are_the_only_ones_extracted(image_folder, cache_dir):

@@ -180,7 +180,7 @@ def _backbone_for(metadata):
     return net
 
 
-def embed_files(net, files, batch_size=32, progress=False):
+def embed_files(net, files, batch_size=32):
     """Embeddings of image files (not cached). Returns (X, errors) with '' for success."""
     from featx.extraction import EmbeddingMapper, ImageReader
 
@@ -190,10 +190,10 @@ def embed_files(net, files, batch_size=32, progress=False):
     X = np.zeros((len(files), net.dim), np.float32)
     errors = [""] * len(files)
     for indices, images, errs in reader.dataset():
-        emb = mapper(images)
-        for j, i in enumerate(indices.numpy()):
-            X[i] = emb[j]
-            errors[i] = errs.numpy()[j].decode()
+        indices = indices.numpy()
+        X[indices] = mapper(images)
+        for i, error in zip(indices, errs.numpy()):
+            errors[i] = error.decode()
     return X, errors
 
 
@@ -213,15 +213,13 @@ def predict(model_path, paths, *, top_k=3, batch_size=32) -> list[dict]:
     hashes = [_sha256(f) for f in files]
     cached = _cached_embeddings(metadata, hashes)
     todo = [i for i, h in enumerate(hashes) if h not in cached]
-    X = np.zeros((len(files), len(next(iter(cached.values()))) if cached else 0), np.float32)
+    X = np.zeros((len(files), estimator.n_features_in_), np.float32)
     errors = [""] * len(files)
     if todo:
-        net = _backbone_for(metadata)
-        X_new, errs = embed_files(net, [files[i] for i in todo], batch_size)
-        if X.shape[1] == 0:
-            X = np.zeros((len(files), X_new.shape[1]), np.float32)
-        for j, i in enumerate(todo):
-            X[i], errors[i] = X_new[j], errs[j]
+        X[todo], new_errors = embed_files(_backbone_for(metadata), [files[i] for i in todo],
+                                          batch_size)
+        for i, error in zip(todo, new_errors):
+            errors[i] = error
     for i, h in enumerate(hashes):
         if h in cached:
             X[i] = cached[h]

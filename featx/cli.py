@@ -152,10 +152,9 @@ def _warn_random(weights):
 
 
 def _extract_kwargs(kw) -> dict:
-    keys = ("weights", "layer", "pooling", "input_size", "batch_size", "cache_dir",
-            "val_fraction", "test_fraction", "seed", "train_per_class", "mixed_precision",
-            "workers", "progress")
-    return {k: kw[k] for k in keys if k in kw}
+    from featx.api import EXTRACT_OPTIONS
+
+    return {k: kw[k] for k in EXTRACT_OPTIONS if k in kw}
 
 
 # ----- commands ----------------------------------------------------------------------

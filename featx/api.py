@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 EXTRACT_OPTIONS = ("weights", "layer", "pooling", "input_size", "batch_size", "cache_dir",
                    "val_fraction", "test_fraction", "seed", "train_per_class",
-                   "mixed_precision", "workers", "progress")
+                   "mixed_precision", "workers", "runtime", "precision", "progress")
 
 
 def _extract(data_dir, backbone, options):
@@ -99,6 +99,8 @@ def fit(data_dir, clf="svm", *, backbone="efficientnet_lite0", tune=True, class_
         "fit_seconds": result.fit_seconds,
         "best_params": result.best_params,
         "extract_reused": features.stats.reused,
+        "runtime": features.provenance(),
+        "precision": features.precision,
         "cache": str(features.cache_path),
     }
     if "test" in metrics:
@@ -173,31 +175,51 @@ def _backbone_for(metadata):
     if net.weights_id != metadata["weights_id"]:
         raise DataError(f"the model was trained on {metadata['weights_id']} features but "
                         f"{net.weights_id} is what is available here")
-    recorded = {k: v for k, v in metadata["cache_key"].items() if k != "compute_dtype"}
+    from featx.extraction import RUN_KEY_FIELDS
+
+    recorded = {k: v for k, v in metadata["cache_key"].items() if k not in RUN_KEY_FIELDS}
     if json.loads(json.dumps(net.key())) != recorded:
         raise DataError("the model's cache key does not match this featx's backbone "
                         f"({metadata['backbone']}): its features cannot be reproduced here")
     return net
 
 
-def embed_files(net, files, batch_size=32):
+def embed_files(net, files, batch_size=32, *, mapper=None):
     """Embeddings of image files (not cached). Returns (X, errors) with '' for success."""
-    from featx.extraction import EmbeddingMapper, ImageReader
+    from featx.pipeline import ArrayWriter, ImageReader, run_pipeline
+    from featx.runtimes import KerasMapper
 
-    reader = ImageReader("/", [str(Path(f).resolve()) for f in files], net.preprocessing,
-                         batch_size)
-    mapper = EmbeddingMapper(net, batch_size)
-    X = np.zeros((len(files), net.dim), np.float32)
-    errors = [""] * len(files)
-    for indices, images, errs in reader.dataset():
-        indices = indices.numpy()
-        X[indices] = mapper(images)
-        for i, error in zip(indices, errs.numpy()):
-            errors[i] = error.decode()
-    return X, errors
+    reader = ImageReader([Path(f).resolve() for f in files], net.preprocessing, batch_size)
+    writer = ArrayWriter(len(files), net.dim)
+    run_pipeline(reader, mapper or KerasMapper(net, batch_size), writer, progress=False)
+    return writer.embeddings, writer.errors
 
 
-def predict(model_path, paths, *, top_k=3, batch_size=32) -> list[dict]:
+def _mapper_for(metadata, net, runtime, batch_size):
+    """The runtime that reproduces the model's training features (int8 only by its model)."""
+    from featx.extraction import _open_mapper, detect_device
+    from featx.runtimes import choose_runtime
+
+    key = metadata["cache_key"]
+    precision = key.get("precision", "fp32")
+    store = Path(metadata.get("cache", "cache/x/y")).parent.parent / "onnx"
+    int8_model = None
+    if precision == "int8":
+        from featx.onnx_export import QUANTIZATION, export_key, int8_path, verified
+
+        choose_runtime(runtime, precision)
+        model_key = {**export_key(net), "quantization": QUANTIZATION,
+                     "calibration": key.get("calibration")}
+        int8_model = verified(int8_path(net, store, key.get("calibration", "")), model_key)
+        if int8_model is None or int8_model.sha256 != key.get("int8_model_sha256"):
+            sha = str(key.get("int8_model_sha256"))[:12]
+            raise DataError(f"the model's int8 feature model ({sha}) is not in {store}; "
+                            "run `featx extract --precision int8` on its data again")
+    device = detect_device(runtime)
+    return _open_mapper(net, runtime, precision, device, store.parent, batch_size, int8_model)
+
+
+def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> list[dict]:
     """Label image files with a model saved by ``fit`` (or ``finetune``).
 
     Known files (same content as a row of the model's cache) reuse their cached embedding;
@@ -215,15 +237,24 @@ def predict(model_path, paths, *, top_k=3, batch_size=32) -> list[dict]:
     todo = [i for i, h in enumerate(hashes) if h not in cached]
     X = np.zeros((len(files), estimator.n_features_in_), np.float32)
     errors = [""] * len(files)
+    sources = ["cache"] * len(files)
     if todo:
-        X[todo], new_errors = embed_files(_backbone_for(metadata), [files[i] for i in todo],
-                                          batch_size)
+        from featx.extraction import runtime_description
+
+        net = _backbone_for(metadata)
+        mapper = _mapper_for(metadata, net, runtime, batch_size)
+        X[todo], new_errors = embed_files(net, [files[i] for i in todo], batch_size,
+                                          mapper=mapper)
         for i, error in zip(todo, new_errors):
             errors[i] = error
+            sources[i] = runtime_description(mapper)
     for i, h in enumerate(hashes):
         if h in cached:
             X[i] = cached[h]
-    return _label_rows(estimator, metadata["classes"], files, X, errors, top_k)
+    rows = _label_rows(estimator, metadata["classes"], files, X, errors, top_k)
+    for row, source in zip(rows, sources):
+        row["embedded_by"] = source
+    return rows
 
 
 def _predict_keras(model_path, files, top_k, batch_size):

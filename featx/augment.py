@@ -5,8 +5,8 @@ The same layers serve two purposes:
 * fine-tuning (:mod:`featx.finetuning`) puts them at the front of the training model, so each
   training batch is augmented on the fly and validation/prediction (``training=False``) never is;
 * ``extract(..., augment=K)`` stores K augmented embeddings ("views") of every training image
-  in the feature cache (:func:`extract_augmented_views`), which is the only way augmentation can
-  reach classifiers trained on cached features.
+  in the feature cache (:mod:`featx.views`, with :class:`ViewAugmenter`), which is the only
+  way augmentation can reach classifiers trained on cached features.
 
 Images are float RGB in [0, 255] of the backbone's input size (already resized and cropped as
 in ``Backbone.preprocessing``); the augmented output stays in that range.
@@ -265,80 +265,8 @@ def _describe(options: AugmentOptions) -> str:
     return ", ".join(parts) or "no augmentation"
 
 
-# ----- augmented views in the feature cache ----------------------------------------
-def view_seed(seed: int, view: int) -> int:
-    """Seed of the augmentation that computes view ``view`` (distinct per view)."""
-    return int(np.random.SeedSequence([int(seed), int(view)]).generate_state(1)[0] % (2**31 - 64))
-
-
-RECIPE_ATTR = "augment_recipe"
-
-
-def augment_recipe(options, seed: int) -> dict:
-    """What the cached views were drawn with: the options and the seed, normalised.
-
-    A disabled transformation is ``None`` whether it was given as ``0``, ``False`` or
-    ``None``, and numbers are floats, so equivalent spellings compare equal.
-    """
-    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
-    normalised = {name: (float(value) if value else None)
-                  for name, value in options.to_dict().items() if name != "flip"}
-    normalised["flip"] = bool(options.flip)
-    return {"options": normalised, "seed": int(seed)}
-
-
-def recorded_recipe(cache) -> dict | None:
-    """The recipe recorded in ``cache`` (:data:`RECIPE_ATTR`), or None."""
-    value = cache.attr(RECIPE_ATTR)
-    if value is None:
-        return None
-    try:
-        return json.loads(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _drop_views_of_other_recipe(cache, recipe: dict):
-    """Drop every augmented view unless the cache records ``recipe`` (or holds none).
-
-    Returns the cache to go on with (a new object when rows were dropped).
-    """
-    recorded = recorded_recipe(cache)
-    if recorded == recipe:
-        return cache
-    views = cache.rows()["view"] if cache.n_rows else np.zeros(0, dtype=np.int16)
-    stale = views > 0
-    if stale.any():
-        if recorded is None:
-            reason = "no augmentation recipe was recorded with them"
-        else:
-            reason = (f"the augmentation recipe changed from {json.dumps(recorded, sort_keys=True)}"
-                      f" to {json.dumps(recipe, sort_keys=True)}")
-        log.info("recomputing augmented views: dropping %d cached views because %s",
-                 int(stale.sum()), reason)
-        cache = cache.compact(~stale)
-    return cache
-
-
-def missing_views(rows: dict, k: int) -> dict[int, list[int]]:
-    """Training images lacking some of views 1..k: row index of view 0 -> missing views.
-
-    An augmented view counts as present when a row with the same path, content hash and
-    view number exists; so views of a changed file are recomputed (the extractor drops
-    the old ones), and views of val/test images are never asked for.
-    """
-    views = rows["view"]
-    present = {(p, h, int(v)) for p, h, v in zip(rows["paths"], rows["sha256"], views) if v > 0}
-    todo = {}
-    for i in np.flatnonzero((views == 0) & (rows["split"] == "train")):
-        path, sha = rows["paths"][i], rows["sha256"][i]
-        missing = [v for v in range(1, k + 1) if (path, sha, v) not in present]
-        if missing:
-            todo[int(i)] = missing
-    return todo
-
-
-class _ViewAugmenter:
+# ----- augmenting cached views ----------------------------------------------------
+class ViewAugmenter:
     """uint8 batch -> augmented uint8 batch, one seeded Sequential per view number."""
 
     def __init__(self, options: AugmentOptions, seed: int):
@@ -365,109 +293,6 @@ class _ViewAugmenter:
         return augment
 
 
-def extract_augmented_views(cache, net, root, k: int, options=None, seed: int = 0,
-                            batch_size: int = 32, progress: bool = True):
-    """Append K augmented views of every training image that does not have them yet.
-
-    The recipe (options and seed, :func:`augment_recipe`) is recorded in the cache
-    attribute :data:`RECIPE_ATTR`. When the cache holds views of another recipe, or of an
-    unrecorded one, every augmented view is dropped first and recomputed.
-
-    Parameters
-    ----------
-    cache : featx.cache.FeatureCache
-        Open for writing (the caller holds its lock); its view-0 rows are current. Dropping
-        views rewrites the file and closes this object: go on with the returned cache.
-    net : featx.backbones.Backbone
-        The backbone the cache was made with (its model is built only if work remains).
-    root : Path
-        Data directory the cached paths are relative to.
-    k : int
-        Views per training image (view numbers 1..k). Rows of views above ``k`` that are
-        already cached are kept.
-    options : AugmentOptions, dict, bool or None
-        The augmentation; ``{}``/``None`` mean the defaults.
-    seed : int
-        View ``v`` is drawn by a Sequential seeded with ``view_seed(seed, v)``, batch after
-        batch in cache row order. Keras draws a batch's transformations from one generator,
-        so a view depends on the seed and on which images were computed in the same run,
-        not on (path, view) alone; distinct view numbers never share a generator.
-    batch_size : int
-    progress : bool
-        tqdm bar on stderr.
-
-    Returns
-    -------
-    cache : featx.cache.FeatureCache
-        The open cache to go on with: ``cache`` itself, or its reopened replacement when
-        views were dropped (then ``cache`` is closed). If this raises, the replacement
-        is closed here; ``cache`` is left to the caller, as always.
-    done : int
-        Number of (image, view) embeddings computed and appended; 0 when nothing was
-        missing (then the model is not even built).
-    """
-    if k <= 0:
-        return cache, 0
-    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
-    if not options.enabled:
-        raise UsageError("augmented views need at least one augmentation option enabled")
-    recipe = augment_recipe(options, seed)
-    original = cache
-    try:
-        cache = _drop_views_of_other_recipe(cache, recipe)
-        if recorded_recipe(cache) != recipe:
-            # recorded before any view is written, so views of a run that dies are kept
-            # (and completed) by a rerun with the same recipe, and dropped by another
-            cache.set_attrs(**{RECIPE_ATTR: json.dumps(recipe, sort_keys=True)})
-        return cache, _append_missing_views(cache, net, root, k, options, seed, batch_size,
-                                            progress)
-    except BaseException:
-        if cache is not original:
-            cache.close()  # the caller only knows (and closes) the original object
-        raise
-
-
-def _append_missing_views(cache, net, root, k, options, seed, batch_size, progress) -> int:
-    from tqdm.auto import tqdm
-
-    from featx.extraction import EmbeddingMapper, ImageReader
-
-    rows = cache.rows()
-    todo = missing_views(rows, k)
-    if not todo:
-        return 0
-    sources = np.fromiter(todo.keys(), dtype=np.int64)  # increasing: cache row order
-    reader = ImageReader(root, rows["paths"][sources], net.preprocessing, batch_size)
-    # with the batch size, the mapper pads short batches (a view's subset of a batch, the
-    # last batch) instead of having oneDNN build kernels for each new shape
-    mapper = EmbeddingMapper(net, batch_size)
-    augmenter = _ViewAugmenter(options, seed)
-    total = sum(len(v) for v in todo.values())
-    done = 0
-    with tqdm(total=total, unit="view", disable=not progress, desc="augment",
-              dynamic_ncols=True) as bar:
-        for indices, images, errors in reader.dataset():
-            batch_rows = sources[indices.numpy()]
-            ok = np.array([not e for e in errors.numpy()], dtype=bool)
-            for path, error in zip(rows["paths"][batch_rows[~ok]], errors.numpy()[~ok]):
-                log.warning("no augmented views of %s: %s", path, error.decode())
-            done += _embed_views(cache, rows, todo, batch_rows, images, ok, k, augmenter,
-                                 mapper, bar)
-    return done
-
-
-def _embed_views(cache, rows, todo, batch_rows, images, ok, k, augmenter, mapper, bar) -> int:
-    """Augment, embed and append every missing view of one decoded batch."""
-    done = 0
-    for view in range(1, k + 1):
-        select = np.array([ok[j] and view in todo[int(r)] for j, r in enumerate(batch_rows)])
-        if not select.any():
-            continue
-        embeddings = mapper(augmenter(images.numpy()[select], view))
-        source = batch_rows[select]
-        columns = {name: values[source] for name, values in rows.items()}
-        columns["view"] = np.full(len(source), view, dtype=np.int16)
-        cache.append(embeddings, **columns)
-        done += len(source)
-        bar.update(len(source))
-    return done
+def view_seed(seed: int, view: int) -> int:
+    """Seed of the augmentation that computes view ``view`` (distinct per view)."""
+    return int(np.random.SeedSequence([int(seed), int(view)]).generate_state(1)[0] % (2**31 - 64))

@@ -110,11 +110,26 @@ def runtime_options(func):
         click.option("--batch-size", type=click.IntRange(1), default=None,
                      help="Images per model call [default: 32 on CPU, 128 on GPU]."),
         click.option("--workers", type=click.IntRange(1), default=None,
-                     help="Parallel decoding threads [default: tf.data AUTOTUNE]."),
+                     help="Parallel decoding threads [default: the usable cores]."),
         click.option("--mixed-precision", is_flag=True,
                      help="float16 compute on GPU (ignored on CPU)."),
         click.option("--progress/--no-progress", default=True, show_default=True,
                      help="Progress bar on stderr."),
+    ]):
+        func = option(func)
+    return func
+
+
+def engine_options(func):
+    """--runtime/--precision: what runs the model (featx.runtimes)."""
+    for option in reversed([
+        click.option("--runtime", type=click.Choice(["auto", "onnx", "keras"]), default="auto",
+                     show_default=True,
+                     help="auto: ONNX Runtime when installed (CPU), else the Keras model."),
+        click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
+                     show_default=True,
+                     help="int8: ONNX Runtime static quantisation calibrated on up to 64 "
+                          "training images (its own cache key)."),
     ]):
         func = option(func)
     return func
@@ -180,6 +195,7 @@ def cli(verbose):
 @backbone_options()
 @split_options
 @runtime_options
+@engine_options
 @click.option("--augment", type=click.IntRange(0), default=0, show_default=True,
               help="Also cache K augmented views of every training image (never val/test).")
 @augment_options
@@ -218,6 +234,8 @@ def extract(data, backbone, json_, augment, **kw):
         "splits": {s: int(len(features.indices(s))) for s in ("train", "val", "test")},
         "seconds": round(stats.seconds, 3),
         "images_per_second": round(stats.images_per_second, 2),
+        "runtime": stats.runtime or None,
+        "precision": stats.precision,
         "reused": stats.reused,
         "failed": [{"path": p, "reason": r} for p, r in stats.failed],
     }
@@ -230,6 +248,8 @@ def extract(data, backbone, json_, augment, **kw):
     click.echo(f"backbone:  {result['backbone']} (weights: {result['weights_id']}), dim {result['dim']}")
     click.echo(f"images:    {stats.n_images} in {len(features.class_names)} classes "
                f"({', '.join(f'{k} {v}' for k, v in result['splits'].items() if v)})")
+    if stats.runtime:
+        click.echo(f"runtime:   {stats.runtime}")
     click.echo(f"extracted: {stats.n_extracted} in {stats.seconds:.1f} s"
                + (f" ({stats.images_per_second:.1f} images/s)" if stats.n_extracted else
                   " (everything reused from the cache)"))
@@ -374,6 +394,7 @@ def classifier_options(func):
 @backbone_options()
 @split_options
 @runtime_options
+@engine_options
 @json_option
 @handle_errors
 def fit(data, clf, backbone, json_, tune, class_weight, cv, out, name, use_augmented, **kw):
@@ -406,6 +427,7 @@ def fit(data, clf, backbone, json_, tune, class_weight, cv, out, name, use_augme
     if "test_accuracy" in outcome:
         click.echo(f"test accuracy: {outcome['test_accuracy']:.4f}")
     click.echo(f"fit:          {outcome['fit_seconds']:.2f} s, best params {outcome['best_params']}")
+    click.echo(f"features:     {outcome['runtime']}")
 
 
 @cli.command()
@@ -415,9 +437,11 @@ def fit(data, clf, backbone, json_, tune, class_weight, cv, out, name, use_augme
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Write to this file instead of stdout.")
+@click.option("--runtime", type=click.Choice(["auto", "onnx", "keras"]), default="auto",
+              show_default=True, help="What embeds files that are not cached.")
 @json_option
 @handle_errors
-def predict(model, paths, top_k, batch_size, output, json_):
+def predict(model, paths, top_k, batch_size, output, json_, runtime):
     """Label images (files or folders) with a saved MODEL.
 
     MODEL is a .joblib (or its .json sidecar) from `featx fit`, or a .keras model from
@@ -432,7 +456,9 @@ def predict(model, paths, top_k, batch_size, output, json_):
     """
     from featx.api import predict as run_predict
 
-    rows = run_predict(model, paths, top_k=top_k, batch_size=batch_size)
+    rows = run_predict(model, paths, top_k=top_k, batch_size=batch_size, runtime=runtime)
+    sources = sorted({row.get("embedded_by", "") for row in rows} - {""})
+    click.echo(f"featx: embeddings from {', '.join(sources)}", err=True)
     text = json.dumps(rows, default=json_default) if json_ else _rows_to_csv(rows, top_k)
     if output:
         from pathlib import Path
@@ -484,6 +510,7 @@ def _rows_to_csv(rows, top_k) -> str:
 @backbone_options(multiple=True)
 @split_options
 @runtime_options
+@engine_options
 @json_option
 @handle_errors
 def compare(data, clfs, backbone, json_, tune, class_weight, cv, report_dir, eval_split,

@@ -471,7 +471,8 @@ _UNCHANGED_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00
 _MIN_SIDE = 2
 
 
-def read_image(path) -> np.ndarray:
+def read_image(path, *, reduced_decode: bool = False,
+               resize_size: int | None = None) -> np.ndarray:
     """Read an image file as RGB.
 
     JPEG (and any format not listed below) is decoded with ``cv2.IMREAD_COLOR``, which
@@ -484,6 +485,13 @@ def read_image(path) -> np.ndarray:
     Parameters
     ----------
     path : str or Path
+    reduced_decode : bool
+        Let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (``IMREAD_REDUCED_COLOR_*``,
+        EXIF orientation still applied): the largest factor whose shorter side, read from
+        the header by :func:`jpeg_size`, stays at least ``resize_size``. Other files, and
+        JPEGs too small for a factor of 2, are decoded in full. Needs ``resize_size``.
+    resize_size : int, optional
+        The shorter side the image will be resized to; only used with ``reduced_decode``.
 
     Returns
     -------
@@ -496,11 +504,19 @@ def read_image(path) -> np.ndarray:
         ``"empty file (0 bytes)"``, ``"truncated image"``, ``"cannot decode image (corrupt
         or unsupported format)"``, ``"image too small (WxH)"``, ``"unsupported number of
         channels (N)"``, ``"unsupported sample type (<dtype>)"``.
+    ValueError
+        ``reduced_decode`` without a positive ``resize_size``.
     """
+    if reduced_decode and (resize_size is None or resize_size < 1):
+        raise ValueError(f"reduced_decode needs a positive resize_size, got {resize_size!r}")
     data = _read_bytes(path)
     unchanged = _is_unchanged_format(data)
+    if unchanged:
+        flag = cv2.IMREAD_UNCHANGED
+    else:
+        flag = _reduced_flag(data, resize_size) if reduced_decode else cv2.IMREAD_COLOR
     try:
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED if unchanged else cv2.IMREAD_COLOR)
+        image = cv2.imdecode(data, flag)
     except cv2.error:
         image = None  # e.g. over OpenCV's pixel-count limit
     if image is None or image.size == 0:
@@ -513,6 +529,63 @@ def read_image(path) -> np.ndarray:
     if not unchanged:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return _to_rgb8(image, path)
+
+
+# libjpeg rounds scaled sizes up, so a side of n/f (real) gives at least n/f pixels.
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                  (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def _reduced_flag(data: np.ndarray, resize_size: int) -> int:
+    """The imdecode flag for reduced decoding: the largest factor keeping >= resize_size."""
+    size = jpeg_size(data)
+    if size is not None:
+        for factor, flag in _REDUCED_FLAGS:
+            if min(size) >= factor * resize_size:
+                return flag
+    return cv2.IMREAD_COLOR
+
+
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended, progressive (Huffman)
+_JPEG_OTHER_SOF = frozenset({0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length
+
+
+def jpeg_size(data) -> tuple[int, int] | None:
+    """(height, width) from the SOF0/SOF1/SOF2 header of a JPEG's bytes, without decoding.
+
+    Returns None for anything else: not a JPEG, a cut-off header, a lossless or arithmetic
+    coded JPEG, or a height left to a DNL marker (0). The size is before EXIF rotation.
+    """
+    view = memoryview(data).cast("B")
+    n = len(view)
+    if n < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        return None
+    i = 2
+    while i + 1 < n:
+        if view[i] != 0xFF:
+            return None
+        marker = view[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+        elif marker in _JPEG_NO_LENGTH:
+            i += 2
+        elif marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            height = (view[i + 5] << 8) | view[i + 6]
+            width = (view[i + 7] << 8) | view[i + 8]
+            return (height, width) if height and width else None
+        elif marker in _JPEG_OTHER_SOF or marker in (0x00, 0xD8, 0xD9, 0xDA):
+            return None  # not scalable, or no SOF before the scan / image end
+        elif i + 4 > n:
+            return None
+        else:
+            length = (view[i + 2] << 8) | view[i + 3]
+            if length < 2:
+                return None
+            i += 2 + length
+    return None
 
 
 def _read_bytes(path) -> np.ndarray:
@@ -650,6 +723,13 @@ def _cut_long_side(image: np.ndarray, scale: float, resize_size: int) -> np.ndar
     return image[:, left:left + keep]
 
 
-def load_for_model(path, size: int, resize_size: int, interpolation: str = "area") -> np.ndarray:
-    """:func:`read_image` then :func:`resize_and_crop`: (size, size, 3) uint8 RGB."""
-    return resize_and_crop(read_image(path), size, resize_size, interpolation)
+def load_for_model(path, size: int, resize_size: int, interpolation: str = "area", *,
+                   reduced_decode: bool = False) -> np.ndarray:
+    """:func:`read_image` then :func:`resize_and_crop`: (size, size, 3) uint8 RGB.
+
+    ``reduced_decode=True`` decodes large JPEGs at 1/2, 1/4 or 1/8 scale, never below
+    ``resize_size`` (see :func:`read_image`): much faster, and the output differs from a
+    full decode by a few grey levels, so record it with the other preprocessing settings.
+    """
+    image = read_image(path, reduced_decode=reduced_decode, resize_size=resize_size)
+    return resize_and_crop(image, size, resize_size, interpolation)

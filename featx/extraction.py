@@ -1,4 +1,5 @@
-"""Extraction: ImageReader (tf.data) -> EmbeddingMapper (tf.function) -> CacheWriter.
+"""Extraction: reconcile a data folder with its cache, then run what is new through the
+pipeline (:mod:`featx.pipeline`) on a runtime (:mod:`featx.runtimes`).
 
 ``extract()`` reconciles the data directory with its cache first, so only images that are
 new or changed go through the model; everything else is reused.
@@ -9,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import queue
-import threading
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import numpy as np
 
 from featx import data as featx_data
 from featx.cache import CacheLock, CacheSession, FeatureCache, cache_path_for
-from featx.errors import CacheError, DataError, ImageDecodeError
+from featx.errors import CacheError, DataError
+from featx.pipeline import CacheWriter, ImageReader, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class ExtractStats:
     first_batch_images: int = 0
     images_per_second: float = 0.0
     reused: bool = False
+    runtime: str = ""  # which runtime computed this run's rows ("" when none did)
+    precision: str = "fp32"
     failed: list = dataclasses.field(default_factory=list)
     ignored: list = dataclasses.field(default_factory=list)
 
@@ -61,6 +63,7 @@ class Features:
             self.split_params = cache.json_attr("split_params", {})
             self.preprocessing = cache.json_attr("preprocessing", {})
             self.extraction_seconds = float(cache.attr("extraction_seconds", 0.0))
+            self.runtimes = cache.json_attr("runtimes", [])
             failed = cache.failed()
         self.paths = rows["paths"]
         self.labels = rows["labels"]
@@ -82,6 +85,15 @@ class Features:
         counts = {s: int(((self.split == s) & (self.view == 0)).sum()) for s in ("train", "val", "test")}
         return (f"Features({self.backbone}, weights={self.weights}, dim={self.dim}, "
                 f"classes={len(self.class_names)}, splits={counts})")
+
+    @property
+    def precision(self) -> str:
+        return self.key.get("precision", "fp32")
+
+    def provenance(self) -> str:
+        """Which runtime(s) and precision computed the cached rows, for reports."""
+        ran = self.stats.runtime or ", ".join(self.runtimes) or "unrecorded runtime"
+        return f"{ran}; cached rows {self.precision}"
 
     def has_split(self, split: str) -> bool:
         return bool(((self.split == split) & (self.view == 0)).any())
@@ -106,163 +118,12 @@ class Features:
         return {s: i for i, s in enumerate(self.sha256) if self.view[i] == 0 and s in wanted}
 
 
-# ----- the three stages ------------------------------------------------------------
-class ImageReader:
-    """Streams (row index, image, error) batches, decoding and resizing in parallel threads.
-
-    Files that cannot be decoded yield a black image and a non-empty error string, so one
-    bad file never stops the pipeline; the writer drops those rows and records the reason.
-    """
-
-    def __init__(self, root, relpaths, preprocessing: dict, batch_size: int, workers=None):
-        self.root = Path(root)
-        self.relpaths = list(relpaths)
-        self.size = int(preprocessing["input_size"])
-        self.resize_size = int(preprocessing["resize_size"])
-        self.interpolation = preprocessing.get("interpolation", "area")
-        self.batch_size = batch_size
-        self.workers = workers
-
-    def _load(self, index):
-        path = self.root / self.relpaths[int(index)]
-        try:
-            image = featx_data.load_for_model(path, self.size, self.resize_size, self.interpolation)
-            return image, b""
-        except ImageDecodeError as exc:
-            return np.zeros((self.size, self.size, 3), np.uint8), exc.reason.encode()
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-file failure
-            reason = f"unexpected decoder error: {type(exc).__name__}: {exc}"
-            return np.zeros((self.size, self.size, 3), np.uint8), reason.encode()
-
-    def dataset(self):
-        import cv2
-        import tensorflow as tf
-
-        # tf.data already runs several decoders at once; OpenCV's own thread pool on top
-        # of that only oversubscribes the cores the model needs.
-        cv2.setNumThreads(1)
-
-        def load(index):
-            image, error = tf.numpy_function(self._load, [index], [tf.uint8, tf.string])
-            image.set_shape((self.size, self.size, 3))
-            error.set_shape(())
-            return index, image, error
-
-        parallel = self.workers or tf.data.AUTOTUNE
-        ds = tf.data.Dataset.range(len(self.relpaths))
-        ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
-        return ds.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-class EmbeddingMapper:
-    """The frozen backbone called through one traced ``tf.function`` (training=False)."""
-
-    def __init__(self, backbone, batch_size: int | None = None):
-        import tensorflow as tf
-
-        model = backbone.feature_model()
-        model.trainable = False
-        size = backbone.input_size
-        spec = tf.TensorSpec((None, size, size, 3), tf.uint8)
-
-        @tf.function(input_signature=[spec], reduce_retracing=True)
-        def embed(images):
-            features = model(tf.cast(images, tf.float32), training=False)
-            return tf.cast(features, tf.float32)
-
-        self._embed = embed
-        self.batch_size = batch_size
-        self.n_batches = 0
-        self.n_images = 0
-
-    def __call__(self, images) -> np.ndarray:
-        n = int(images.shape[0])
-        self.n_batches += 1
-        self.n_images += n
-        if self.batch_size and n < self.batch_size:
-            # A short last batch would make oneDNN build new kernels for one call (seconds);
-            # padding it to the usual shape is far cheaper.
-            images = np.concatenate([np.asarray(images), np.zeros(
-                (self.batch_size - n, *images.shape[1:]), dtype=np.uint8)])
-        return self._embed(images).numpy()[:n]
-
-
-class CacheWriter:
-    """Appends finished batches to the cache in a background thread (overlaps the model)."""
-
-    def __init__(self, cache: FeatureCache, rows: dict, max_pending: int = 4):
-        self.cache = cache
-        self.rows = rows  # per-extraction-index metadata columns (labels, paths, ...)
-        self.failed: list[tuple[str, str, str]] = []
-        self._queue: queue.Queue = queue.Queue(max_pending)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="featx-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, indices, embeddings, errors):
-        if self._error is not None:
-            raise self._error
-        self._queue.put((indices, embeddings, errors))
-
-    def _loop(self):
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            try:
-                self._write(*item)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                self._error = exc
-                return
-
-    def _write(self, indices, embeddings, errors):
-        ok = np.array([not e for e in errors], dtype=bool)
-        for i, e in zip(indices[~ok], errors[~ok]):
-            self.failed.append((self.rows["paths"][i], self.rows["sha256"][i], e.decode()))
-        keep = indices[ok]
-        self.cache.append(embeddings[ok], **{k: v[keep] for k, v in self.rows.items()})
-
-    def close(self):
-        """Wait for every queued batch to be committed."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
-@dataclasses.dataclass
-class PipelineTiming:
-    seconds: float
-    first_batch_images: int = 0
-    first_batch_seconds: float = 0.0  # includes tracing the model: a one-off cost
-
-
-def run_pipeline(reader: ImageReader, mapper: EmbeddingMapper, writer: CacheWriter,
-                 progress: bool = True) -> PipelineTiming:
-    """Sequential engine: reader batches -> mapper -> writer."""
-    from tqdm.auto import tqdm
-
-    start = time.perf_counter()
-    first_batch = None
-    bar = tqdm(total=len(reader.relpaths), unit="img", disable=not progress, desc="extract",
-               dynamic_ncols=True, smoothing=0.1)
-    try:
-        for indices, images, errors in reader.dataset():
-            embeddings = mapper(images)
-            writer.put(indices.numpy(), embeddings, errors.numpy())
-            bar.update(int(indices.shape[0]))
-            if first_batch is None:
-                first_batch = (int(indices.shape[0]), time.perf_counter() - start)
-    finally:
-        bar.close()
-        writer.close()
-    return PipelineTiming(time.perf_counter() - start, *(first_batch or (0, 0.0)))
-
-
 # ----- orchestration ---------------------------------------------------------------
 def configure_devices(mixed_precision: bool = False) -> str:
-    """Enable GPU memory growth; set mixed precision on GPU. Returns "gpu" or "cpu"."""
+    """Enable GPU memory growth; set mixed precision on GPU. Returns "gpu" or "cpu".
+
+    Imports TensorFlow: call it only when the Keras runtime may run.
+    """
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -279,6 +140,13 @@ def configure_devices(mixed_precision: bool = False) -> str:
         else:
             log.warning("--mixed-precision ignored: no GPU found (it would be slower on CPU)")
     return "gpu" if gpus else "cpu"
+
+
+def detect_device(runtime: str = "auto", mixed_precision: bool = False) -> str:
+    """"gpu" or "cpu", importing TensorFlow only when a GPU may be there or Keras will run."""
+    if runtime == "keras" or mixed_precision or any(Path("/dev").glob("nvidia[0-9]*")):
+        return configure_devices(mixed_precision)
+    return "cpu"
 
 
 def _file_columns(manifest, hashes, stats) -> dict[str, np.ndarray]:
@@ -333,14 +201,18 @@ def _hash(manifest, previous):
 def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", layer=None,
             pooling=None, input_size=None, batch_size=None, cache_dir="cache",
             val_fraction=0.2, test_fraction=0.0, seed=42, train_per_class=None, augment=0,
-            augment_options=None, mixed_precision=False, workers=None,
-            progress=True) -> Features:
+            augment_options=None, mixed_precision=False, workers=None, runtime="auto",
+            precision="fp32", mapper=None, progress=True) -> Features:
     """Embed every image under ``data_dir`` with a frozen backbone, reusing the cache.
 
+    ``runtime`` is "auto", "onnx" or "keras" (:mod:`featx.runtimes`); ``precision`` "fp32"
+    or "int8" (ONNX Runtime, calibrated on the dataset's training images; its own cache
+    key). ``mapper`` replaces the runtime with a ready mapper (tests, custom runtimes).
     Returns a :class:`Features` whose ``stats`` say what this run did.
     """
     from featx import __version__
     from featx.backbones import create_backbone
+    from featx.runtimes import choose_runtime
 
     started = time.perf_counter()
     root = Path(data_dir)
@@ -348,21 +220,29 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
                          train_per_class=train_per_class)
     net = create_backbone(backbone, weights, layer=layer, pooling=pooling,
                           input_size=input_size, seed=seed)
+    choose_runtime(runtime, precision)  # bad combinations fail before any work
     # float16 compute changes the embeddings, so it is part of the cache key
     device = configure_devices(mixed_precision) if mixed_precision else None
-    fp16 = mixed_precision and device == "gpu"
+    fp16 = mixed_precision and device == "gpu" and precision == "fp32" and runtime != "onnx"
     key = {**net.key(), "compute_dtype": "mixed_float16"} if fp16 else net.key()
+    if precision == "int8":
+        key = {**key, **INT8_KEY}
     cache_path = cache_path_for(cache_dir, root, net.cfg.name, net.weights, key)
     with CacheLock(cache_path):
         recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
         if recovered:
             log.info("recovered %d rows that a stopped run had computed", recovered)
+        int8_model = None
+        if precision == "int8":
+            int8_model, key = _int8_model(net, cache_path, key, root, split_options,
+                                          Path(cache_dir) / "onnx", seed)
         previous = _previous_state(cache_path, key)
         manifest = _discover(root, split_options, previous)
         hashes, file_stats = _hash(manifest, previous)
         current = _file_columns(manifest, hashes, file_stats)
         plan = _plan(previous, current)
-        stats = ExtractStats(n_ignored=len(manifest.ignored), ignored=list(manifest.ignored))
+        stats = ExtractStats(n_ignored=len(manifest.ignored), ignored=list(manifest.ignored),
+                             precision=precision)
         attrs = {
             "backbone": net.cfg.name, "weights": net.weights, "weights_id": net.weights_id,
             "layer": net.layer or "", "pooling": net.pooling,
@@ -370,28 +250,35 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             "class_names": manifest.class_names, "split_params": manifest.split_params,
             "layout": manifest.layout, "featx_version": __version__,
         }
-        if device is None and (plan["extract"].size or previous is None):
-            device = configure_devices()  # before the model is built: GPU memory growth
         cache = FeatureCache.open_for_write(
             cache_path, key=key, dim=net.dim if previous is None else None, attrs=attrs)
         try:
             cache = _apply_plan(cache, plan, current, stats)
             new_failed = []
+            needs_model = plan["extract"].size or (augment and previous is None)
+            if needs_model and mapper is None:
+                if device is None:
+                    device = detect_device(runtime)
+                mapper = _open_mapper(net, runtime, precision, device, cache_dir,
+                                      batch_size or DEFAULT_BATCH_SIZE[device], int8_model)
+            size = batch_size or DEFAULT_BATCH_SIZE[device or "cpu"]
             if plan["extract"].size:
-                size = batch_size or DEFAULT_BATCH_SIZE[device]
                 stats.model_seconds, new_failed = _extract_new(
-                    cache, net, manifest.root, plan["extract"], current, size, workers,
+                    cache, mapper, net, manifest.root, plan["extract"], current, size, workers,
                     progress, stats)
             augment_seconds = 0.0
             if augment:
-                from featx.augment import extract_augmented_views
+                from featx.views import extract_augmented_views
 
                 augment_started = time.perf_counter()
                 # returns the cache to go on with: a new object when stale views of
                 # another augmentation recipe were dropped (the old one is then closed)
                 cache, stats.n_augmented = extract_augmented_views(
                     cache, net, manifest.root, augment, augment_options or {}, seed,
-                    batch_size or 32, progress)
+                    batch_size or 32, progress,
+                    mapper=lambda: mapper or _open_mapper(
+                        net, runtime, precision, detect_device(runtime), cache_dir,
+                        batch_size or 32, int8_model))
                 if stats.n_augmented:
                     augment_seconds = time.perf_counter() - augment_started
             failed = plan["known_failed"] + new_failed
@@ -399,6 +286,9 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             # what the cached rows cost to compute, summed over runs (for cost comparisons)
             attrs["extraction_seconds"] = float(cache.attr("extraction_seconds", 0.0)) + \
                 stats.model_seconds + augment_seconds
+            if mapper is not None and (stats.n_extracted or stats.n_augmented):
+                stats.runtime = runtime_description(mapper)
+                attrs["runtimes"] = sorted({*cache.json_attr("runtimes", []), stats.runtime})
             cache.set_attrs(**attrs)
         finally:
             cache.close()
@@ -414,6 +304,98 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
     if stats.model_seconds > 0:
         stats.images_per_second = stats.n_extracted / stats.model_seconds
     return Features(cache_path, stats)
+
+
+def runtime_description(mapper) -> str:
+    from featx.runtimes import describe
+
+    try:
+        return describe(mapper)
+    except (AttributeError, ImportError):
+        return getattr(mapper, "runtime", type(mapper).__name__)
+
+
+def _open_mapper(net, runtime, precision, device, cache_dir, batch_size, int8_model):
+    """The runtime's mapper; under ``auto`` a backbone ONNX cannot export falls back to Keras."""
+    from featx.onnx_export import ExportError
+    from featx.runtimes import KerasMapper, choose_runtime, create_mapper
+
+    chosen = choose_runtime(runtime, precision, device)
+    try:
+        return create_mapper(net, runtime=chosen, store_dir=Path(cache_dir) / "onnx",
+                             batch_size=batch_size, precision=precision, int8_model=int8_model)
+    except ExportError as exc:
+        if runtime != "auto" or precision != "fp32":
+            raise
+        log.warning("%s; falling back to the Keras runtime", exc)
+        return KerasMapper(net, batch_size)
+
+
+# key fields that say how the rows were computed rather than which backbone computed them
+RUN_KEY_FIELDS = ("compute_dtype", "precision", "quantization", "calibration",
+                  "int8_model_sha256")
+# int8 rows never share a cache with fp32 rows: this joins the key (and names the file);
+# the int8 model's SHA-256 and the calibration sample's identity join it too, once known.
+INT8_KEY = {"precision": "int8"}
+
+
+def _int8_model(net, cache_path, key, root, split_options, store_dir, seed):
+    """The int8 model for this cache and the full cache key that names it.
+
+    A cache keeps the int8 model it was computed with (so adding images costs what was
+    added): the recorded model is reused while the store holds it unchanged. Otherwise the
+    model is calibrated again on a seeded sample of up to 64 training images; a cache whose
+    rows came from another int8 model is then dropped, never mixed.
+    """
+    from featx.onnx_export import QUANTIZATION, ensure_int8, int8_path, verified, export_key
+
+    key = {**key, "quantization": QUANTIZATION}
+    recorded = _recorded_key(cache_path)
+    if recorded and recorded.get("int8_model_sha256"):
+        model_key = {**export_key(net), "quantization": QUANTIZATION,
+                     "calibration": recorded.get("calibration")}
+        found = verified(int8_path(net, store_dir, recorded.get("calibration", "")), model_key)
+        if found is not None and found.sha256 == recorded["int8_model_sha256"]:
+            return found, recorded
+    previous = _previous_state(cache_path, recorded) if recorded else None
+    manifest = _discover(root, split_options, previous)
+    images, hashes = _calibration_images(manifest, net.preprocessing, seed,
+                                         QUANTIZATION["calibration_images"])
+    from featx.onnx_export import calibration_id
+
+    calib = calibration_id(hashes)
+    model = ensure_int8(net, store_dir, images, calib)
+    full = {**key, "calibration": calib, "int8_model_sha256": model.sha256}
+    if recorded is not None and json.loads(json.dumps(full)) != recorded:
+        log.warning("%s was computed with another int8 model; recomputing its rows", cache_path)
+        Path(cache_path).unlink()
+    return model, full
+
+
+def _recorded_key(cache_path) -> dict | None:
+    if not Path(cache_path).exists():
+        return None
+    with FeatureCache.open(cache_path) as cache:
+        return cache.key
+
+
+def _calibration_images(manifest, preprocessing, seed, n):
+    """A seeded sample of up to ``n`` decodable training images and their content hashes."""
+    train = np.flatnonzero(np.asarray(manifest.splits) == "train")
+    pool = train if train.size else np.arange(len(manifest.paths))
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(pool)[:n])
+    paths = [manifest.paths[i] for i in chosen]
+    reader = ImageReader(paths, preprocessing, batch_size=max(1, len(paths)), root=manifest.root)
+    images, hashes = [], []
+    for batch in reader:
+        for i, image, error in zip(batch["index"], batch["image"], batch["error"]):
+            if not error:
+                images.append(image)
+                hashes.append(featx_data.file_sha256(manifest.root / paths[i]))
+    if not images:
+        raise DataError(f"{manifest.root}: no decodable training image to calibrate int8 on")
+    return np.stack(images), hashes
 
 
 def _plan(previous, current) -> dict:
@@ -474,15 +456,17 @@ def _apply_plan(cache, plan, current, stats):
     return cache
 
 
-def _extract_new(cache, net, root, todo, current, batch_size, workers, progress, stats):
+def _extract_new(cache, mapper, net, root, todo, current, batch_size, workers, progress,
+                 stats):
     columns = {k: v[todo] for k, v in current.items()}
-    reader = ImageReader(root, columns["paths"], net.preprocessing, batch_size, workers)
-    mapper = EmbeddingMapper(net, batch_size)
+    reader = ImageReader(columns["paths"], net.preprocessing, batch_size, root=root,
+                         workers=workers)
     writer = CacheWriter(cache, columns)
+    timing = None
     try:
-        timing = run_pipeline(reader, mapper, writer, progress)
+        timing = run_pipeline(reader, mapper, writer, progress=progress)
     finally:
-        stats.n_extracted = mapper.n_images
+        stats.n_extracted = timing.n_images if timing else 0
     stats.first_batch_seconds = timing.first_batch_seconds
     stats.first_batch_images = timing.first_batch_images
     for path, _, reason in writer.failed:

@@ -636,25 +636,25 @@ def predict_images(model, metadata, paths, batch_size: int = 32, *, on_error="ra
     -------
     ndarray of float32, shape (len(paths), len(metadata["class_names"]))
     """
-    from featx.extraction import ImageReader
+    from featx.pipeline import ArrayWriter, ImageReader, run_pipeline
 
     if on_error not in ("raise", "nan"):
         raise UsageError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
     paths = [str(p) for p in paths]
-    out = np.full((len(paths), len(metadata["class_names"])), np.nan, dtype=np.float32)
+    n_classes = len(metadata["class_names"])
     if not paths:
-        return out
-    reader = ImageReader(Path("."), paths, metadata["preprocessing"], batch_size)
-    for indices, images, errors in reader.dataset():
-        indices, errors = indices.numpy(), errors.numpy()
-        ok = np.array([not e for e in errors], dtype=bool)
-        for i, error in zip(indices[~ok], errors[~ok]):
+        return np.full((0, n_classes), np.nan, dtype=np.float32)
+    reader = ImageReader(paths, metadata["preprocessing"], batch_size)
+    writer = ArrayWriter(len(paths), n_classes)
+    run_pipeline(reader, lambda images: model.predict_on_batch(images.astype(np.float32)),
+                 writer, progress=False, desc="predict")
+    out = writer.embeddings
+    for i, error in enumerate(writer.errors):
+        if error:
             if on_error == "raise":
-                raise ImageDecodeError(paths[i], error.decode())
-            log.warning("cannot predict %s: %s", paths[i], error.decode())
-        if ok.any():
-            batch = images.numpy()[ok].astype(np.float32)
-            out[indices[ok]] = np.asarray(model.predict_on_batch(batch))
+                raise ImageDecodeError(paths[i], error)
+            log.warning("cannot predict %s: %s", paths[i], error)
+            out[i] = np.nan
     return out
 
 

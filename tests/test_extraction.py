@@ -186,7 +186,7 @@ def test_resume_after_kill(tmp_path):
 
     resumed = extract(data, cache_dir=cache_dir, backbone="mobilenet_v2", weights="random",
                       input_size=96, batch_size=8, progress=False)
-    assert resumed.stats.n_extracted == 240 - second
+    assert resumed.stats.n_extracted == 240 - second, resumed.stats
     assert len(resumed.paths) == 240 == len(set(resumed.paths))
     assert set(resumed.paths) == {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
     assert not list(cache_dir.glob("*/*.parts/*"))  # every part merged and removed

@@ -251,7 +251,8 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             "layout": manifest.layout, "featx_version": __version__,
         }
         cache = FeatureCache.open_for_write(
-            cache_path, key=key, dim=net.dim if previous is None else None, attrs=attrs)
+            cache_path, key=key, attrs=attrs,
+            dim=None if previous is not None else getattr(mapper, "dim", None) or net.dim)
         try:
             cache = _apply_plan(cache, plan, current, stats)
             new_failed = []

@@ -161,6 +161,8 @@ def describe(mapper) -> str:
         import onnxruntime
 
         return f"onnxruntime {onnxruntime.__version__} {mapper.precision}"
+    if mapper.runtime != "keras":
+        return f"{mapper.runtime} {getattr(mapper, 'precision', '')}".strip()
     import keras
 
     return f"keras {keras.__version__} ({keras.backend.backend()}) {mapper.precision}"

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 EXTRACT_OPTIONS = ("weights", "layer", "pooling", "input_size", "batch_size", "cache_dir",
                    "val_fraction", "test_fraction", "seed", "train_per_class",
-                   "mixed_precision", "workers", "runtime", "precision", "progress")
+                   "mixed_precision", "workers", "runtime", "precision", "reduced_decode",
+                   "progress")
 
 
 def _extract(data_dir, backbone, options):
@@ -171,7 +172,9 @@ def _backbone_for(metadata):
     weights = metadata["weights"] if metadata["weights"] != "file" else opts["weights_arg"]
     net = create_backbone(metadata["backbone"], weights, layer=opts.get("layer") or None,
                           pooling=opts.get("pooling"), input_size=opts.get("input_size"),
-                          seed=opts.get("seed", 0))
+                          seed=opts.get("seed", 0),
+                          reduced_decode=bool(metadata["cache_key"].get("preprocessing", {})
+                                              .get("reduced_decode")))
     if net.weights_id != metadata["weights_id"]:
         raise DataError(f"the model was trained on {metadata['weights_id']} features but "
                         f"{net.weights_id} is what is available here")
@@ -202,7 +205,10 @@ def _mapper_for(metadata, net, runtime, batch_size):
 
     key = metadata["cache_key"]
     precision = key.get("precision", "fp32")
-    store = Path(metadata.get("cache", "cache/x/y")).parent.parent / "onnx"
+    from featx.onnx_export import store_for
+
+    cache_dir = Path(metadata.get("cache", "cache/x/y")).parent.parent
+    store = store_for(cache_dir)
     int8_model = None
     if precision == "int8":
         from featx.onnx_export import QUANTIZATION, export_key, int8_path, verified
@@ -216,7 +222,7 @@ def _mapper_for(metadata, net, runtime, batch_size):
             raise DataError(f"the model's int8 feature model ({sha}) is not in {store}; "
                             "run `featx extract --precision int8` on its data again")
     device = detect_device(runtime)
-    return _open_mapper(net, runtime, precision, device, store.parent, batch_size, int8_model)
+    return _open_mapper(net, runtime, precision, device, cache_dir, batch_size, int8_model)
 
 
 def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> list[dict]:

@@ -130,6 +130,9 @@ def engine_options(func):
                      show_default=True,
                      help="int8: ONNX Runtime static quantisation calibrated on up to 64 "
                           "training images (its own cache key)."),
+        click.option("--reduced-decode", is_flag=True,
+                     help="Decode large JPEGs at 1/2-1/8 scale (faster on big photos; "
+                          "slightly different pixels, its own cache key)."),
     ]):
         func = option(func)
     return func

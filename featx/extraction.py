@@ -202,7 +202,7 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             pooling=None, input_size=None, batch_size=None, cache_dir="cache",
             val_fraction=0.2, test_fraction=0.0, seed=42, train_per_class=None, augment=0,
             augment_options=None, mixed_precision=False, workers=None, runtime="auto",
-            precision="fp32", mapper=None, progress=True) -> Features:
+            precision="fp32", reduced_decode=False, mapper=None, progress=True) -> Features:
     """Embed every image under ``data_dir`` with a frozen backbone, reusing the cache.
 
     ``runtime`` is "auto", "onnx" or "keras" (:mod:`featx.runtimes`); ``precision`` "fp32"
@@ -219,7 +219,7 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
     split_options = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                          train_per_class=train_per_class)
     net = create_backbone(backbone, weights, layer=layer, pooling=pooling,
-                          input_size=input_size, seed=seed)
+                          input_size=input_size, seed=seed, reduced_decode=reduced_decode)
     choose_runtime(runtime, precision)  # bad combinations fail before any work
     # float16 compute changes the embeddings, so it is part of the cache key
     device = configure_devices(mixed_precision) if mixed_precision else None
@@ -234,8 +234,10 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             log.info("recovered %d rows that a stopped run had computed", recovered)
         int8_model = None
         if precision == "int8":
+            from featx.onnx_export import store_for
+
             int8_model, key = _int8_model(net, cache_path, key, root, split_options,
-                                          Path(cache_dir) / "onnx", seed)
+                                          store_for(cache_dir), seed)
         previous = _previous_state(cache_path, key)
         manifest = _discover(root, split_options, previous)
         hashes, file_stats = _hash(manifest, previous)
@@ -318,12 +320,12 @@ def runtime_description(mapper) -> str:
 
 def _open_mapper(net, runtime, precision, device, cache_dir, batch_size, int8_model):
     """The runtime's mapper; under ``auto`` a backbone ONNX cannot export falls back to Keras."""
-    from featx.onnx_export import ExportError
+    from featx.onnx_export import ExportError, store_for
     from featx.runtimes import KerasMapper, choose_runtime, create_mapper
 
     chosen = choose_runtime(runtime, precision, device)
     try:
-        return create_mapper(net, runtime=chosen, store_dir=Path(cache_dir) / "onnx",
+        return create_mapper(net, runtime=chosen, store_dir=store_for(cache_dir),
                              batch_size=batch_size, precision=precision, int8_model=int8_model)
     except ExportError as exc:
         if runtime != "auto" or precision != "fp32":

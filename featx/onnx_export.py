@@ -53,6 +53,11 @@ class OnnxModel:
     built: bool  # written by this call (False: reused from the store)
 
 
+def store_for(cache_dir) -> Path:
+    """Where exports live: ``$FEATX_ONNX_STORE``, else ``<cache_dir>/onnx``."""
+    return Path(os.environ.get("FEATX_ONNX_STORE") or Path(cache_dir) / "onnx")
+
+
 def export_key(net) -> dict:
     return {**net.key(), "export": {"format": "onnx", "version": EXPORT_VERSION}}
 

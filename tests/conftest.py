@@ -10,9 +10,19 @@ import pytest
 TINY = dict(backbone="mobilenet_v2", weights="random", input_size=32)
 
 
+@pytest.fixture(scope="session")
+def onnx_store(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx_store")
+
+
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path_factory, monkeypatch):
-    """No downloads, no user config: every test gets its own Keras home."""
+def isolated_env(tmp_path_factory, monkeypatch, onnx_store):
+    """No downloads, no user config: every test gets its own Keras home.
+
+    ONNX exports of the tiny backbone are shared by the whole session (FEATX_ONNX_STORE),
+    as they are shared by every dataset of a user; tests of the store use their own.
+    """
+    monkeypatch.setenv("FEATX_ONNX_STORE", str(onnx_store))
     home = tmp_path_factory.mktemp("keras_home")
     monkeypatch.setenv("KERAS_HOME", str(home))
     monkeypatch.setenv("FEATX_OFFLINE", "1")

@@ -107,3 +107,13 @@ def test_extract_with_injected_mapper(tmp_path):
 
     again = MeanColourMapper()
     assert extract(data, mapper=again, **kw).stats.reused and again.n_images == 0
+
+
+def test_reduced_decode_is_part_of_the_key(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=2)
+    kw = dict(cache_dir=tmp_path / "cache", progress=False, mapper=MeanColourMapper(), **TINY)
+    plain = extract(data, **kw)
+    reduced = extract(data, reduced_decode=True, **kw)
+    assert reduced.cache_path != plain.cache_path
+    assert reduced.key["preprocessing"]["reduced_decode"] is True
+    assert "reduced_decode" not in plain.key["preprocessing"]  # old caches keep their key

@@ -112,6 +112,7 @@ def test_export_failure_falls_back_under_auto_and_fails_when_asked(tmp_path, mon
         raise onnx_export.ExportError(f"{net.cfg.name}: ONNX export failed: op Foo")
 
     monkeypatch.setattr(onnx_export, "_export_keras", unsupported)
+    monkeypatch.setenv("FEATX_ONNX_STORE", str(tmp_path / "store"))  # nothing exported yet
     data = make_dataset(tmp_path / "data", per_class=2)
     kw = dict(cache_dir=tmp_path / "cache", progress=False, **TINY)
     with caplog.at_level("WARNING", logger="featx.extraction"):
@@ -149,7 +150,7 @@ def test_int8_rows_are_recomputed_when_their_model_is_gone(tmp_path, caplog):
     data = make_dataset(tmp_path / "data", per_class=4)
     kw = dict(cache_dir=tmp_path / "cache", progress=False, precision="int8", **TINY)
     first = extract(data, **kw)
-    for path in (tmp_path / "cache" / "onnx").glob("*-int8-*"):
+    for path in Path(os.environ["FEATX_ONNX_STORE"]).glob("*-int8-*"):
         path.unlink()
     again = extract(data, **kw)
     # quantisation is deterministic: the same calibration sample rebuilds the same model

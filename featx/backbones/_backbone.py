@@ -181,7 +181,7 @@ def _pool(x, pooling, keras):
 
 def create_backbone(name: str, weights="imagenet", *, layer: str | None = None,
                     pooling: str | None = None, input_size: int | None = None,
-                    seed: int = 0) -> Backbone:
+                    seed: int = 0, reduced_decode: bool = False) -> Backbone:
     """Configure a registered backbone; builds nothing yet.
 
     Parameters
@@ -198,6 +198,10 @@ def create_backbone(name: str, weights="imagenet", *, layer: str | None = None,
     input_size : int, optional
         Square input size; the resize size scales with it (``round(size / 0.875)``).
     seed : int, default 0
+    reduced_decode : bool, default False
+        Decode JPEGs at 1/2, 1/4 or 1/8 scale when they are that much larger than the
+        resize size (faster on large photos; slightly different pixels, so it joins the
+        preprocessing and the cache key).
 
     Raises
     ------
@@ -214,8 +218,11 @@ def create_backbone(name: str, weights="imagenet", *, layer: str | None = None,
     layer = layer if layer is not None else cfg.default_layer
     imagenet_file = entry.imagenet_file(cfg, size) if entry.imagenet_file else None
     kind, arg, weights_id = resolve(cfg, weights, seed, imagenet_file)
-    return Backbone(entry, kind, arg, weights_id, layer=layer, pooling=pooling,
-                    input_size=size, seed=int(seed))
+    net = Backbone(entry, kind, arg, weights_id, layer=layer, pooling=pooling,
+                   input_size=size, seed=int(seed))
+    if reduced_decode:
+        net.preprocessing["reduced_decode"] = True
+    return net
 
 
 def load_keras_model(path, **kwargs):

@@ -484,6 +484,8 @@ def result_dict(name, features, fit: FitResult, scores: dict, split: str, seed: 
         "backbone": features.backbone,
         "weights": features.weights,
         "weights_id": getattr(features, "weights_id", None),
+        "precision": getattr(features, "precision", "fp32"),
+        "runtime": features.provenance() if hasattr(features, "provenance") else None,
         "split": split,
         "n_train": fit.n_train,
         "n_eval": scores["n"],

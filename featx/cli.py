@@ -539,7 +539,8 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, report_dir, eva
     _warn_random(kw["weights"])
     if json_:
         keys = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
-                "macro_f1", "fit_seconds", "predict_seconds", "augmented_views", "best_params")
+                "macro_f1", "fit_seconds", "predict_seconds", "augmented_views", "best_params",
+                "runtime", "precision")
         emit_json({"report": outcome["report"],
                    "results": [{k: r.get(k) for k in keys} for r in results]})
         return

@@ -258,17 +258,16 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
         try:
             cache = _apply_plan(cache, plan, current, stats)
             new_failed = []
-            needs_model = plan["extract"].size or (augment and previous is None)
-            if needs_model and mapper is None:
-                if device is None:
-                    device = detect_device(runtime)
-                mapper = _open_mapper(net, runtime, precision, device, cache_dir,
-                                      batch_size or DEFAULT_BATCH_SIZE[device], int8_model)
+            if device is None and plan["extract"].size:
+                device = detect_device(runtime)
             size = batch_size or DEFAULT_BATCH_SIZE[device or "cpu"]
+            runtime_mapper = _OnDemand(mapper, lambda: _open_mapper(
+                net, runtime, precision, device or detect_device(runtime), cache_dir, size,
+                int8_model))
             if plan["extract"].size:
                 stats.model_seconds, new_failed = _extract_new(
-                    cache, mapper, net, manifest.root, plan["extract"], current, size, workers,
-                    progress, stats)
+                    cache, runtime_mapper(), net, manifest.root, plan["extract"], current, size,
+                    workers, progress, stats)
             augment_seconds = 0.0
             if augment:
                 from featx.views import extract_augmented_views
@@ -278,10 +277,7 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
                 # another augmentation recipe were dropped (the old one is then closed)
                 cache, stats.n_augmented = extract_augmented_views(
                     cache, net, manifest.root, augment, augment_options or {}, seed,
-                    batch_size or 32, progress,
-                    mapper=lambda: mapper or _open_mapper(
-                        net, runtime, precision, detect_device(runtime), cache_dir,
-                        batch_size or 32, int8_model))
+                    batch_size or 32, progress, mapper=runtime_mapper)
                 if stats.n_augmented:
                     augment_seconds = time.perf_counter() - augment_started
             failed = plan["known_failed"] + new_failed
@@ -289,8 +285,8 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             # what the cached rows cost to compute, summed over runs (for cost comparisons)
             attrs["extraction_seconds"] = float(cache.attr("extraction_seconds", 0.0)) + \
                 stats.model_seconds + augment_seconds
-            if mapper is not None and (stats.n_extracted or stats.n_augmented):
-                stats.runtime = runtime_description(mapper)
+            if runtime_mapper.built is not None and (stats.n_extracted or stats.n_augmented):
+                stats.runtime = runtime_description(runtime_mapper.built)
                 attrs["runtimes"] = sorted({*cache.json_attr("runtimes", []), stats.runtime})
             cache.set_attrs(**attrs)
         finally:
@@ -307,6 +303,19 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
     if stats.model_seconds > 0:
         stats.images_per_second = stats.n_extracted / stats.model_seconds
     return Features(cache_path, stats)
+
+
+class _OnDemand:
+    """Builds the runtime the first time it is needed (a warm cache never builds one)."""
+
+    def __init__(self, given, build):
+        self.built = given
+        self._build = build
+
+    def __call__(self):
+        if self.built is None:
+            self.built = self._build()
+        return self.built
 
 
 def runtime_description(mapper) -> str:

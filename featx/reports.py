@@ -107,7 +107,8 @@ def _results_table(rows) -> list[str]:
     lines = ["| " + " | ".join(RESULT_COLUMNS) + " |",
              "|" + "|".join(["---"] * 4 + ["---:"] * 5 + ["---"]) + "|"]
     for r in rows:
-        cells = [r["clf"], r["backbone"], r["weights"], r["split"],
+        backbone = r["backbone"] + (" int8" if r.get("precision") == "int8" else "")
+        cells = [r["clf"], backbone, r["weights"], r["split"],
                  _num(r["accuracy"], 4), _num(r["balanced_accuracy"], 4), _num(r["macro_f1"], 4),
                  _num(r["fit_seconds"], 2), _num(r.get("predict_ms_per_image"), 3),
                  format_params(r.get("best_params"))
@@ -157,6 +158,11 @@ def _provenance_line(results, dataset) -> str:
     line = (f"Numbers come from the {n_eval}; every classifier, its scaling and its "
             f"hyperparameter tuning were fitted on the {train} only. "
             f"Backbone weights: {', '.join(weights)}.")
+    runtimes = sorted({r["runtime"] for r in results if r.get("runtime")})
+    if runtimes:
+        line += f" Embeddings computed by: {'; '.join(runtimes)}."
+    if any(r.get("precision") == "int8" for r in results):
+        line += " **int8 embeddings** (quantised backbone) in the rows marked int8."
     if "train" in splits:
         line += " Scores on the train split are optimistic."
     if any(r["weights"] == "random" for r in results):

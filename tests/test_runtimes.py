@@ -185,3 +185,29 @@ def test_lite0_onnx_matches_keras_and_int8_stays_close(tmp_path):
     # measured 0.9972 (china) and 0.9965 (flower), calibrated on these photos at 4 scales
     assert cosine.min() > 0.99
     assert not np.allclose(int8, fp32, atol=1e-3)  # it really is another model
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_int8_end_to_end_fit_predict_compare(tmp_path):
+    import shutil
+
+    data = make_dataset(tmp_path / "data", per_class=6)
+    common = ["--backbone", "mobilenet_v2", "--weights", "random", "--input-size", "32",
+              "--cache-dir", tmp_path / "cache", "--precision", "int8", "--json"]
+    fit = _run("fit", data, "--clf", "softmax", "--no-tune", "--out", tmp_path / "m", *common)
+    assert fit["precision"] == "int8" and "int8" in fit["runtime"]
+    new = tmp_path / "new" / "cat.png"
+    new.parent.mkdir()
+    shutil.copy(data / "cat" / "cat_000.png", new)
+    new.write_bytes(new.read_bytes() + b"\0")  # other content: not in the cache
+    rows = _run("predict", fit["model"], new, "--json")
+    assert rows[0]["embedded_by"].endswith("int8") and rows[0]["label"] in ("cat", "dog")
+    report = _run("compare", data, "--clf", "softmax", "--no-tune",
+                  "--report-dir", tmp_path / "r", *common)
+    assert all(r["precision"] == "int8" for r in report["results"])
+    assert "int8 embeddings" in (tmp_path / "r" / "report.md").read_text()

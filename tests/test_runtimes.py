@@ -211,3 +211,19 @@ def test_int8_end_to_end_fit_predict_compare(tmp_path):
                   "--report-dir", tmp_path / "r", *common)
     assert all(r["precision"] == "int8" for r in report["results"])
     assert "int8 embeddings" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_onnx_runtime_with_a_stored_export_never_imports_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    data = make_dataset(tmp_path / "data", per_class=2)
+    extract(data, cache_dir=tmp_path / "c1", progress=False, **TINY)  # exports if needed
+    script = ("import sys, featx\n"
+              f"f = featx.extract({str(data)!r}, cache_dir={str(tmp_path / 'c2')!r}, "
+              "backbone='mobilenet_v2', weights='random', input_size=32, progress=False)\n"
+              "print(f.stats.n_extracted, f.stats.runtime.split()[0], "
+              "'tensorflow' in sys.modules, 'keras' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=os.environ, check=True).stdout.split()
+    assert out == ["4", "onnxruntime", "False", "False"]

@@ -201,28 +201,24 @@ def embed_files(net, files, batch_size=32, *, mapper=None):
 def _mapper_for(metadata, net, runtime, batch_size):
     """The runtime that reproduces the model's training features (int8 only by its model)."""
     from featx.extraction import _open_mapper, detect_device
+    from featx.onnx_export import store_for, stored_int8
     from featx.runtimes import choose_runtime
 
     key = metadata["cache_key"]
     precision = key.get("precision", "fp32")
-    from featx.onnx_export import store_for
-
-    cache_dir = Path(metadata.get("cache", "cache/x/y")).parent.parent
-    store = store_for(cache_dir)
+    choose_runtime(runtime, precision)
+    cache_dir = Path(metadata["cache"]).parent.parent  # <cache_dir>/<dataset>/<file>.h5
     int8_model = None
     if precision == "int8":
-        from featx.onnx_export import QUANTIZATION, export_key, int8_path, verified
-
-        choose_runtime(runtime, precision)
-        model_key = {**export_key(net), "quantization": QUANTIZATION,
-                     "calibration": key.get("calibration")}
-        int8_model = verified(int8_path(net, store, key.get("calibration", "")), model_key)
-        if int8_model is None or int8_model.sha256 != key.get("int8_model_sha256"):
+        int8_model = stored_int8(net, store_for(cache_dir), key.get("calibration", ""),
+                                 key.get("int8_model_sha256"))
+        if int8_model is None:
             sha = str(key.get("int8_model_sha256"))[:12]
-            raise DataError(f"the model's int8 feature model ({sha}) is not in {store}; "
-                            "run `featx extract --precision int8` on its data again")
-    device = detect_device(runtime)
-    return _open_mapper(net, runtime, precision, device, cache_dir, batch_size, int8_model)
+            raise DataError(f"the model's int8 feature model ({sha}) is not in "
+                            f"{store_for(cache_dir)}; run `featx extract --precision int8` "
+                            "on its data again")
+    return _open_mapper(net, runtime, precision, detect_device(runtime), cache_dir,
+                        batch_size, int8_model)
 
 
 def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> list[dict]:
@@ -245,15 +241,16 @@ def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> lis
     errors = [""] * len(files)
     sources = ["cache"] * len(files)
     if todo:
-        from featx.extraction import runtime_description
+        from featx.runtimes import describe
 
         net = _backbone_for(metadata)
         mapper = _mapper_for(metadata, net, runtime, batch_size)
         X[todo], new_errors = embed_files(net, [files[i] for i in todo], batch_size,
                                           mapper=mapper)
+        embedded_by = describe(mapper)
         for i, error in zip(todo, new_errors):
             errors[i] = error
-            sources[i] = runtime_description(mapper)
+            sources[i] = embedded_by
     for i, h in enumerate(hashes):
         if h in cached:
             X[i] = cached[h]

@@ -238,7 +238,7 @@ def extract(data, backbone, json_, augment, **kw):
         "seconds": round(stats.seconds, 3),
         "images_per_second": round(stats.images_per_second, 2),
         "runtime": stats.runtime or None,
-        "precision": stats.precision,
+        "precision": features.precision,
         "reused": stats.reused,
         "failed": [{"path": p, "reason": r} for p, r in stats.failed],
     }

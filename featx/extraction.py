@@ -41,7 +41,6 @@ class ExtractStats:
     images_per_second: float = 0.0
     reused: bool = False
     runtime: str = ""  # which runtime computed this run's rows ("" when none did)
-    precision: str = "fp32"
     failed: list = dataclasses.field(default_factory=list)
     ignored: list = dataclasses.field(default_factory=list)
 
@@ -142,10 +141,10 @@ def configure_devices(mixed_precision: bool = False) -> str:
     return "gpu" if gpus else "cpu"
 
 
-def detect_device(runtime: str = "auto", mixed_precision: bool = False) -> str:
+def detect_device(runtime: str = "auto") -> str:
     """"gpu" or "cpu", importing TensorFlow only when a GPU may be there or Keras will run."""
-    if runtime == "keras" or mixed_precision or any(Path("/dev").glob("nvidia[0-9]*")):
-        return configure_devices(mixed_precision)
+    if runtime == "keras" or any(Path("/dev").glob("nvidia[0-9]*")):
+        return configure_devices()
     return "cpu"
 
 
@@ -212,7 +211,7 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
     """
     from featx import __version__
     from featx.backbones import create_backbone
-    from featx.runtimes import choose_runtime
+    from featx.runtimes import choose_runtime, describe
 
     started = time.perf_counter()
     root = Path(data_dir)
@@ -243,8 +242,7 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
         hashes, file_stats = _hash(manifest, previous)
         current = _file_columns(manifest, hashes, file_stats)
         plan = _plan(previous, current)
-        stats = ExtractStats(n_ignored=len(manifest.ignored), ignored=list(manifest.ignored),
-                             precision=precision)
+        stats = ExtractStats(n_ignored=len(manifest.ignored), ignored=list(manifest.ignored))
         attrs = {
             "backbone": net.cfg.name, "weights": net.weights, "weights_id": net.weights_id,
             "layer": net.layer or "", "pooling": net.pooling,
@@ -286,7 +284,7 @@ def extract(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", laye
             attrs["extraction_seconds"] = float(cache.attr("extraction_seconds", 0.0)) + \
                 stats.model_seconds + augment_seconds
             if runtime_mapper.built is not None and (stats.n_extracted or stats.n_augmented):
-                stats.runtime = runtime_description(runtime_mapper.built)
+                stats.runtime = describe(runtime_mapper.built)
                 attrs["runtimes"] = sorted({*cache.json_attr("runtimes", []), stats.runtime})
             cache.set_attrs(**attrs)
         finally:
@@ -316,15 +314,6 @@ class _OnDemand:
         if self.built is None:
             self.built = self._build()
         return self.built
-
-
-def runtime_description(mapper) -> str:
-    from featx.runtimes import describe
-
-    try:
-        return describe(mapper)
-    except (AttributeError, ImportError):
-        return getattr(mapper, "runtime", type(mapper).__name__)
 
 
 def _open_mapper(net, runtime, precision, device, cache_dir, batch_size, int8_model):
@@ -359,22 +348,19 @@ def _int8_model(net, cache_path, key, root, split_options, store_dir, seed):
     model is calibrated again on a seeded sample of up to 64 training images; a cache whose
     rows came from another int8 model is then dropped, never mixed.
     """
-    from featx.onnx_export import QUANTIZATION, ensure_int8, int8_path, verified, export_key
+    from featx.onnx_export import QUANTIZATION, calibration_id, ensure_int8, stored_int8
 
     key = {**key, "quantization": QUANTIZATION}
     recorded = _recorded_key(cache_path)
     if recorded and recorded.get("int8_model_sha256"):
-        model_key = {**export_key(net), "quantization": QUANTIZATION,
-                     "calibration": recorded.get("calibration")}
-        found = verified(int8_path(net, store_dir, recorded.get("calibration", "")), model_key)
-        if found is not None and found.sha256 == recorded["int8_model_sha256"]:
+        found = stored_int8(net, store_dir, recorded.get("calibration", ""),
+                            recorded["int8_model_sha256"])
+        if found is not None:
             return found, recorded
     previous = _previous_state(cache_path, recorded) if recorded else None
     manifest = _discover(root, split_options, previous)
     images, hashes = _calibration_images(manifest, net.preprocessing, seed,
                                          QUANTIZATION["calibration_images"])
-    from featx.onnx_export import calibration_id
-
     calib = calibration_id(hashes)
     model = ensure_int8(net, store_dir, images, calib)
     full = {**key, "calibration": calib, "int8_model_sha256": model.sha256}
@@ -474,11 +460,8 @@ def _extract_new(cache, mapper, net, root, todo, current, batch_size, workers, p
     reader = ImageReader(columns["paths"], net.preprocessing, batch_size, root=root,
                          workers=workers)
     writer = CacheWriter(cache, columns)
-    timing = None
-    try:
-        timing = run_pipeline(reader, mapper, writer, progress=progress)
-    finally:
-        stats.n_extracted = timing.n_images if timing else 0
+    timing = run_pipeline(reader, mapper, writer, progress=progress)
+    stats.n_extracted = timing.n_images
     stats.first_batch_seconds = timing.first_batch_seconds
     stats.first_batch_images = timing.first_batch_images
     for path, _, reason in writer.failed:

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from featx.cache import key_hash
-from featx.errors import FeatxError
 from featx.data import file_sha256 as sha256_file
+from featx.errors import FeatxError
+from featx.persist import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +96,20 @@ def verified(path: Path, key: dict) -> OnnxModel | None:
     return OnnxModel(path, sha, meta.get("precision", "fp32"), built=False)
 
 
-def _publish(tmp: Path, path: Path, key: dict, precision: str, **extra) -> OnnxModel:
-    """Move a finished model into place, then write its sidecar (the sidecar vouches)."""
+def _publish(path: Path, write, key: dict, precision: str, **extra) -> OnnxModel:
+    """Write a model into place through ``write(tmp)``, then its sidecar (which vouches)."""
     global exports_built
-    sha = sha256_file(tmp)
-    os.replace(tmp, path)
     from featx import __version__
 
-    _write_json_atomic(_sidecar(path), {
-        "sha256": sha, "key": key, "precision": precision, "featx_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra})
+    write_atomic(path, write)
+    sha = sha256_file(path)
+    sidecar = json.dumps({"sha256": sha, "key": key, "precision": precision,
+                          "featx_version": __version__,
+                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra},
+                         indent=1, sort_keys=True)
+    write_atomic(_sidecar(path), lambda tmp: tmp.write_text(sidecar))
     exports_built += 1
     return OnnxModel(path, sha, precision, built=True)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    with _temporary(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-        os.replace(tmp, path)
 
 
 def ensure_fp32(net, store_dir) -> OnnxModel:
@@ -124,9 +121,8 @@ def ensure_fp32(net, store_dir) -> OnnxModel:
         return found
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with _temporary(path) as tmp:
-        _export_keras(net, tmp)
-        model = _publish(tmp, path, key, "fp32", exporter=_exporter_versions())
+    model = _publish(path, lambda tmp: _export_keras(net, tmp), key, "fp32",
+                     exporter=_exporter_versions())
     log.info("exported %s to %s in %.1f s", net.cfg.name, path, time.perf_counter() - started)
     return model
 
@@ -158,24 +154,6 @@ def _exporter_versions() -> dict:
     return versions
 
 
-class _temporary:
-    """A temporary file next to ``path``, removed unless it was moved into place."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
-                                    dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, *exc):
-        self.tmp.unlink(missing_ok=True)
-        return False
-
-
 def calibration_id(sha256s) -> str:
     """Identity of a calibration sample: the hash of its images' content hashes, sorted."""
     import hashlib
@@ -183,19 +161,29 @@ def calibration_id(sha256s) -> str:
     return hashlib.sha256("\n".join(sorted(sha256s)).encode()).hexdigest()
 
 
+def int8_key(net, calib_id: str) -> dict:
+    return {**export_key(net), "quantization": QUANTIZATION, "calibration": calib_id}
+
+
+def stored_int8(net, store_dir, calib_id: str, sha256: str) -> OnnxModel | None:
+    """The stored int8 model of this calibration if it is intact and has this SHA-256."""
+    found = verified(int8_path(net, store_dir, calib_id), int8_key(net, calib_id))
+    return found if found is not None and found.sha256 == sha256 else None
+
+
 def ensure_int8(net, store_dir, images: np.ndarray, calib_id: str) -> OnnxModel:
     """The int8 model calibrated on ``images`` (uint8, (n, S, S, 3)), reused when stored."""
     path = int8_path(net, store_dir, calib_id)
-    key = {**export_key(net), "quantization": QUANTIZATION, "calibration": calib_id}
+    key = int8_key(net, calib_id)
     found = verified(path, key)
     if found is not None:
         return found
     fp32 = ensure_fp32(net, store_dir)
     started = time.perf_counter()
-    with _temporary(path) as tmp, _temporary(path.with_name(path.name + ".pre")) as pre:
-        _quantize(fp32.path, pre, tmp, images)
-        model = _publish(tmp, path, key, "int8", fp32_sha256=fp32.sha256,
-                         n_calibration=int(len(images)))
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        pre = Path(work) / "preprocessed.onnx"  # quant_pre_process output, then quantised
+        model = _publish(path, lambda tmp: _quantize(fp32.path, pre, tmp, images), key,
+                         "int8", fp32_sha256=fp32.sha256, n_calibration=int(len(images)))
     log.info("quantised %s to int8 on %d images in %.1f s", net.cfg.name, len(images),
              time.perf_counter() - started)
     return model

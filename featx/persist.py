@@ -63,7 +63,7 @@ def _check_name(name: str):
         raise UsageError(f"model name must be a plain file name, not {name!r}")
 
 
-def _write_atomic(path: Path, write):
+def write_atomic(path: Path, write):
     """Write through a temporary file in the same folder, then rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -104,7 +104,7 @@ def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
     artifact = out_dir / f"{name}.joblib"
     sidecar = out_dir / f"{name}.json"
 
-    _write_atomic(artifact, lambda tmp: joblib.dump(estimator, tmp))
+    write_atomic(artifact, lambda tmp: joblib.dump(estimator, tmp))
     record = {
         **metadata,
         "format": FORMAT_VERSION,
@@ -115,7 +115,7 @@ def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
         "sha256": _sha256(artifact),
     }
     text = json.dumps(record, indent=2, default=json_default) + "\n"
-    _write_atomic(sidecar, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(sidecar, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return artifact
 
 

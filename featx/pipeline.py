@@ -84,9 +84,9 @@ class ImageReader:
         """One image and its error ("" for success); never raises for a bad file."""
         path = self.paths[index] if self.root is None else self.root / self.paths[index]
         try:
-            options = {"reduced_decode": True} if self.reduced_decode else {}
             image = featx_data.load_for_model(path, self.size, self.resize_size,
-                                              self.interpolation, **options)
+                                              self.interpolation,
+                                              reduced_decode=self.reduced_decode)
             return image, ""
         except ImageDecodeError as exc:
             return self._blank(), exc.reason
@@ -124,6 +124,11 @@ class ImageReader:
                 yield batch
 
 
+def decoded(batch: dict) -> np.ndarray:
+    """Boolean mask of the batch's rows whose file was read (``error`` is empty)."""
+    return np.array([not e for e in batch["error"]], dtype=bool)
+
+
 # ----- writers ---------------------------------------------------------------------
 class ArrayWriter:
     """Collects embeddings in memory: ``embeddings`` (n, dim) and ``errors`` (n,)."""
@@ -134,7 +139,7 @@ class ArrayWriter:
 
     def put(self, batch: dict) -> None:
         index, errors = batch["index"], batch["error"]
-        ok = np.array([not e for e in errors], dtype=bool)
+        ok = decoded(batch)
         if ok.any():
             self.embeddings[index[ok]] = batch["embedding"][ok]
         for i, error in zip(index, errors):
@@ -179,7 +184,7 @@ class CacheWriter:
 
     def _write(self, batch):
         index, errors = batch["index"], batch["error"]
-        ok = np.array([not e for e in errors], dtype=bool)
+        ok = decoded(batch)
         for i, error in zip(index[~ok], errors[~ok]):
             self.failed.append((self.rows["paths"][i], self.rows["sha256"][i], error))
         keep = index[ok]
@@ -221,10 +226,11 @@ def run_pipeline(reader, mapper, writer, *, progress: bool = True,
                dynamic_ncols=True, smoothing=0.1)
     try:
         for batch in reader:
-            batch["embedding"] = _map_ok_rows(mapper, batch)
+            ok = decoded(batch)
+            batch["embedding"] = _map_rows(mapper, batch["image"], ok)
             writer.put(batch)
             n = len(batch["index"])
-            timing.n_images += int(sum(not e for e in batch["error"]))
+            timing.n_images += int(ok.sum())
             bar.update(n)
             if not timing.first_batch_images:
                 timing.first_batch_images = n
@@ -236,13 +242,13 @@ def run_pipeline(reader, mapper, writer, *, progress: bool = True,
     return timing
 
 
-def _map_ok_rows(mapper, batch) -> np.ndarray:
-    ok = np.array([not e for e in batch["error"]], dtype=bool)
+def _map_rows(mapper, images, ok) -> np.ndarray:
+    """Embeddings of the ``ok`` rows; zeros elsewhere (no columns when no row is ok)."""
     if ok.all():
-        return np.asarray(mapper(batch["image"]), dtype=np.float32)
-    embeddings = None
-    if ok.any():
-        mapped = np.asarray(mapper(batch["image"][ok]), dtype=np.float32)
-        embeddings = np.zeros((len(ok), mapped.shape[1]), np.float32)
-        embeddings[ok] = mapped
-    return embeddings if embeddings is not None else np.zeros((len(ok), 0), np.float32)
+        return np.asarray(mapper(images), dtype=np.float32)
+    if not ok.any():
+        return np.zeros((len(ok), 0), np.float32)
+    mapped = np.asarray(mapper(images[ok]), dtype=np.float32)
+    embeddings = np.zeros((len(ok), mapped.shape[1]), np.float32)
+    embeddings[ok] = mapped
+    return embeddings

@@ -156,13 +156,17 @@ def create_mapper(net, *, runtime: str = "onnx", store_dir=None, batch_size=None
 
 
 def describe(mapper) -> str:
-    """One line for reports: which runtime and precision computed the embeddings."""
-    if mapper.runtime == "onnx":
+    """One line for reports: which runtime and precision computed the embeddings.
+
+    Any mapper works: one without a ``runtime`` attribute is named by its type.
+    """
+    runtime = getattr(mapper, "runtime", type(mapper).__name__)
+    if runtime == "onnx":
         import onnxruntime
 
         return f"onnxruntime {onnxruntime.__version__} {mapper.precision}"
-    if mapper.runtime != "keras":
-        return f"{mapper.runtime} {getattr(mapper, 'precision', '')}".strip()
+    if runtime != "keras":
+        return f"{runtime} {getattr(mapper, 'precision', '')}".strip()
     import keras
 
     return f"keras {keras.__version__} ({keras.backend.backend()}) {mapper.precision}"

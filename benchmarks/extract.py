@@ -51,7 +51,7 @@ from featx.backbones import create_backbone
 from featx.cache import FeatureCache
 from featx.data import discover, load_for_model
 from featx.extraction import extract
-from featx.onnx_export import ensure_fp32, verified
+from featx.onnx_export import ensure_fp32, stored_int8
 from featx.runtimes import KerasMapper, OnnxMapper
 
 TARGETS = {"b/a median": 1.8, "b8/a median": 3.0, "lowest/median": 0.85}
@@ -83,17 +83,6 @@ def model_alone(mapper, images, batch_size, warm=False):
     return len(images) / (time.perf_counter() - start)
 
 
-def int8_from_store(store, sha256):
-    """The int8 model in the ONNX store whose sidecar vouches for SHA-256 ``sha256``."""
-    for sidecar in sorted(Path(store).glob("*-int8-*.json")):
-        meta = json.loads(sidecar.read_text())
-        if meta.get("sha256") == sha256:
-            model = verified(sidecar.with_suffix(".onnx"), meta["key"])
-            if model is not None:
-                return model
-    raise SystemExit(f"no int8 model with SHA-256 {sha256} in {store}")
-
-
 # ----- (b), (b8), export: featx in fresh processes ------------------------------------------
 def featx_process(args, cache_dir, extra=(), env=None, verbose=False):
     """Run `featx extract` in a new process; its JSON plus process wall time and rates."""
@@ -117,7 +106,8 @@ def featx_process(args, cache_dir, extra=(), env=None, verbose=False):
             "wall": wall, "seconds": out["seconds"], "n": out["n_extracted"],
             "cpu_seconds": cpu, "cores_busy": cpu / wall,
             "runtime": out["runtime"], "precision": out["precision"],
-            "int8_model_sha256": key.get("int8_model_sha256"), "stderr": proc.stderr}
+            "int8_model_sha256": key.get("int8_model_sha256"),
+            "calibration": key.get("calibration"), "stderr": proc.stderr}
 
 
 def warm_up(args, work):
@@ -127,7 +117,8 @@ def warm_up(args, work):
              for k in ("exported", "quantised")}  # featx's INFO log lines (-v)
     return {"export_s": float(found["exported"][1]) if found["exported"] else None,
             "quantise_s": float(found["quantised"][1]) if found["quantised"] else None,
-            "process_s": run["wall"], "int8_model_sha256": run["int8_model_sha256"]}
+            "process_s": run["wall"], "int8_model_sha256": run["int8_model_sha256"],
+            "calibration": run["calibration"]}
 
 
 def cold_run(args, store, work, extra=(), env=None):
@@ -360,7 +351,9 @@ def main():
         store = work / "warm" / "onnx"
         fp32 = ensure_fp32(net, store)
         assert not fp32.built, "the in-process fp32 export differs from the CLI's"
-        int8 = int8_from_store(store, r["export"]["int8_model_sha256"])
+        int8 = stored_int8(net, store, r["export"]["calibration"],
+                           r["export"]["int8_model_sha256"])
+        assert int8 is not None, "the int8 model of the warm-up run is not in its store"
         r["onnx_models"] = {"fp32": fp32.path.name, "int8": int8.path.name,
                             "int8_sha256": int8.sha256}
 

@@ -37,8 +37,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import featx  # noqa: E402
+from featx.classifiers import classification_metrics  # noqa: E402
 from featx.extraction import extract  # noqa: E402
-from featx.finetuning import classification_metrics, finetune  # noqa: E402
+from featx.finetuning import finetune  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune.json"
 

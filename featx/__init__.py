@@ -17,6 +17,8 @@ _LAZY = {
     "extract": "featx.extraction",
     "Features": "featx.extraction",
     "ExtractStats": "featx.extraction",
+    "ExtractOptions": "featx.options",
+    "SplitOptions": "featx.options",
     "create_backbone": "featx.backbones",
     "list_backbones": "featx.backbones",
     "discover": "featx.data",

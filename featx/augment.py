@@ -17,7 +17,6 @@ Importing this module imports Keras (for the serialisable :class:`RandomBrightne
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -90,6 +89,11 @@ class AugmentOptions:
                 raise UsageError(f"unknown augment option(s): {', '.join(sorted(unknown))}")
             return cls(**value)
         raise UsageError(f"augment must be True, False, a dict or AugmentOptions, got {value!r}")
+
+    @classmethod
+    def or_default(cls, value) -> "AugmentOptions":
+        """Like :meth:`coerce`, except that ``None`` gives the defaults (an option not set)."""
+        return cls() if value is None else cls.coerce(value)
 
     @property
     def enabled(self) -> bool:
@@ -174,7 +178,7 @@ def build_augmentation(options=None, seed: int = 0):
     Order: flip, rotation, zoom, brightness. Zooming in after rotating crops away part of
     the reflected corners that the rotation fills in.
     """
-    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
+    options = AugmentOptions.or_default(options)
     seed = int(seed)
     layers = []
     if options.flip:
@@ -228,7 +232,7 @@ def augment_preview(image_path, out_png, options=None, n: int = 16, seed: int = 
 
     if n < 2:
         raise UsageError(f"augment preview needs n >= 2 cells, got {n}")
-    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
+    options = AugmentOptions.or_default(options)
     resize_size = resize_size or round(size / 0.875)
     image = load_for_model(image_path, size, resize_size)
     batch = np.repeat(image[None].astype(np.float32), n - 1, axis=0)

@@ -126,7 +126,22 @@ def validate(h5, path, key: dict | None = None):
         raise CacheError(f"{path}: cache key does not match the requested backbone settings")
 
 
-class FeatureCache:
+class _CacheReader:
+    """What FeatureCache and CacheSession share on top of their ``attr`` and ``close``."""
+
+    def json_attr(self, name, default=None):
+        """Attribute ``name`` decoded from JSON; ``default`` when it is absent."""
+        value = self.attr(name)
+        return default if value is None else json.loads(value)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class FeatureCache(_CacheReader):
     """Read-only view of one cache file. ``open_for_write`` returns a :class:`CacheSession`."""
 
     def __init__(self, path, h5):
@@ -152,12 +167,6 @@ class FeatureCache:
             self.h5.close()
             self.h5 = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     @property
     def n_rows(self) -> int:
         return int(self.h5.attrs["n_committed"])
@@ -173,10 +182,6 @@ class FeatureCache:
     def attr(self, name, default=None):
         value = self.h5.attrs.get(name, default)
         return value.decode() if isinstance(value, bytes) else value
-
-    def json_attr(self, name, default=None):
-        value = self.attr(name)
-        return default if value is None else json.loads(value)
 
     def rows(self) -> dict[str, np.ndarray]:
         """All committed per-row metadata (not the embeddings), strings decoded."""
@@ -205,7 +210,7 @@ class FeatureCache:
         return list(zip(*columns))
 
 
-class CacheSession:
+class CacheSession(_CacheReader):
     """Changes to one cache, made safe against a crash at any moment.
 
     The cache file itself is never modified in place: appended rows go to small part
@@ -271,10 +276,6 @@ class CacheSession:
         if name in self._staged_attrs:
             return self._staged_attrs[name]
         return self._main.attr(name, default)
-
-    def json_attr(self, name, default=None):
-        value = self.attr(name)
-        return default if value is None else json.loads(value)
 
     def rows(self) -> dict[str, np.ndarray]:
         self._materialize()
@@ -382,17 +383,11 @@ class CacheSession:
             self._main.close()
             self._main = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def _merged_parts(self, previous) -> dict:
         """Highest part number merged per run, so a rerun never merges a part twice."""
         merged = json.loads(previous) if previous else {}
         for part, _ in self._parts:
-            run, seq = _part_id(part)
+            run, seq = part_id(part)
             merged[run] = max(merged.get(run, -1), seq)
         return merged
 
@@ -402,8 +397,8 @@ class CacheSession:
         merged = json.loads(self._main.attr("merged_parts") or "{}")
         for stray in self.parts_dir.glob("*.tmp"):
             stray.unlink()
-        for part in sorted(self.parts_dir.glob("part-*.npz"), key=_part_id):
-            run, seq = _part_id(part)
+        for part in sorted(self.parts_dir.glob("part-*.npz"), key=part_id):
+            run, seq = part_id(part)
             if seq <= merged.get(run, -1):
                 part.unlink()  # merged by a commit that finished just before a crash
                 continue
@@ -469,7 +464,12 @@ def _column(values, kind) -> np.ndarray:
     return np.asarray(values, dtype=kind)
 
 
-def _part_id(part: Path) -> tuple[str, int]:
+def part_id(part: Path) -> tuple[str, int]:
+    """(run, sequence number) of a part file ``part-<run>-<seq>.npz``.
+
+    A cache's ``merged_parts`` attribute maps each run to the highest sequence number
+    merged, so a part is unmerged when its number is above its run's entry (or -1).
+    """
     run, _, seq = part.stem.removeprefix("part-").rpartition("-")
     return run, int(seq)
 

@@ -182,8 +182,27 @@ def _spec(name: str) -> ClassifierSpec:
     try:
         return CLASSIFIERS[name]
     except KeyError:
-        raise UsageError(
-            f"unknown classifier {name!r}; valid names: {', '.join(classifier_names())}") from None
+        raise UsageError(f"unknown classifier {name!r}; valid names: "
+                         f"{', '.join(classifier_names())} (or all)") from None
+
+
+def check_names(names) -> list[str]:
+    """Classifier names from a user: "all" expands, comma-separated lists split.
+
+    Raises UsageError for an unknown name, listing the valid ones (the one check the CLI
+    and the API share).
+    """
+    if isinstance(names, str):
+        names = [names]
+    out = []
+    for item in names:
+        for name in (part.strip() for part in str(item).split(",")):
+            if name == "all":
+                out.extend(classifier_names())
+            else:
+                _spec(name)
+                out.append(name)
+    return list(dict.fromkeys(out))
 
 
 def _effective_class_weight(name, spec, class_weight):
@@ -393,37 +412,56 @@ def evaluate(estimator, X, y, class_names, *, blas_threads: int | None = 1) -> d
         rows = true class, columns = predicted, every class in order), ``predict_seconds``,
         ``predict_ms_per_image``.
     """
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
-                                 f1_score, precision_recall_fscore_support)
-
     X, y = np.asarray(X), np.asarray(y)
     if len(y) == 0:
         raise DataError("no rows to evaluate on: the evaluation split is empty")
-    labels = np.arange(len(class_names))
     with _blas_limit(blas_threads):
         started = time.perf_counter()
         pred = estimator.predict(X)
         predict_seconds = time.perf_counter() - started
+    return {**classification_metrics(y, pred, class_names),
+            "predict_seconds": predict_seconds,
+            "predict_ms_per_image": 1000.0 * predict_seconds / len(y)}
 
+
+def classification_metrics(y_true, y_pred, class_names) -> dict:
+    """Scores of predicted labels: :func:`evaluate`'s numbers without the timing.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of int
+        Labels indexing ``class_names``.
+    class_names : sequence of str
+
+    Returns
+    -------
+    dict
+        ``n``, ``accuracy``, ``balanced_accuracy``, ``macro_f1`` (over the classes present
+        in ``y_true`` or predicted), ``per_class`` (one dict per class name, in order:
+        ``class``, ``precision``, ``recall``, ``f1``, ``support``), ``confusion_matrix``
+        (list of lists, rows = true class, columns = predicted, every class in order).
+    """
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
+                                 f1_score, precision_recall_fscore_support)
+
+    labels = np.arange(len(class_names))
     with warnings.catch_warnings():
         # classes missing from a small split make balanced accuracy warn; the number is still right
         warnings.simplefilter("ignore", UserWarning)
-        balanced = balanced_accuracy_score(y, pred)
+        balanced = balanced_accuracy_score(y_true, y_pred)
     precision, recall, f1, support = precision_recall_fscore_support(
-        y, pred, labels=labels, zero_division=0)
+        y_true, y_pred, labels=labels, zero_division=0)
     per_class = [
         {"class": str(c), "precision": float(p), "recall": float(r), "f1": float(f),
          "support": int(s)}
         for c, p, r, f, s in zip(class_names, precision, recall, f1, support)]
     return {
-        "n": int(len(y)),
-        "accuracy": float(accuracy_score(y, pred)),
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced),
-        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "per_class": per_class,
-        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
-        "predict_seconds": predict_seconds,
-        "predict_ms_per_image": 1000.0 * predict_seconds / len(y),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 
 
@@ -431,7 +469,7 @@ def evaluate(estimator, X, y, class_names, *, blas_threads: int | None = 1) -> d
 
 def compare(features_list, clfs, *, tune: bool = True, class_weight: str | None = None,
             seed: int = 0, eval_split: str = "val", cv: int = 5, n_jobs: int = 1,
-            blas_threads: int | None = 1) -> list[dict]:
+            blas_threads: int | None = 1, views: bool = False) -> list[dict]:
     """Fit every classifier on every feature set's train rows and score it on ``eval_split``.
 
     Parameters
@@ -445,6 +483,10 @@ def compare(features_list, clfs, *, tune: bool = True, class_weight: str | None 
         As in :func:`fit_classifier`.
     eval_split : str
         "val" or "test"; the caller decides which (use "test" only for the final numbers).
+    views : bool
+        Train on the cached augmented views too (``arrays("train", views=True)``), with
+        cross-validation grouped by ``groups("train", views=True)`` so an image and its
+        views stay in one fold.
 
     Returns
     -------
@@ -453,13 +495,12 @@ def compare(features_list, clfs, *, tune: bool = True, class_weight: str | None 
         in :func:`featx.reports.write_compare_report`. Each also carries the fitted pipeline
         under ``"estimator"`` (not written to report.json).
     """
-    clfs = list(clfs)
-    for name in clfs:
-        _spec(name)
+    clfs = check_names(clfs)
     results = []
     for features in features_list:
-        X_train, y_train = features.arrays("train")
-        groups = getattr(features, "train_groups", lambda: None)()
+        X_train, y_train = features.arrays("train", views=True) if views else \
+            features.arrays("train")
+        groups = features.groups("train", views=True) if views else None
         X_eval, y_eval = features.arrays(eval_split)
         if len(y_eval) == 0:
             raise DataError(f"the {eval_split} split of {features.backbone} features is empty; "
@@ -510,3 +551,26 @@ def result_dict(name, features, fit: FitResult, scores: dict, split: str, seed: 
         "confusion_matrix": scores["confusion_matrix"],
         "estimator": fit.estimator,
     }
+
+
+# ----- scoring new rows -----------------------------------------------------------------
+
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "n", "predict_ms_per_image")
+
+
+def summary_metrics(scores: dict) -> dict:
+    """The headline numbers of :func:`evaluate` (what a saved model's metadata keeps)."""
+    return {k: scores[k] for k in SUMMARY_METRICS if k in scores}
+
+
+def class_scores(estimator, X) -> np.ndarray:
+    """Per-class scores: probabilities when the model has them, else decision values."""
+    if hasattr(estimator, "predict_proba"):
+        try:
+            return estimator.predict_proba(X)
+        except AttributeError:
+            pass
+    scores = estimator.decision_function(X)
+    if scores.ndim == 1:  # binary: score of the positive class
+        scores = np.stack([-scores, scores], axis=1)
+    return scores

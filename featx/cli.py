@@ -61,11 +61,11 @@ def emit_json(obj):
     click.echo(json.dumps(obj, default=json_default))
 
 
-def backbone_options(multiple: bool = False):
-    """--backbone/--weights/--layer/--pooling/--input-size, shared by every command."""
+def backbone_options(multiple: bool = False, feature_layer: bool = True):
+    """--backbone/--weights/--input-size, and --layer/--pooling where embeddings are cached."""
 
     def decorator(func):
-        for option in reversed([
+        options = [
             click.option("-b", "--backbone", "backbone", multiple=multiple,
                          default=("efficientnet_lite0",) if multiple else "efficientnet_lite0",
                          show_default=True, envvar="FEATX_BACKBONE",
@@ -74,13 +74,19 @@ def backbone_options(multiple: bool = False):
             click.option("--weights", default="imagenet", show_default=True,
                          help="'imagenet', a local weights file, or 'random' "
                               "(tests and throughput benchmarks only)."),
-            click.option("--layer", default=None,
-                         help="Layer whose output is the embedding [default: penultimate]."),
-            click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]), default=None,
-                         help="How a feature map becomes a vector [default: avg]."),
-            click.option("--input-size", type=click.IntRange(32, 1024), default=None,
-                         help="Override the backbone's input size (changes the cache key)."),
-        ]):
+        ]
+        if feature_layer:
+            options += [
+                click.option("--layer", default=None,
+                             help="Layer whose output is the embedding [default: penultimate]."),
+                click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]),
+                             default=None, help="How a feature map becomes a vector "
+                                                "[default: avg]."),
+            ]
+        options.append(click.option(
+            "--input-size", type=click.IntRange(32, 1024), default=None,
+            help="Override the backbone's input size (changes the cache key)."))
+        for option in reversed(options):
             func = option(func)
         return func
 
@@ -102,17 +108,14 @@ def split_options(func):
     return func
 
 
-def runtime_options(func):
+def cache_options(func):
+    """--cache-dir/--batch-size/--progress: every command that runs images through a model."""
     for option in reversed([
         click.option("--cache-dir", type=click.Path(file_okay=False), default="cache",
                      show_default=True, envvar="FEATX_CACHE_DIR",
                      help="Where embedding caches live."),
         click.option("--batch-size", type=click.IntRange(1), default=None,
                      help="Images per model call [default: 32 on CPU, 128 on GPU]."),
-        click.option("--workers", type=click.IntRange(1), default=None,
-                     help="Parallel decoding threads [default: the usable cores]."),
-        click.option("--mixed-precision", is_flag=True,
-                     help="float16 compute on GPU (ignored on CPU)."),
         click.option("--progress/--no-progress", default=True, show_default=True,
                      help="Progress bar on stderr."),
     ]):
@@ -121,8 +124,13 @@ def runtime_options(func):
 
 
 def engine_options(func):
-    """--runtime/--precision: what runs the model (featx.runtimes)."""
+    """--workers/--mixed-precision/--runtime/--precision/--reduced-decode: what runs the
+    frozen model and how (featx.runtimes, featx.pipeline)."""
     for option in reversed([
+        click.option("--workers", type=click.IntRange(1), default=None,
+                     help="Parallel decoding threads [default: the usable cores]."),
+        click.option("--mixed-precision", is_flag=True,
+                     help="float16 compute on GPU (ignored on CPU)."),
         click.option("--runtime", type=click.Choice(["auto", "onnx", "keras"]), default="auto",
                      show_default=True,
                      help="auto: ONNX Runtime when installed (CPU), else the Keras model."),
@@ -169,10 +177,11 @@ def _warn_random(weights):
                    "use them only for tests and throughput benchmarks.", err=True)
 
 
-def _extract_kwargs(kw) -> dict:
-    from featx.api import EXTRACT_OPTIONS
+def _options(kw):
+    """The one options object of a command, from the click parameters that are options."""
+    from featx.options import ExtractOptions
 
-    return {k: kw[k] for k in EXTRACT_OPTIONS if k in kw}
+    return ExtractOptions.create(**{k: kw.pop(k) for k in ExtractOptions.names() if k in kw})
 
 
 # ----- commands ----------------------------------------------------------------------
@@ -197,14 +206,14 @@ def cli(verbose):
 @click.argument("data", type=click.Path())
 @backbone_options()
 @split_options
-@runtime_options
+@cache_options
 @engine_options
 @click.option("--augment", type=click.IntRange(0), default=0, show_default=True,
               help="Also cache K augmented views of every training image (never val/test).")
 @augment_options
 @json_option
 @handle_errors
-def extract(data, backbone, json_, augment, **kw):
+def extract(data, json_, augment, **kw):
     """Embed every image under DATA and cache the embeddings.
 
     DATA holds class folders (one pool, split stratified by --val-fraction/--test-fraction)
@@ -218,8 +227,7 @@ def extract(data, backbone, json_, augment, **kw):
     from featx.extraction import extract as run_extract
 
     augmentation = _augment_dict(kw)
-    features = run_extract(data, backbone=backbone, augment=augment,
-                           augment_options=augmentation, **_extract_kwargs(kw))
+    features = run_extract(data, _options(kw), augment=augment, augment_options=augmentation)
     _warn_random(features.weights)
     stats = features.stats
     result = {
@@ -356,19 +364,14 @@ def cache_info(path, json_):
 
 
 def _clf_choice_check(ctx, param, value):
-    from featx.classifiers import classifier_names
+    from featx.classifiers import check_names
+    from featx.errors import UsageError
 
-    names = classifier_names()
-    values = value if isinstance(value, tuple) else (value,)
-    expanded = []
-    for item in values:
-        for name in str(item).split(","):
-            name = name.strip()
-            if name != "all" and name not in names:
-                raise click.BadParameter(f"unknown classifier {name!r}; valid: "
-                                         f"{', '.join(names)} (or all)")
-            expanded.append(name)
-    return tuple(expanded) if isinstance(value, tuple) else ",".join(expanded)
+    try:
+        names = check_names(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return tuple(names) if isinstance(value, tuple) else value
 
 
 def classifier_options(func):
@@ -396,11 +399,11 @@ def classifier_options(func):
               help="Train on the cached augmented views too (see extract --augment).")
 @backbone_options()
 @split_options
-@runtime_options
+@cache_options
 @engine_options
 @json_option
 @handle_errors
-def fit(data, clf, backbone, json_, tune, class_weight, cv, out, name, use_augmented, **kw):
+def fit(data, clf, json_, tune, class_weight, cv, out, name, use_augmented, **kw):
     """Train a classifier on the cached embeddings of DATA and save it.
 
     Extracts first (through the same cache) if DATA is not cached yet, trains on the train
@@ -415,9 +418,8 @@ def fit(data, clf, backbone, json_, tune, class_weight, cv, out, name, use_augme
     if clf == "all" or "," in clf:
         raise click.BadParameter("fit takes one classifier; use `featx compare` for several",
                                  param_hint="--clf")
-    outcome = run_fit(data, clf, backbone=backbone, tune=tune, class_weight=class_weight,
-                      out=out, name=name, use_augmented=use_augmented, cv=cv,
-                      **_extract_kwargs(kw))
+    outcome = run_fit(data, clf, tune=tune, class_weight=class_weight, out=out, name=name,
+                      use_augmented=use_augmented, cv=cv, options=_options(kw))
     _warn_random(outcome["weights"])
     if json_:
         emit_json(outcome)
@@ -512,7 +514,7 @@ def _rows_to_csv(rows, top_k) -> str:
 @click.option("--finetune-warmup-epochs", type=click.IntRange(1), default=3, show_default=True)
 @backbone_options(multiple=True)
 @split_options
-@runtime_options
+@cache_options
 @engine_options
 @json_option
 @handle_errors
@@ -532,11 +534,12 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, report_dir, eva
     finetune_options = None
     if finetune:
         finetune_options = {"epochs": finetune_epochs, "warmup_epochs": finetune_warmup_epochs}
+    options = _options(kw)
     outcome = run_compare(data, clfs, backbones=backbone, report_dir=report_dir, tune=tune,
                           class_weight=class_weight, eval_split=eval_split, cv=cv,
-                          finetune=finetune_options, augmented=augmented, **_extract_kwargs(kw))
+                          finetune=finetune_options, augmented=augmented, options=options)
     results = outcome["results"]
-    _warn_random(kw["weights"])
+    _warn_random(options.weights)
     if json_:
         keys = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
                 "macro_f1", "fit_seconds", "predict_seconds", "augmented_views", "best_params",
@@ -584,12 +587,12 @@ def _unfreeze_value(ctx, param, value):
 @augment_options
 @click.option("--out", type=click.Path(file_okay=False), default="models", show_default=True)
 @click.option("--name", default=None, help="Model name [default: finetune-BACKBONE].")
-@backbone_options()
+@backbone_options(feature_layer=False)
 @split_options
-@runtime_options
+@cache_options
 @json_option
 @handle_errors
-def finetune(data, backbone, json_, augment, **kw):
+def finetune(data, json_, augment, **kw):
     """Fine-tune the backbone on DATA: head warm-up, then the top layers unfrozen.
 
     Stage 1 trains a new dropout + softmax head on the frozen base (run in inference mode);
@@ -604,13 +607,11 @@ def finetune(data, backbone, json_, augment, **kw):
     """
     from featx.finetuning import finetune as run_finetune
 
-    for unused in ("layer", "pooling", "workers", "mixed_precision"):
-        if kw.pop(unused, None) not in (None, False):
-            raise click.BadParameter(f"--{unused.replace('_', '-')} does not apply to finetune")
     augmentation = _augment_dict(kw)
-    result = run_finetune(
-        data, backbone=backbone, augment=augmentation if augment else False,
-        batch_size=kw.pop("batch_size") or 32, **kw)
+    batch_size = kw.pop("batch_size") or 32
+    options = _options(kw)
+    result = run_finetune(data, augment=augmentation if augment else False,
+                          batch_size=batch_size, options=options, **kw)
     summary = result.to_dict()
     _warn_random(result.weights)
     if json_:

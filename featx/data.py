@@ -267,6 +267,22 @@ def _scan_class_folder(root: Path, folder: Path, ignored) -> list[str]:
     return images
 
 
+def expand_paths(paths) -> list[Path]:
+    """Files as given; folders searched recursively for image files (hidden ones skipped),
+    by the rules :func:`discover` uses for class folders."""
+    out = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            out.extend(sorted(item / rel for rel in _scan_class_folder(item, item, [])))
+        elif item.is_file():
+            out.append(item)
+        else:
+            raise DataError(f"{item}: no such file or directory")
+    if not out:
+        raise DataError("no image files among the given paths")
+    return out
+
+
 def _relpath(path: Path, root: Path) -> str:
     return PurePath(os.path.relpath(path, root)).as_posix()
 

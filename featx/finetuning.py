@@ -28,20 +28,23 @@ Outputs in ``out`` (``NAME`` defaults to ``finetune-<backbone>``):
     ``metadata["preprocessing"]``. Normalisation happens inside the model.
 ``NAME.json``
     Sidecar metadata: class names, backbone, weights id, preprocessing, split, recipe,
-    metrics, versions and the sha256 of ``NAME.keras``; see :func:`load_finetuned`.
+    metrics, versions and the sha256 of ``NAME.keras`` (written and checked by
+    :mod:`featx.persist`); see :func:`load_finetuned`.
 ``NAME-history.csv``
     Keras' ``CSVLogger`` rows of both stages (``epoch`` is Keras' 0-based index) plus a
     ``stage`` column (1 or 2).
 ``NAME-history.png``
-    Train/val accuracy and loss per epoch, the stage boundary as a vertical line.
+    Train/val accuracy and loss per epoch, the stage boundary as a vertical line
+    (:func:`featx.reports.plot_history`).
+
+Scores come from :func:`featx.classifiers.classification_metrics`, the compare row and its
+notes from :func:`featx.reports.finetune_row` and :func:`featx.reports.finetune_notes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -49,8 +52,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from featx._json import json_default
+from featx.classifiers import classification_metrics
 from featx.errors import DataError, ImageDecodeError, UsageError
+from featx.options import ExtractOptions, SplitOptions, check_names
+from featx.persist import load_keras_model, save_keras_model, sidecar_for
+from featx.reports import plot_history
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +83,12 @@ class FinetuneResult:
     test_accuracy, test_macro_f1 : float or None
         When the data has a test split.
     metrics : dict
-        Split name -> :func:`classification_metrics` (``n``, ``accuracy``,
+        Split name -> :func:`featx.classifiers.classification_metrics` (``n``, ``accuracy``,
         ``balanced_accuracy``, ``macro_f1``, ``per_class``, ``confusion_matrix``) plus
         ``predict_seconds`` and ``predict_ms_per_image``.
     seconds : float
-        Wall time of the whole call (data discovery, training, evaluation, saving).
+        Wall time of the whole call (data discovery, training, evaluation, plot) up to
+        saving the model, which the sidecar records it in.
     train_seconds : float
         Wall time of the two ``fit`` calls (training and per-epoch validation).
     epochs_run : int
@@ -137,43 +144,13 @@ class FinetuneResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
 
 
-# ----- split -----------------------------------------------------------------------
-def resolve_split(data_dir, net, *, cache_dir="cache", val_fraction=0.2, test_fraction=0.0,
-                  seed=42, train_per_class=None):
-    """The manifest fine-tuning trains on: the same split ``featx.extract`` records.
-
-    If a feature cache of this dataset and backbone exists in ``cache_dir``, the split it
-    recorded is kept (files added since are assigned as the extractor would assign them);
-    otherwise the data directory is split by :func:`featx.data.discover`, which is
-    deterministic and so gives what a later ``extract`` with the same options records.
-    No image goes through the backbone here.
-
-    Returns
-    -------
-    manifest : featx.data.Manifest
-    source : {"cache", "discover"}
-    """
-    from featx.cache import cache_path_for
-    from featx.extraction import _discover, _previous_state
-
-    root = Path(data_dir)
-    options = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                   train_per_class=train_per_class)
-    cache_path = cache_path_for(cache_dir, root, net.cfg.name, net.weights, net.key())
-    previous = _previous_state(cache_path, net.key()) if root.is_dir() else None
-    manifest = _discover(root, options, previous)
-    if previous is not None:
-        log.info("using the split recorded in %s", cache_path)
-    return manifest, "discover" if previous is None else "cache"
-
-
 # ----- input pipeline --------------------------------------------------------------
 def image_dataset(root, paths, labels, preprocessing: dict, batch_size: int, *,
                   training: bool = False, seed: int = 0, cache: bool | None = None):
     """A ``tf.data.Dataset`` of (images, labels, sample weights) batches.
 
-    Images are decoded, resized and centre-cropped by :func:`featx.data.load_for_model` in
-    parallel (``tf.numpy_function``), exactly as extraction does, and come out as float32
+    Images are decoded, resized and centre-cropped by :meth:`featx.pipeline.ImageReader.load`
+    in parallel (``tf.numpy_function``), exactly as extraction does, and come out as float32
     RGB in [0, 255]. A file that cannot be decoded yields a black image with sample weight 0
     (and one warning), so it counts for nothing while the dataset keeps a known length.
     Nothing here is random except, when ``training``, the order (a seeded shuffle,
@@ -186,7 +163,8 @@ def image_dataset(root, paths, labels, preprocessing: dict, batch_size: int, *,
     paths : sequence of str
     labels : sequence of int
     preprocessing : dict
-        ``input_size``, ``resize_size``, ``interpolation`` (``Backbone.preprocessing``).
+        ``input_size``, ``resize_size``, ``interpolation`` and optionally
+        ``reduced_decode`` (``Backbone.preprocessing``).
     batch_size : int
     training : bool
         Shuffle (seeded by ``seed``).
@@ -197,27 +175,21 @@ def image_dataset(root, paths, labels, preprocessing: dict, batch_size: int, *,
     """
     import tensorflow as tf
 
-    from featx.data import load_for_model
+    from featx.pipeline import ImageReader
 
-    root = Path(root)
-    paths = [str(p) for p in paths]
-    size = int(preprocessing["input_size"])
-    resize_size = int(preprocessing["resize_size"])
-    interpolation = preprocessing.get("interpolation", "area")
+    reader = ImageReader(paths, preprocessing, root=Path(root))
+    paths, size = reader.paths, reader.size
     warned = set()
 
     def load(index):
+        image, error = reader.load(int(index))  # black where the file cannot be decoded
+        if not error:
+            return image, np.float32(1)
         path = paths[int(index)]
-        try:
-            return load_for_model(root / path, size, resize_size, interpolation), np.float32(1)
-        except ImageDecodeError as exc:
-            reason = exc.reason
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop training
-            reason = f"unexpected decoder error: {type(exc).__name__}: {exc}"
         if path not in warned:
             warned.add(path)
-            log.warning("skipped %s: %s", path, reason)
-        return np.zeros((size, size, 3), np.uint8), np.float32(0)
+            log.warning("skipped %s: %s", path, error)
+        return image, np.float32(0)
 
     label_table = tf.constant(np.asarray(labels, dtype=np.int64))
 
@@ -455,33 +427,6 @@ def _predict(model, ds):
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def classification_metrics(y_true, y_pred, class_names) -> dict:
-    """Scores of predicted labels, in the format of :func:`featx.classifiers.evaluate`.
-
-    Returns ``n``, ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``per_class`` (one
-    dict per class, in order: ``class``, ``precision``, ``recall``, ``f1``, ``support``) and
-    ``confusion_matrix`` (rows: true class, columns: predicted).
-    """
-    from sklearn import metrics
-
-    labels = list(range(len(class_names)))
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a class absent from a tiny split
-        balanced = metrics.balanced_accuracy_score(y_true, y_pred)
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced),
-        "macro_f1": float(metrics.f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "per_class": [{"class": str(c), "precision": float(p), "recall": float(r),
-                       "f1": float(f), "support": int(n)}
-                      for c, p, r, f, n in zip(class_names, precision, recall, f1, support)],
-        "confusion_matrix": metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
-
-
 def _evaluate(model, ds, class_names) -> dict:
     start = time.perf_counter()
     probs, labels = _predict(model, ds)
@@ -494,71 +439,7 @@ def _evaluate(model, ds, class_names) -> dict:
     return result
 
 
-# ----- plot ------------------------------------------------------------------------
-def plot_history(history: dict, out_png, *, stage1_epochs: int, best_epoch: int = 0,
-                 title: str = "") -> Path:
-    """Train/val accuracy and loss per epoch (1-based), the stage boundary as a line.
-
-    Parameters
-    ----------
-    history : dict
-        Metric name -> values per epoch (``loss``, ``accuracy``, ``val_loss``,
-        ``val_accuracy``), both stages concatenated.
-    out_png : str or Path
-    stage1_epochs : int
-        Epochs of stage 1; a vertical line is drawn after them when stage 2 ran.
-    best_epoch : int
-        1-based epoch kept; marked on the val_loss curve when > 0.
-    title : str
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    n = len(history.get("loss", []))
-    epochs = np.arange(1, n + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("accuracy", "loss")):
-        for prefix, style in (("", "-o"), ("val_", "-s")):
-            values = history.get(prefix + metric)
-            if values:
-                ax.plot(epochs, values, style, markersize=3, label=f"{prefix or 'train_'}{metric}")
-        if 0 < stage1_epochs < n:
-            ax.axvline(stage1_epochs + 0.5, color="gray", linestyle="--",
-                       label="fine-tuning starts")
-        if metric == "loss" and best_epoch > 0 and history.get("val_loss"):
-            ax.plot([best_epoch], [history["val_loss"][best_epoch - 1]], "k*", markersize=12,
-                    label=f"best (epoch {best_epoch})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
-
-
 # ----- saving and loading ----------------------------------------------------------
-def _sha256(path) -> str:
-    from featx.data import file_sha256
-
-    return file_sha256(path)
-
-
-def _save_model(model, path: Path) -> str:
-    """Save atomically; return the file's sha256."""
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(str(tmp))
-    os.replace(tmp, path)
-    return _sha256(path)
-
-
 def _versions() -> dict:
     import tensorflow as tf
 
@@ -569,7 +450,7 @@ def _versions() -> dict:
 
 def metadata_path_for(model_path) -> Path:
     """The sidecar JSON of a ``.keras`` file: same name, ``.json`` suffix."""
-    return Path(model_path).with_suffix(".json")
+    return sidecar_for(model_path)
 
 
 def load_finetuned(path):
@@ -594,28 +475,10 @@ def load_finetuned(path):
     ------
     DataError
         The file or its sidecar is missing, or the file's sha256 differs from the one
-        recorded (the model was replaced or damaged).
+        recorded (the model was replaced or damaged); see
+        :func:`featx.persist.load_keras_model`.
     """
-    import featx.augment  # noqa: F401 - registers featx layers for deserialisation
-    import featx.backbones.layers  # noqa: F401
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such model file")
-    sidecar = metadata_path_for(path)
-    if not sidecar.is_file():
-        raise DataError(f"{path}: its metadata file {sidecar.name} is missing; a fine-tuned "
-                        "model needs it (class names, preprocessing)")
-    metadata = json.loads(sidecar.read_text())
-    if metadata.get("featx_model") != "finetune":
-        raise DataError(f"{sidecar}: not the metadata of a featx fine-tuned model")
-    digest = _sha256(path)
-    if digest != metadata.get("sha256"):
-        raise DataError(f"{path}: sha256 {digest[:16]} does not match the one recorded in "
-                        f"{sidecar.name} ({str(metadata.get('sha256'))[:16]}); the model file "
-                        "changed after it was saved")
-    model = keras.saving.load_model(str(path), compile=False)
-    return model, metadata
+    return load_keras_model(path)
 
 
 def predict_images(model, metadata, paths, batch_size: int = 32, *, on_error="raise"):
@@ -671,29 +534,33 @@ def _split_indices(manifest, split):
     return [manifest.paths[i] for i in index], manifest.labels[index]
 
 
-def finetune(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", input_size=None,
-             val_fraction=0.2, test_fraction=0.0, seed=42, train_per_class=None,
-             cache_dir="cache", warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
-             lr_base=1e-5, batch_size=32, dropout=0.2, augment=True, patience=3,
-             out="models", name=None, progress=True) -> FinetuneResult:
+# The options of :class:`featx.options.ExtractOptions` fine-tuning uses: it trains on decoded
+# images, so layer, pooling, runtime and the other extraction options do not apply.
+FINETUNE_OPTIONS = ("backbone", "weights", "input_size", "cache_dir", "progress",
+                    *SplitOptions.names())
+
+
+def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3, lr_base=1e-5,
+             batch_size=32, dropout=0.2, augment=True, patience=3, out="models", name=None,
+             options=None, **values) -> FinetuneResult:
     """Fine-tune an ImageNet backbone on an image folder in two stages; save the best model.
 
     Parameters
     ----------
     data_dir : str or Path
         Class folders, or train/ val/ [test/] folders (see :func:`featx.data.discover`).
-    backbone, weights, input_size
-        As in :func:`featx.backbones.create_backbone`. ``weights="random"`` is for tests
-        only (the metadata and the plot say so).
-    val_fraction, test_fraction, seed, train_per_class
-        The split, as in :func:`featx.extract`. An existing cache in ``cache_dir`` fixes
-        it (see :func:`resolve_split`), so fine-tuning and the classifiers on cached
-        features see the same images. A validation split is required (it drives early
-        stopping and the checkpoint). ``seed`` also seeds weights init, shuffling and
-        augmentation (``keras.utils.set_random_seed``, which seeds Python, NumPy and TF
-        globally).
-    cache_dir : str or Path
-        Where to look for the feature cache; nothing is extracted.
+    options : featx.options.ExtractOptions, optional
+        Or the names of :data:`FINETUNE_OPTIONS` as keyword arguments (another name
+        raises). ``backbone``, ``weights``, ``input_size``: as in
+        :func:`featx.backbones.create_backbone` (``weights="random"`` is for tests only;
+        the metadata and the plot say so). The split options: as in
+        :func:`featx.extract`; an existing cache in ``cache_dir`` fixes the split (see
+        :func:`featx.reconcile.resolve_split`), so fine-tuning and the classifiers on
+        cached features see the same images; nothing is extracted. A validation split is
+        required (it drives early stopping and the checkpoint). ``seed`` also seeds
+        weights init, shuffling and augmentation (``keras.utils.set_random_seed``, which
+        seeds Python, NumPy and TF globally). ``progress``: tqdm bars and one line per
+        epoch on stderr.
     warmup_epochs : int
         Maximum epochs of stage 1 (head only, ``lr_head``); 0 skips it.
     epochs : int
@@ -715,8 +582,6 @@ def finetune(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", inp
         Output folder (created).
     name : str, optional
         Base name of the outputs; default ``finetune-<backbone>``.
-    progress : bool
-        tqdm bars and one line per epoch on stderr.
 
     Returns
     -------
@@ -724,24 +589,27 @@ def finetune(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", inp
     """
     from featx.augment import build_augmentation
     from featx.backbones import create_backbone
+    from featx.reconcile import resolve_split
 
     started = time.perf_counter()
+    check_names(values, FINETUNE_OPTIONS, "fine-tuning option")
+    run = ExtractOptions.create(options, **values)
+    seed = run.seed
     unfreeze = _check_recipe(warmup_epochs, epochs, unfreeze, dropout)
-    options = _augment_options(augment)
-    net = create_backbone(backbone, weights, input_size=input_size, seed=seed)
+    augmenting = _augment_options(augment)
+    net = create_backbone(run.backbone, run.weights, input_size=run.input_size, seed=seed)
     if net.weights == "random":
         log.warning("RANDOM backbone weights: fine-tuning from scratch-initialised weights "
                     "is for tests only")
-    manifest, split_source = resolve_split(
-        data_dir, net, cache_dir=cache_dir, val_fraction=val_fraction,
-        test_fraction=test_fraction, seed=seed, train_per_class=train_per_class)
+    manifest, split_source = resolve_split(data_dir, net, cache_dir=run.cache_dir,
+                                           split=run.split)
     if not (manifest.splits == "val").any():
         raise UsageError("fine-tuning needs a validation split (val_fraction > 0 or a val/ "
                          "folder): it chooses the epoch to keep")
     paths = _output_paths(out, name or f"finetune-{net.cfg.name}")
 
     keras.utils.set_random_seed(seed)
-    augmentation = build_augmentation(options, seed) if options else None
+    augmentation = build_augmentation(augmenting, seed) if augmenting else None
     train_model, inference_model = build_model(net, len(manifest.class_names), dropout=dropout,
                                                augmentation=augmentation)
     datasets = {split: image_dataset(manifest.root, *_split_indices(manifest, split),
@@ -754,7 +622,7 @@ def finetune(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", inp
         train_model, net.base_model(), datasets["train"], datasets["val"],
         warmup_epochs=warmup_epochs, epochs=epochs, unfreeze=unfreeze, lr_head=lr_head,
         lr_base=lr_base, patience=patience, checkpoint_path=paths["checkpoint"],
-        history_path=paths["history"], progress=progress)
+        history_path=paths["history"], progress=run.progress)
     train_seconds = time.perf_counter() - train_start
 
     metrics = {split: _evaluate(inference_model, datasets[split], manifest.class_names)
@@ -763,15 +631,13 @@ def finetune(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", inp
     best_epoch = _best_epoch(val_losses)
     recipe = {"warmup_epochs": warmup_epochs, "epochs": epochs, "unfreeze": unfreeze,
               "lr_head": lr_head, "lr_base": lr_base, "batch_size": batch_size,
-              "dropout": dropout, "augment": options.to_dict() if options else None,
+              "dropout": dropout, "augment": augmenting.to_dict() if augmenting else None,
               "patience": patience, "seed": seed}
     label = " (RANDOM weights: test only)" if net.weights == "random" else ""
     plot_history(history, paths["plot"], stage1_epochs=stage1_epochs, best_epoch=best_epoch,
                  title=f"fine-tuning {net.cfg.name}{label}: val acc "
                        f"{metrics['val']['accuracy']:.3f}")
 
-    sha = _save_model(inference_model, paths["model"])
-    paths["checkpoint"].unlink(missing_ok=True)
     result = FinetuneResult(
         model_path=paths["model"], metadata_path=metadata_path_for(paths["model"]),
         history_path=paths["history"], plot_path=paths["plot"], backbone=net.cfg.name,
@@ -787,7 +653,8 @@ def finetune(data_dir, *, backbone="efficientnet_lite0", weights="imagenet", inp
         split_counts={s: int((manifest.splits == s).sum()) for s in ("train", "val", "test")},
         recipe=recipe, history=history)
     result.seconds = time.perf_counter() - started
-    _write_metadata(result, net, manifest, sha)
+    save_keras_model(inference_model, result.model_path, _metadata(result, net, manifest))
+    paths["checkpoint"].unlink(missing_ok=True)
     return result
 
 
@@ -822,12 +689,12 @@ def _best_epoch(val_losses) -> int:
     return int(np.argmin(finite)) + 1
 
 
-def _write_metadata(result: FinetuneResult, net, manifest, sha: str) -> None:
-    metadata = {
+def _metadata(result: FinetuneResult, net, manifest) -> dict:
+    """The sidecar of the saved model (:func:`featx.persist.save_keras_model` adds sha256)."""
+    return {
         "featx_model": "finetune",
         "format_version": MODEL_FORMAT_VERSION,
         "model_file": result.model_path.name,
-        "sha256": sha,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "class_names": result.class_names,
@@ -852,66 +719,4 @@ def _write_metadata(result: FinetuneResult, net, manifest, sha: str) -> None:
         "train_seconds": result.train_seconds,
         "seconds": result.seconds,
     }
-    path = result.metadata_path
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, default=json_default))
-    os.replace(tmp, path)
 
-
-# ----- comparison ------------------------------------------------------------------
-def finetune_row(result: FinetuneResult, backbone=None, weights=None, split=None) -> dict:
-    """One row of the ``compare`` results (schema of :func:`featx.classifiers.result_dict`).
-
-    Parameters
-    ----------
-    result : FinetuneResult
-    backbone, weights : str, optional
-        Labels for the row; default the result's backbone name and weights kind.
-    split : str, optional
-        Split the scores come from; default "test" when the run had one, else "val".
-        Note that the val split also chose the best epoch.
-
-    Returns
-    -------
-    dict
-        ``clf="finetune"``, ``backbone``, ``weights``, ``weights_id``, ``split``,
-        ``n_train``, ``n_eval``, ``accuracy``, ``balanced_accuracy``, ``macro_f1``,
-        ``fit_seconds`` (wall time of both training stages; images are decoded every
-        epoch), ``predict_seconds``, ``predict_ms_per_image`` (end to end from decoded
-        images), ``extract_seconds`` (None: nothing is cached), ``tuned`` (False),
-        ``cv_splits`` (0), ``cv_score`` (None), ``best_params`` (the recipe, epochs run and
-        best epoch), ``class_weight`` (None), ``seed``, ``class_names``, ``per_class``,
-        ``confusion_matrix``, ``model_path``. No ``estimator``.
-    """
-    split = split or ("test" if "test" in result.metrics else "val")
-    if split not in result.metrics:
-        raise UsageError(f"the fine-tuning run has no {split!r} scores "
-                         f"(it has {', '.join(result.metrics)})")
-    scores = result.metrics[split]
-    return {
-        "clf": "finetune",
-        "backbone": backbone or result.backbone,
-        "weights": weights or result.weights,
-        "weights_id": result.weights_id,
-        "split": split,
-        "n_train": result.split_counts.get("train", 0),
-        "n_eval": scores["n"],
-        "accuracy": scores["accuracy"],
-        "balanced_accuracy": scores["balanced_accuracy"],
-        "macro_f1": scores["macro_f1"],
-        "fit_seconds": result.train_seconds,
-        "predict_seconds": scores["predict_seconds"],
-        "predict_ms_per_image": scores["predict_ms_per_image"],
-        "extract_seconds": None,
-        "tuned": False,
-        "cv_splits": 0,
-        "cv_score": None,
-        "best_params": {**result.recipe, "epochs_run": result.epochs_run,
-                        "stage1_epochs": result.stage1_epochs, "best_epoch": result.best_epoch},
-        "class_weight": None,
-        "seed": result.recipe.get("seed"),
-        "class_names": list(result.class_names),
-        "per_class": scores["per_class"],
-        "confusion_matrix": scores["confusion_matrix"],
-        "model_path": str(result.model_path),
-    }

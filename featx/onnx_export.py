@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featx import data as featx_data
 from featx.cache import key_hash
-from featx.data import file_sha256 as sha256_file
 from featx.errors import FeatxError
-from featx.persist import write_atomic
+from featx.persist import save_artifact, sha256_matches, sidecar_for
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ QUANTIZATION = {
 }
 
 exports_built = 0  # how many exports this process wrote (tests count them)
+sha256_file = featx_data.file_sha256  # the hash the sidecars record (tests check with it)
 
 
 class ExportError(FeatxError):
@@ -72,13 +73,9 @@ def int8_path(net, store_dir, calibration_id: str) -> Path:
     return base.with_name(f"{base.stem}-int8-{calibration_id[:12]}.onnx")
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
 def verified(path: Path, key: dict) -> OnnxModel | None:
     """The stored model at ``path`` if its sidecar vouches for it (hash and key), else None."""
-    sidecar = _sidecar(path)
+    sidecar = sidecar_for(path)
     if not path.is_file() or not sidecar.is_file():
         return None
     try:
@@ -88,12 +85,11 @@ def verified(path: Path, key: dict) -> OnnxModel | None:
     if meta.get("key") != json.loads(json.dumps(key)):
         log.warning("%s: the export's recorded key does not match; rebuilding it", path)
         return None
-    sha = sha256_file(path)
-    if meta.get("sha256") != sha:
+    if not sha256_matches(path, meta.get("sha256")):
         log.warning("%s: SHA-256 differs from its sidecar (corrupt or changed); rebuilding it",
                     path)
         return None
-    return OnnxModel(path, sha, meta.get("precision", "fp32"), built=False)
+    return OnnxModel(path, meta["sha256"], meta.get("precision", "fp32"), built=False)
 
 
 def _publish(path: Path, write, key: dict, precision: str, **extra) -> OnnxModel:
@@ -101,15 +97,11 @@ def _publish(path: Path, write, key: dict, precision: str, **extra) -> OnnxModel
     global exports_built
     from featx import __version__
 
-    write_atomic(path, write)
-    sha = sha256_file(path)
-    sidecar = json.dumps({"sha256": sha, "key": key, "precision": precision,
-                          "featx_version": __version__,
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra},
-                         indent=1, sort_keys=True)
-    write_atomic(_sidecar(path), lambda tmp: tmp.write_text(sidecar))
+    record = save_artifact(path, write, {
+        "key": key, "precision": precision, "featx_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra})
     exports_built += 1
-    return OnnxModel(path, sha, precision, built=True)
+    return OnnxModel(path, record["sha256"], precision, built=True)
 
 
 def ensure_fp32(net, store_dir) -> OnnxModel:

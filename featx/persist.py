@@ -1,10 +1,14 @@
-"""Save and load fitted classifiers: ``<name>.joblib`` plus a ``<name>.json`` sidecar.
+"""Save and load model files, each with a JSON sidecar that vouches for it by SHA-256.
 
-The sidecar holds what is needed to use the model safely later: class names, the backbone
-and cache key the embeddings came from, preprocessing, metrics, best parameters (all passed
-by the caller), plus featx and scikit-learn versions, the creation time and the SHA-256 of
-the joblib file (added here). :func:`load_model` refuses an artifact whose hash does not
-match its sidecar.
+Fitted classifiers are ``<name>.joblib`` (:func:`save_model`, :func:`load_model`); fine-tuned
+Keras models are ``<name>.keras`` (:func:`save_keras_model`, :func:`load_keras_model`).
+Both go through one pair of helpers: :func:`save_artifact` writes the file and then its
+sidecar ``<name>.json`` atomically, with the file's SHA-256 added to the caller's record;
+:func:`check_artifact` refuses a file whose hash does not match its sidecar.
+
+The classifier sidecar holds what is needed to use the model safely later: class names, the
+backbone and cache key the embeddings came from, preprocessing, metrics, best parameters
+(all passed by the caller), plus featx and scikit-learn versions and the creation time.
 
 joblib files are pickles: loading one runs code chosen by whoever wrote it. Only load
 models you trust.
@@ -19,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from featx._json import json_default
+from featx.data import file_sha256
 from featx.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -52,26 +57,68 @@ def _sklearn_version() -> str:
     return sklearn.__version__
 
 
-def _sha256(path: Path) -> str:
-    from featx.data import file_sha256
-
-    return file_sha256(path)
-
-
 def _check_name(name: str):
     if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
         raise UsageError(f"model name must be a plain file name, not {name!r}")
 
 
-def write_atomic(path: Path, write):
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def write_atomic(path: Path, write, *, keep_suffix: bool = False):
+    """Write through a temporary file in the same folder, then rename over ``path``.
+
+    ``write(tmp)`` writes the file. The temporary name is ``.<name>.tmp<pid>``, or with
+    ``keep_suffix`` ``.<stem>.tmp<pid><suffix>``, for writers that check the suffix
+    (Keras' ``model.save`` wants ``.keras``).
+    """
+    tmp = (path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}") if keep_suffix
+           else path.with_name(f".{path.name}.tmp{os.getpid()}"))
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sidecar_for(artifact) -> Path:
+    """The JSON sidecar of a model file: same name, ``.json`` suffix."""
+    return Path(artifact).with_suffix(".json")
+
+
+def save_artifact(artifact: Path, write, record: dict, *, keep_suffix: bool = False) -> dict:
+    """Write ``artifact`` through ``write(tmp)``, then its sidecar vouching for it.
+
+    Both files are written atomically (:func:`write_atomic`), the sidecar
+    (:func:`sidecar_for`) last, so a sidecar never names a half-written file.
+
+    Returns
+    -------
+    dict
+        What the sidecar holds: ``record`` plus ``sha256`` (the artifact's hex SHA-256).
+    """
+    artifact = Path(artifact)
+    write_atomic(artifact, write, keep_suffix=keep_suffix)
+    record = {**record, "sha256": file_sha256(artifact)}
+    text = json.dumps(record, indent=2, default=json_default) + "\n"
+    write_atomic(sidecar_for(artifact), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return record
+
+
+def sha256_matches(artifact, expected) -> bool:
+    """Whether the file's SHA-256 is ``expected`` (the one its sidecar recorded)."""
+    return bool(expected) and file_sha256(artifact) == expected
+
+
+def check_artifact(artifact, expected_sha256, sidecar_name: str) -> None:
+    """The trust check before loading a model file: raise DataError unless its hash matches.
+
+    ``expected_sha256`` is what the sidecar ``sidecar_name`` recorded (missing counts as a
+    mismatch); the file is never loaded when it does not match.
+    """
+    if not sha256_matches(artifact, expected_sha256):
+        raise DataError(
+            f"refusing to load {artifact}: its SHA-256 does not match the sha256 recorded in "
+            f"{sidecar_name} ({str(expected_sha256)[:16]}); the file changed after it was "
+            "saved. Model files may execute code when loaded: only load models you trust")
 
 
 def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
@@ -102,9 +149,6 @@ def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     artifact = out_dir / f"{name}.joblib"
-    sidecar = out_dir / f"{name}.json"
-
-    write_atomic(artifact, lambda tmp: joblib.dump(estimator, tmp))
     record = {
         **metadata,
         "format": FORMAT_VERSION,
@@ -112,10 +156,8 @@ def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
         "featx_version": featx_version(),
         "sklearn_version": _sklearn_version(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "sha256": _sha256(artifact),
     }
-    text = json.dumps(record, indent=2, default=json_default) + "\n"
-    write_atomic(sidecar, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    save_artifact(artifact, lambda tmp: joblib.dump(estimator, tmp), record)
     return artifact
 
 
@@ -124,7 +166,7 @@ def _paths(path: Path) -> tuple[Path, Path]:
     if path.suffix == ".json":
         return path.with_suffix(".joblib"), path
     if path.suffix == ".joblib":
-        return path, path.with_suffix(".json")
+        return path, sidecar_for(path)
     raise UsageError(f"{path}: expected a .joblib model file or its .json sidecar")
 
 
@@ -169,7 +211,7 @@ def load_model(path):
     import joblib
 
     path = Path(path)
-    artifact, _ = _paths(path)
+    artifact, sidecar = _paths(path)
     if not path.exists():
         raise DataError(f"{path}: model file not found")
     metadata = read_metadata(path)
@@ -180,14 +222,51 @@ def load_model(path):
         artifact = artifact.with_name(recorded)
     if not artifact.is_file():
         raise DataError(f"{artifact}: model file not found")
-    expected = metadata.get("sha256")
-    if not expected or _sha256(artifact) != expected:
-        raise DataError(
-            f"refusing to load {artifact}: its SHA-256 does not match the metadata; "
-            "joblib files execute code when loaded, only load models you trust")
+    check_artifact(artifact, metadata.get("sha256"), sidecar.name)
     _warn_once()
     saved_with = metadata.get("sklearn_version")
     if saved_with and saved_with != _sklearn_version():
         log.warning("%s was saved with scikit-learn %s, this is %s; predictions may differ",
                     artifact.name, saved_with, _sklearn_version())
     return joblib.load(artifact), metadata
+
+
+def save_keras_model(model, path, metadata: dict) -> dict:
+    """Write a Keras model to ``path`` (a ``.keras`` file) and its sidecar.
+
+    Returns the sidecar's content: ``metadata`` plus ``sha256``.
+    """
+    return save_artifact(Path(path), lambda tmp: model.save(str(tmp)), metadata,
+                         keep_suffix=True)  # model.save checks the suffix
+
+
+def load_keras_model(path):
+    """Load a fine-tuned model saved by :func:`save_keras_model`, after its trust check.
+
+    Returns
+    -------
+    (keras.Model, metadata)
+
+    Raises
+    ------
+    DataError
+        The file or its sidecar is missing, the sidecar is not a fine-tuned model's, or the
+        file's SHA-256 differs from the recorded one (the model is then never loaded).
+    """
+    import keras
+
+    import featx.augment  # noqa: F401 - registers featx layers for deserialisation
+    import featx.backbones.layers  # noqa: F401
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such model file")
+    sidecar = sidecar_for(path)
+    if not sidecar.is_file():
+        raise DataError(f"{path}: its metadata file {sidecar.name} is missing; a fine-tuned "
+                        "model needs it (class names, preprocessing)")
+    metadata = json.loads(sidecar.read_text())
+    if metadata.get("featx_model") != "finetune":
+        raise DataError(f"{sidecar}: not the metadata of a featx fine-tuned model")
+    check_artifact(path, metadata.get("sha256"), sidecar.name)
+    return keras.saving.load_model(str(path), compile=False), metadata

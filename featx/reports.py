@@ -1,5 +1,8 @@
 """Compare report: report.md, report.json, confusion-matrix PNGs and an accuracy-vs-fit-time plot.
 
+Also the fine-tuning pieces of a report: its compare row (:func:`finetune_row`), its notes
+against the best probe (:func:`finetune_notes`) and its history plot (:func:`plot_history`).
+
 Figures are drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas), never through
 pyplot, so writing a report neither needs a display nor changes the caller's backend.
 """
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from featx._json import json_default
+from featx.errors import UsageError
 
 REQUIRED_KEYS = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
                  "macro_f1", "fit_seconds")
@@ -367,3 +371,147 @@ def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
     (report_dir / "report.json").write_text(
         json.dumps(report, indent=2, default=json_default) + "\n", encoding="utf-8")
     return json.loads(json.dumps(report, default=json_default))
+
+
+# ----- fine-tuning ---------------------------------------------------------------------
+
+def finetune_row(result, backbone=None, weights=None, split=None) -> dict:
+    """One row of the ``compare`` results (schema of :func:`featx.classifiers.result_dict`).
+
+    Parameters
+    ----------
+    result : featx.finetuning.FinetuneResult
+        Or anything with its attributes (``metrics``, ``backbone``, ``weights``,
+        ``weights_id``, ``split_counts``, ``train_seconds``, ``recipe``, ``epochs_run``,
+        ``stage1_epochs``, ``best_epoch``, ``class_names``, ``model_path``).
+    backbone, weights : str, optional
+        Labels for the row; default the result's backbone name and weights kind.
+    split : str, optional
+        Split the scores come from; default "test" when the run had one, else "val".
+        Note that the val split also chose the best epoch.
+
+    Returns
+    -------
+    dict
+        ``clf="finetune"``, ``backbone``, ``weights``, ``weights_id``, ``split``,
+        ``n_train``, ``n_eval``, ``accuracy``, ``balanced_accuracy``, ``macro_f1``,
+        ``fit_seconds`` (wall time of both training stages; images are decoded every
+        epoch), ``predict_seconds``, ``predict_ms_per_image`` (end to end from decoded
+        images), ``extract_seconds`` (None: nothing is cached), ``tuned`` (False),
+        ``cv_splits`` (0), ``cv_score`` (None), ``best_params`` (the recipe, epochs run and
+        best epoch), ``class_weight`` (None), ``seed``, ``class_names``, ``per_class``,
+        ``confusion_matrix``, ``model_path``. No ``estimator``.
+    """
+    split = split or ("test" if "test" in result.metrics else "val")
+    if split not in result.metrics:
+        raise UsageError(f"the fine-tuning run has no {split!r} scores "
+                         f"(it has {', '.join(result.metrics)})")
+    scores = result.metrics[split]
+    return {
+        "clf": "finetune",
+        "backbone": backbone or result.backbone,
+        "weights": weights or result.weights,
+        "weights_id": result.weights_id,
+        "split": split,
+        "n_train": result.split_counts.get("train", 0),
+        "n_eval": scores["n"],
+        "accuracy": scores["accuracy"],
+        "balanced_accuracy": scores["balanced_accuracy"],
+        "macro_f1": scores["macro_f1"],
+        "fit_seconds": result.train_seconds,
+        "predict_seconds": scores["predict_seconds"],
+        "predict_ms_per_image": scores["predict_ms_per_image"],
+        "extract_seconds": None,
+        "tuned": False,
+        "cv_splits": 0,
+        "cv_score": None,
+        "best_params": {**result.recipe, "epochs_run": result.epochs_run,
+                        "stage1_epochs": result.stage1_epochs, "best_epoch": result.best_epoch},
+        "class_weight": None,
+        "seed": result.recipe.get("seed"),
+        "class_names": list(result.class_names),
+        "per_class": scores["per_class"],
+        "confusion_matrix": scores["confusion_matrix"],
+        "model_path": str(result.model_path),
+    }
+
+
+def finetune_notes(results: list[dict], row: dict, backbone: str) -> list[str]:
+    """The report's notes on a fine-tuning row: its cost and accuracy against the best probe.
+
+    Parameters
+    ----------
+    results : list of dict
+        The compare rows; the probes are those of ``backbone`` that are not fine-tuning
+        (at least one is needed).
+    row : dict
+        The fine-tuning row (:func:`finetune_row`).
+    backbone : str
+
+    Returns
+    -------
+    list of str
+        The cost ratio (fine-tuning time against the best probe's extraction + fit), the
+        accuracy difference, and, when the row is scored on the val split, a note that it
+        is slightly optimistic.
+    """
+    probes = [r for r in results if r["clf"] != "finetune" and r["backbone"] == backbone]
+    best = max(probes, key=lambda r: r["accuracy"])
+    probe_cost = best["fit_seconds"] + (best.get("extract_seconds") or 0.0)
+    ratio = row["fit_seconds"] / probe_cost if probe_cost else float("nan")
+    diff = row["accuracy"] - best["accuracy"]
+    return [
+        f"Fine-tuning took {row['fit_seconds']:.1f} s against {probe_cost:.1f} s for the best "
+        f"linear probe ({best['clf']}, extraction {best.get('extract_seconds') or 0:.1f} s + "
+        f"fit {best['fit_seconds']:.1f} s): a cost ratio of {ratio:.1f}x.",
+        f"Accuracy difference (fine-tune minus best probe, {row['split']} split): {diff:+.4f}.",
+    ] + ([
+        "The fine-tune row is scored on the val split, which also chose its best epoch "
+        "(early stopping), so it is slightly optimistic; a test split avoids this.",
+    ] if row["split"] == "val" else [])
+
+
+def plot_history(history: dict, out_png, *, stage1_epochs: int, best_epoch: int = 0,
+                 title: str = "") -> Path:
+    """Train/val accuracy and loss per epoch (1-based), the stage boundary as a line.
+
+    Parameters
+    ----------
+    history : dict
+        Metric name -> values per epoch (``loss``, ``accuracy``, ``val_loss``,
+        ``val_accuracy``), both stages of a fine-tuning run concatenated.
+    out_png : str or Path
+    stage1_epochs : int
+        Epochs of stage 1; a vertical line is drawn after them when stage 2 ran.
+    best_epoch : int
+        1-based epoch kept; marked on the val_loss curve when > 0.
+    title : str
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    n = len(history.get("loss", []))
+    epochs = np.arange(1, n + 1)
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        for prefix, style in (("", "-o"), ("val_", "-s")):
+            values = history.get(prefix + metric)
+            if values:
+                ax.plot(epochs, values, style, markersize=3, label=f"{prefix or 'train_'}{metric}")
+        if 0 < stage1_epochs < n:
+            ax.axvline(stage1_epochs + 0.5, color="gray", linestyle="--",
+                       label="fine-tuning starts")
+        if metric == "loss" and best_epoch > 0 and history.get("val_loss"):
+            ax.plot([best_epoch], [history["val_loss"][best_epoch - 1]], "k*", markersize=12,
+                    label=f"best (epoch {best_epoch})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=100)
+    return out_png

@@ -170,3 +170,54 @@ def describe(mapper) -> str:
     import keras
 
     return f"keras {keras.__version__} ({keras.backend.backend()}) {mapper.precision}"
+
+
+# ----- devices and choosing a mapper -------------------------------------------------
+DEFAULT_BATCH_SIZE = {"cpu": 32, "gpu": 128}
+
+
+def configure_devices(mixed_precision: bool = False) -> str:
+    """Enable GPU memory growth; set mixed precision on GPU. Returns "gpu" or "cpu".
+
+    Imports TensorFlow: call it only when the Keras runtime may run.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised
+            pass
+    if mixed_precision:
+        if gpus:
+            import keras
+
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        else:
+            log.warning("--mixed-precision ignored: no GPU found (it would be slower on CPU)")
+    return "gpu" if gpus else "cpu"
+
+
+def detect_device(runtime: str = "auto") -> str:
+    """"gpu" or "cpu", importing TensorFlow only when a GPU may be there or Keras will run."""
+    from pathlib import Path
+
+    if runtime == "keras" or any(Path("/dev").glob("nvidia[0-9]*")):
+        return configure_devices()
+    return "cpu"
+
+
+def open_mapper(net, runtime, precision, device, store_dir, batch_size, int8_model=None):
+    """The runtime's mapper; under ``auto`` a backbone ONNX cannot export falls back to Keras."""
+    from featx.onnx_export import ExportError
+
+    chosen = choose_runtime(runtime, precision, device)
+    try:
+        return create_mapper(net, runtime=chosen, store_dir=store_dir, batch_size=batch_size,
+                             precision=precision, int8_model=int8_model)
+    except ExportError as exc:
+        if runtime != "auto" or precision != "fp32":
+            raise
+        log.warning("%s; falling back to the Keras runtime", exc)
+        return KerasMapper(net, batch_size)

@@ -28,7 +28,7 @@ def augment_recipe(options, seed: int) -> dict:
     A disabled transformation is ``None`` whether it was given as ``0``, ``False`` or
     ``None``, and numbers are floats, so equivalent spellings compare equal.
     """
-    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
+    options = AugmentOptions.or_default(options)
     normalised = {name: (float(value) if value else None)
                   for name, value in options.to_dict().items() if name != "flip"}
     normalised["flip"] = bool(options.flip)
@@ -132,7 +132,7 @@ def extract_augmented_views(cache, net, root, k: int, options=None, seed: int = 
     """
     if k <= 0:
         return cache, 0
-    options = AugmentOptions() if options is None else AugmentOptions.coerce(options)
+    options = AugmentOptions.or_default(options)
     if not options.enabled:
         raise UsageError("augmented views need at least one augmentation option enabled")
     recipe = augment_recipe(options, seed)

@@ -1,20 +1,15 @@
-"""Extraction pipeline and cache: reuse, incremental updates, failures, crash and resume."""
+"""Extraction pipeline: reuse, incremental updates, failures, splits.
 
-import json
+The cache module on its own (commit protocol, lock, validation, crash and resume) is
+tested in test_cache.py.
+"""
+
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import h5py
 import numpy as np
-import pytest
 
 from conftest import TINY, class_image, make_dataset, write_image
-from featx.cache import CacheLock, FeatureCache, _part_id
-from featx.errors import CacheError
+from featx.cache import FeatureCache
 from featx.extraction import extract
 
 
@@ -122,71 +117,3 @@ def test_split_options_are_recorded_and_changes_resplit(image_folder, cache_dir)
     resplit = run(image_folder, cache_dir, val_fraction=0.2)
     assert resplit.stats.n_extracted == 0
     assert len(resplit.indices("val")) == 2
-
-
-def test_locked_cache_refuses_a_second_writer(image_folder, cache_dir):
-    features = run(image_folder, cache_dir)
-    with CacheLock(features.cache_path):
-        with pytest.raises(CacheError, match="another featx process"):
-            run(image_folder, cache_dir)
-
-
-def test_invalid_cache_file_is_reported_not_overwritten(image_folder, cache_dir):
-    features = run(image_folder, cache_dir)
-    features.cache_path.write_bytes(b"definitely not hdf5")
-    with pytest.raises(CacheError, match="not a valid featx cache"):
-        run(image_folder, cache_dir)
-    assert features.cache_path.read_bytes() == b"definitely not hdf5"
-
-
-def _durable_rows(cache_dir):
-    """Rows a rerun will find: the cache file's plus those of unmerged part files."""
-    files = list(cache_dir.glob("*/*.h5"))
-    if not files:
-        return 0
-    try:
-        with h5py.File(files[0], "r", locking=False) as h5:
-            n = int(h5.attrs["n_committed"])
-            merged = json.loads(h5.attrs.get("merged_parts", "{}"))
-    except (OSError, KeyError):  # being replaced right now
-        return 0
-    for part in cache_dir.glob("*/*.parts/part-*.npz"):
-        run, seq = _part_id(part)
-        if seq > merged.get(run, -1):
-            n += 1  # --batch-size 1: one row per part
-    return n
-
-
-def _kill_after(cmd, cache_dir, at_least):
-    """Start ``cmd`` and SIGKILL it once ``at_least`` rows are durable; return that count."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if _durable_rows(cache_dir) >= at_least:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)  # a real crash: no cleanup runs
-    finally:
-        proc.wait()
-    return _durable_rows(cache_dir)
-
-
-def test_resume_after_kill(tmp_path):
-    data = make_dataset(tmp_path / "data", per_class=120)
-    cache_dir = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "featx", "extract", str(data), "--backbone", "mobilenet_v2",
-           "--weights", "random", "--input-size", "96", "--batch-size", "1",
-           "--cache-dir", str(cache_dir), "--no-progress"]
-    first = _kill_after(cmd, cache_dir, 5)
-    assert 5 <= first < 240, "the run must be killed part-way"
-    second = _kill_after(cmd, cache_dir, first + 5)  # the resumed run is killed too
-    assert first < second < 240
-
-    resumed = extract(data, cache_dir=cache_dir, backbone="mobilenet_v2", weights="random",
-                      input_size=96, batch_size=8, progress=False)
-    assert resumed.stats.n_extracted == 240 - second, resumed.stats
-    assert len(resumed.paths) == 240 == len(set(resumed.paths))
-    assert set(resumed.paths) == {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
-    assert not list(cache_dir.glob("*/*.parts/*"))  # every part merged and removed

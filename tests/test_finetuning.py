@@ -286,7 +286,7 @@ def test_predict_images_bad_file(good_run, tmp_path):
 
 
 def test_finetune_row_matches_compare_schema(good_run):
-    from featx.finetuning import finetune_row
+    from featx.reports import finetune_row
 
     result, _ = good_run
     row = finetune_row(result, "toy_cnn", "random")
@@ -309,7 +309,7 @@ def test_finetune_row_matches_compare_schema(good_run):
 def test_split_comes_from_the_cache_when_there_is_one(toy, tmp_path):
     from featx.cache import CacheLock, FeatureCache
     from featx.extraction import extract
-    from featx.finetuning import resolve_split
+    from featx.reconcile import resolve_split
 
     data = make_dataset(tmp_path / "data", per_class=5)
     net = _toy_net()

@@ -1,0 +1,92 @@
+"""Embedding and labelling new image files for a saved model, exactly as it was trained.
+
+A model saved by ``featx fit`` records its backbone, preprocessing, cache key and runtime
+precision; :func:`model_backbone` and :func:`model_mapper` rebuild exactly that, refusing
+what would give other features. :func:`label_rows` turns scores into ``predict``'s rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from featx.errors import DataError
+
+
+def model_backbone(metadata: dict):
+    """The backbone a saved classifier's features came from; refuses a different one."""
+    from featx.backbones import create_backbone
+    from featx.extraction import RUN_KEY_FIELDS
+
+    opts = metadata["backbone_options"]
+    weights = metadata["weights"] if metadata["weights"] != "file" else opts["weights_arg"]
+    net = create_backbone(metadata["backbone"], weights, layer=opts.get("layer") or None,
+                          pooling=opts.get("pooling"), input_size=opts.get("input_size"),
+                          seed=opts.get("seed", 0),
+                          reduced_decode=bool(metadata["cache_key"].get("preprocessing", {})
+                                              .get("reduced_decode")))
+    if net.weights_id != metadata["weights_id"]:
+        raise DataError(f"the model was trained on {metadata['weights_id']} features but "
+                        f"{net.weights_id} is what is available here")
+    recorded = {k: v for k, v in metadata["cache_key"].items() if k not in RUN_KEY_FIELDS}
+    if json.loads(json.dumps(net.key())) != recorded:
+        raise DataError("the model's cache key does not match this featx's backbone "
+                        f"({metadata['backbone']}): its features cannot be reproduced here")
+    return net
+
+
+def model_mapper(metadata: dict, net, runtime: str, batch_size: int):
+    """The runtime that reproduces the model's training features (int8 only by its model)."""
+    from featx.onnx_export import store_for, stored_int8
+    from featx.runtimes import choose_runtime, detect_device, open_mapper
+
+    key = metadata["cache_key"]
+    precision = key.get("precision", "fp32")
+    choose_runtime(runtime, precision)
+    store = store_for(Path(metadata["cache"]).parent.parent)  # <cache_dir>/<dataset>/<file>
+    int8_model = None
+    if precision == "int8":
+        int8_model = stored_int8(net, store, key.get("calibration", ""),
+                                 key.get("int8_model_sha256"))
+        if int8_model is None:
+            sha = str(key.get("int8_model_sha256"))[:12]
+            raise DataError(f"the model's int8 feature model ({sha}) is not in {store}; run "
+                            "`featx extract --precision int8` on its data again")
+    return open_mapper(net, runtime, precision, detect_device(runtime), store, batch_size,
+                       int8_model)
+
+
+def embed_files(net, files, batch_size=32, *, mapper=None):
+    """Embeddings of image files (not cached). Returns (X, errors) with '' for success."""
+    from featx.pipeline import ArrayWriter, ImageReader, run_pipeline
+    from featx.runtimes import KerasMapper
+
+    reader = ImageReader([Path(f).resolve() for f in files], net.preprocessing, batch_size)
+    writer = ArrayWriter(len(files), net.dim)
+    run_pipeline(reader, mapper or KerasMapper(net, batch_size), writer, progress=False)
+    return writer.embeddings, writer.errors
+
+
+def label_rows(files, errors, scores, labels, score_classes, classes, top_k) -> list[dict]:
+    """``predict``'s rows: a label, its score and the top-k per file, or the file's error.
+
+    ``scores`` (one row per file without an error) has a column per entry of
+    ``score_classes`` (class indices into ``classes``); ``labels`` are predicted indices.
+    """
+    score_classes = [int(c) for c in score_classes]
+    rows, k = [], 0
+    for path, error in zip(files, errors):
+        if error:
+            rows.append({"path": str(path), "label": "", "score": None, "error": error})
+            continue
+        order = np.argsort(-scores[k])[:top_k]
+        label = int(labels[k])
+        rows.append({"path": str(path), "label": classes[label],
+                     "score": float(scores[k][score_classes.index(label)]),
+                     "top": [{"label": classes[score_classes[j]], "score": float(scores[k][j])}
+                             for j in order],
+                     "error": ""})
+        k += 1
+    return rows

@@ -1,0 +1,84 @@
+"""The options of extraction and of the split: one frozen object each, listed here once.
+
+Every entry point (``extract``, ``fit``, ``compare``, ``finetune``) takes an
+:class:`ExtractOptions` as ``options=`` or the same names as keyword arguments; the CLI
+builds one object per command. A name that is not an option raises at once with the valid
+names, so a typo (``batchsize=64``) never goes silently unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from featx.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+    """How a pool of class folders is split (a train/ val/ layout keeps its own folders)."""
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 42  # also seeds anything random (random weights, augmentation, CV)
+    train_per_class: int | None = None  # few-shot: K training images per class
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractOptions:
+    """Which backbone embeds the images, how, and where the cache lives."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # "imagenet", a weights file, or "random" (tests only)
+    layer: str | None = None  # default: the penultimate layer
+    pooling: str | None = None  # default: avg
+    input_size: int | None = None
+    batch_size: int | None = None  # default: per device (featx.runtimes)
+    cache_dir: str | Path = "cache"
+    workers: int | None = None  # decoding threads; default: the usable cores
+    mixed_precision: bool = False
+    runtime: str = "auto"  # "auto" | "onnx" | "keras"
+    precision: str = "fp32"  # "fp32" | "int8"
+    reduced_decode: bool = False
+    progress: bool = True
+    split: SplitOptions = SplitOptions()
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every option name a caller may pass, split options included."""
+        own = tuple(f.name for f in dataclasses.fields(cls) if f.name != "split")
+        return own + SplitOptions.names()
+
+    @classmethod
+    def create(cls, options: ExtractOptions | None = None, **values) -> ExtractOptions:
+        """``options`` (default: the defaults) with ``values`` replaced.
+
+        ``values`` use the flat names of :meth:`names` (``seed``, not ``split.seed``);
+        an unknown name raises :class:`~featx.errors.UsageError` listing the valid ones.
+        """
+        check_names(values, cls.names())
+        options = options or cls()
+        split = {k: v for k, v in values.items() if k in SplitOptions.names()}
+        own = {k: v for k, v in values.items() if k not in split}
+        if split:
+            own["split"] = dataclasses.replace(options.split, **split)
+        return dataclasses.replace(options, **own)
+
+    @property
+    def seed(self) -> int:
+        return self.split.seed
+
+
+def check_names(values: dict, valid, what: str = "option") -> None:
+    """Raise UsageError naming every key of ``values`` that is not in ``valid``."""
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise UsageError(f"unknown {what}{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")

@@ -28,12 +28,13 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
     """
     from featx.classifiers import evaluate, fit_classifier, make_classifier, summary_metrics
     from featx.extraction import extract
-    from featx.persist import save_model
+    from featx.persist import classifier_metadata, save_model
 
     options = ExtractOptions.create(options, **values)
     make_classifier(clf)  # unknown names fail before any extraction
     features = extract(data_dir, options)
-    _check_views(features, use_augmented)
+    if use_augmented:
+        features.require_views()
     X_train, y_train = features.arrays("train", views=use_augmented)
     present = sorted(set(y_train.tolist()))
     if len(present) < 2:
@@ -53,8 +54,8 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
             predictions[split] = dict(zip(features.paths[idx].tolist(),
                                           result.estimator.predict(X).tolist()))
     name = name or f"{clf}-{features.backbone}-{features.root.name}"
-    metadata = _model_metadata(features, clf, result, options, metrics, predictions,
-                               n_train=len(y_train), use_augmented=use_augmented)
+    metadata = classifier_metadata(features, clf, result, options, metrics, predictions,
+                                   n_train=len(y_train), use_augmented=use_augmented)
     path = save_model(result.estimator, out, name, metadata)
     outcome = {
         "model": str(path),
@@ -76,37 +77,6 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
     return outcome
 
 
-def _model_metadata(features, clf, result, options, metrics, predictions, *, n_train,
-                    use_augmented) -> dict:
-    """What a saved classifier records: enough to rebuild its features and to audit it."""
-    return {
-        "kind": "featx-classifier",
-        "clf": clf,
-        "classes": list(features.class_names),
-        "backbone": features.backbone,
-        "weights": features.weights,
-        "weights_id": features.weights_id,
-        "backbone_options": {"layer": features.key.get("layer"),
-                             "pooling": features.key.get("pooling"),
-                             "input_size": features.preprocessing.get("input_size"),
-                             "seed": options.seed, "weights_arg": str(options.weights)},
-        "cache_key": features.key,
-        "cache": str(features.cache_path),
-        "preprocessing": features.preprocessing,
-        "data_root": str(features.root),
-        "split_params": features.split_params,
-        "n_train": int(n_train),
-        "trained_on_augmented_views": bool(use_augmented),
-        "metrics": metrics,
-        "best_params": result.best_params,
-        "tuned": result.tuned,
-        "class_weight": result.class_weight,
-        "fit_seconds": result.fit_seconds,
-        "val_predictions": {p: features.class_names[i]
-                            for p, i in predictions.get("val", {}).items()},
-    }
-
-
 # ----- predict ---------------------------------------------------------------------
 def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> list[dict]:
     """Label image files with a model saved by ``fit`` (or ``finetune``).
@@ -115,7 +85,7 @@ def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> lis
     others are embedded with the backbone and preprocessing recorded in the model metadata.
     """
     from featx.data import expand_paths
-    from featx.inference import label_rows
+    from featx.inference import embeddings_for, label_rows
 
     model_path = Path(model_path)
     if model_path.suffix == ".keras":
@@ -125,8 +95,8 @@ def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> lis
 
     estimator, metadata = load_model(model_path)
     files = expand_paths(paths)
-    X, errors, sources = _embeddings_for(metadata, files, estimator.n_features_in_, runtime,
-                                         batch_size)
+    X, errors, sources = embeddings_for(metadata, files, estimator.n_features_in_, runtime,
+                                        batch_size)
     ok = np.array([not e for e in errors])
     labels = estimator.predict(X[ok]) if ok.any() else []
     scores = class_scores(estimator, X[ok]) if ok.any() else []
@@ -135,40 +105,6 @@ def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> lis
     for row, source in zip(rows, sources):
         row["embedded_by"] = source
     return rows
-
-
-def _embeddings_for(metadata, files, dim, runtime, batch_size):
-    """(X, errors, source per file): cached rows where the content is known, else embedded."""
-    from featx.inference import embed_files, model_backbone, model_mapper
-    from featx.reconcile import cached_embeddings
-    from featx.runtimes import describe
-
-    hashes = [_content_hash(f) for f in files]
-    cached = cached_embeddings(metadata.get("cache", ""), metadata.get("cache_key"), hashes)
-    todo = [i for i, h in enumerate(hashes) if h not in cached]
-    X = np.zeros((len(files), dim), np.float32)
-    errors, sources = [""] * len(files), ["cache"] * len(files)
-    if todo:
-        net = model_backbone(metadata)
-        mapper = model_mapper(metadata, net, runtime, batch_size)
-        X[todo], new_errors = embed_files(net, [files[i] for i in todo], batch_size,
-                                          mapper=mapper)
-        embedded_by = describe(mapper)
-        for i, error in zip(todo, new_errors):
-            errors[i], sources[i] = error, embedded_by
-    for i, h in enumerate(hashes):
-        if h in cached:
-            X[i] = cached[h]
-    return X, errors, sources
-
-
-def _content_hash(path) -> str:
-    from featx.data import file_sha256
-
-    try:
-        return file_sha256(path)
-    except OSError:  # unreadable: embedding it reports the error
-        return ""
 
 
 def _predict_finetuned(model_path, files, top_k, batch_size):
@@ -213,7 +149,8 @@ def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tu
         if not features.has_split(eval_split):
             raise DataError(f"{data_dir}: the {eval_split} split is empty")
         variants = {"no": [False], "yes": [True], "both": [False, True]}[augmented]
-        _check_views(features, augmented != "no")
+        if augmented != "no":
+            features.require_views()
         for use_views in variants:
             rows = compare_features([features], names, tune=tune, class_weight=class_weight,
                                     seed=options.seed, eval_split=eval_split, cv=cv,
@@ -232,12 +169,6 @@ def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tu
     report = write_compare_report(results, dataset, report_dir, notes=notes)
     return {"report": str(Path(report_dir) / "report.md"), "results": results,
             "report_files": report, "dataset": dataset}
-
-
-def _check_views(features, wanted: bool):
-    if wanted and not (features.view > 0).any():
-        raise DataError(f"{features.cache_path}: no augmented views cached; "
-                        "run `featx extract --augment K` first")
 
 
 def _add_finetune_row(data_dir, results, backbone, options, recipe, eval_split) -> list[str]:

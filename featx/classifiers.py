@@ -183,7 +183,7 @@ def _spec(name: str) -> ClassifierSpec:
         return CLASSIFIERS[name]
     except KeyError:
         raise UsageError(f"unknown classifier {name!r}; valid names: "
-                         f"{', '.join(classifier_names())} (or all)") from None
+                         f"{', '.join(classifier_names())}") from None
 
 
 def check_names(names) -> list[str]:
@@ -199,9 +199,11 @@ def check_names(names) -> list[str]:
         for name in (part.strip() for part in str(item).split(",")):
             if name == "all":
                 out.extend(classifier_names())
-            else:
-                _spec(name)
+            elif name in CLASSIFIERS:
                 out.append(name)
+            else:
+                raise UsageError(f"unknown classifier {name!r}; valid: "
+                                 f"{', '.join(classifier_names())} (or all)")
     return list(dict.fromkeys(out))
 
 

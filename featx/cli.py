@@ -18,6 +18,9 @@ import click
 from featx import __version__
 from featx._json import json_default
 from featx.errors import FeatxError
+from featx.options import POOLINGS, PRECISIONS, RUNTIMES, ExtractOptions
+
+DEFAULTS = ExtractOptions()  # the click defaults come from the options object
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 log = logging.getLogger("featx")
@@ -67,11 +70,11 @@ def backbone_options(multiple: bool = False, feature_layer: bool = True):
     def decorator(func):
         options = [
             click.option("-b", "--backbone", "backbone", multiple=multiple,
-                         default=("efficientnet_lite0",) if multiple else "efficientnet_lite0",
+                         default=(DEFAULTS.backbone,) if multiple else DEFAULTS.backbone,
                          show_default=True, envvar="FEATX_BACKBONE",
                          help="Backbone name (see `featx backbones`)."
                          + (" Repeat to compare several." if multiple else "")),
-            click.option("--weights", default="imagenet", show_default=True,
+            click.option("--weights", default=DEFAULTS.weights, show_default=True,
                          help="'imagenet', a local weights file, or 'random' "
                               "(tests and throughput benchmarks only)."),
         ]
@@ -79,9 +82,8 @@ def backbone_options(multiple: bool = False, feature_layer: bool = True):
             options += [
                 click.option("--layer", default=None,
                              help="Layer whose output is the embedding [default: penultimate]."),
-                click.option("--pooling", type=click.Choice(["avg", "max", "flatten"]),
-                             default=None, help="How a feature map becomes a vector "
-                                                "[default: avg]."),
+                click.option("--pooling", type=click.Choice(POOLINGS), default=None,
+                             help="How a feature map becomes a vector [default: avg]."),
             ]
         options.append(click.option(
             "--input-size", type=click.IntRange(32, 1024), default=None,
@@ -95,11 +97,13 @@ def backbone_options(multiple: bool = False, feature_layer: bool = True):
 
 def split_options(func):
     for option in reversed([
-        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2,
-                     show_default=True, help="Share of each class for validation (pool layout)."),
-        click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
-                     show_default=True, help="Share of each class held out for test."),
-        click.option("--seed", type=int, default=42, show_default=True,
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+                     default=DEFAULTS.split.val_fraction, show_default=True,
+                     help="Share of each class for validation (pool layout)."),
+        click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True),
+                     default=DEFAULTS.split.test_fraction, show_default=True,
+                     help="Share of each class held out for test."),
+        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
                      help="Seed of the split (and of anything random)."),
         click.option("--train-per-class", type=click.IntRange(1), default=None,
                      help="Few-shot protocol: K training images per class, the rest for val."),
@@ -108,19 +112,29 @@ def split_options(func):
     return func
 
 
-def cache_options(func):
-    """--cache-dir/--batch-size/--progress: every command that runs images through a model."""
-    for option in reversed([
-        click.option("--cache-dir", type=click.Path(file_okay=False), default="cache",
-                     show_default=True, envvar="FEATX_CACHE_DIR",
-                     help="Where embedding caches live."),
-        click.option("--batch-size", type=click.IntRange(1), default=None,
-                     help="Images per model call [default: 32 on CPU, 128 on GPU]."),
-        click.option("--progress/--no-progress", default=True, show_default=True,
-                     help="Progress bar on stderr."),
-    ]):
-        func = option(func)
-    return func
+def cache_options(batch_default: int | None = None):
+    """--cache-dir/--batch-size/--progress: every command that runs images through a model.
+
+    ``batch_default``: a fixed batch size (fine-tuning) instead of one per device.
+    """
+    batch_help = ("Images per model call [default: 32 on CPU, 128 on GPU]."
+                  if batch_default is None else "Images per training step.")
+
+    def decorator(func):
+        for option in reversed([
+            click.option("--cache-dir", type=click.Path(file_okay=False),
+                         default=DEFAULTS.cache_dir, show_default=True,
+                         envvar="FEATX_CACHE_DIR", help="Where embedding caches live."),
+            click.option("--batch-size", type=click.IntRange(1), default=batch_default,
+                         show_default=batch_default is not None, help=batch_help),
+            click.option("--progress/--no-progress", default=DEFAULTS.progress,
+                         show_default=True,
+                         help="Progress bar on stderr."),
+        ]):
+            func = option(func)
+        return func
+
+    return decorator
 
 
 def engine_options(func):
@@ -129,16 +143,16 @@ def engine_options(func):
     for option in reversed([
         click.option("--workers", type=click.IntRange(1), default=None,
                      help="Parallel decoding threads [default: the usable cores]."),
-        click.option("--mixed-precision", is_flag=True,
+        click.option("--mixed-precision", is_flag=True, default=DEFAULTS.mixed_precision,
                      help="float16 compute on GPU (ignored on CPU)."),
-        click.option("--runtime", type=click.Choice(["auto", "onnx", "keras"]), default="auto",
+        click.option("--runtime", type=click.Choice(RUNTIMES), default=DEFAULTS.runtime,
                      show_default=True,
                      help="auto: ONNX Runtime when installed (CPU), else the Keras model."),
-        click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
+        click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.precision,
                      show_default=True,
                      help="int8: ONNX Runtime static quantisation calibrated on up to 64 "
                           "training images (its own cache key)."),
-        click.option("--reduced-decode", is_flag=True,
+        click.option("--reduced-decode", is_flag=True, default=DEFAULTS.reduced_decode,
                      help="Decode large JPEGs at 1/2-1/8 scale (faster on big photos; "
                           "slightly different pixels, its own cache key)."),
     ]):
@@ -206,7 +220,7 @@ def cli(verbose):
 @click.argument("data", type=click.Path())
 @backbone_options()
 @split_options
-@cache_options
+@cache_options()
 @engine_options
 @click.option("--augment", type=click.IntRange(0), default=0, show_default=True,
               help="Also cache K augmented views of every training image (never val/test).")
@@ -305,8 +319,8 @@ def cache():
 
 
 @cache.command("ls")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True,
-              envvar="FEATX_CACHE_DIR")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=DEFAULTS.cache_dir,
+              show_default=True, envvar="FEATX_CACHE_DIR")
 @json_option
 @handle_errors
 def cache_ls(cache_dir, json_):
@@ -371,7 +385,7 @@ def _clf_choice_check(ctx, param, value):
         names = check_names(value)
     except UsageError as exc:
         raise click.BadParameter(str(exc)) from None
-    return tuple(names) if isinstance(value, tuple) else value
+    return tuple(names) if isinstance(value, tuple) else ",".join(names)
 
 
 def classifier_options(func):
@@ -399,7 +413,7 @@ def classifier_options(func):
               help="Train on the cached augmented views too (see extract --augment).")
 @backbone_options()
 @split_options
-@cache_options
+@cache_options()
 @engine_options
 @json_option
 @handle_errors
@@ -442,7 +456,7 @@ def fit(data, clf, json_, tune, class_weight, cv, out, name, use_augmented, **kw
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
               help="Write to this file instead of stdout.")
-@click.option("--runtime", type=click.Choice(["auto", "onnx", "keras"]), default="auto",
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=DEFAULTS.runtime,
               show_default=True, help="What embeds files that are not cached.")
 @json_option
 @handle_errors
@@ -514,7 +528,7 @@ def _rows_to_csv(rows, top_k) -> str:
 @click.option("--finetune-warmup-epochs", type=click.IntRange(1), default=3, show_default=True)
 @backbone_options(multiple=True)
 @split_options
-@cache_options
+@cache_options()
 @engine_options
 @json_option
 @handle_errors
@@ -589,7 +603,7 @@ def _unfreeze_value(ctx, param, value):
 @click.option("--name", default=None, help="Model name [default: finetune-BACKBONE].")
 @backbone_options(feature_layer=False)
 @split_options
-@cache_options
+@cache_options(batch_default=32)
 @json_option
 @handle_errors
 def finetune(data, json_, augment, **kw):
@@ -608,7 +622,7 @@ def finetune(data, json_, augment, **kw):
     from featx.finetuning import finetune as run_finetune
 
     augmentation = _augment_dict(kw)
-    batch_size = kw.pop("batch_size") or 32
+    batch_size = kw.pop("batch_size")
     options = _options(kw)
     result = run_finetune(data, augment=augmentation if augment else False,
                           batch_size=batch_size, options=options, **kw)
@@ -653,9 +667,9 @@ def augment_preview(image, out_png, n, seed, size, **kw):
 @click.argument("data", type=click.Path(), required=False)
 @click.option("--report-dir", type=click.Path(file_okay=False), default="reports",
               show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache",
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=DEFAULTS.cache_dir,
               show_default=True, envvar="FEATX_CACHE_DIR")
-@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True)
+@click.option("--backbone", "-b", default=DEFAULTS.backbone, show_default=True)
 @handle_errors
 def demo(data, report_dir, cache_dir, backbone):
     """The main job end to end: extract, then compare every classifier.

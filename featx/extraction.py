@@ -110,6 +110,12 @@ class Features:
             X = cache.embeddings(idx)
         return X, self.labels[idx]
 
+    def require_views(self) -> None:
+        """Raise DataError unless the cache holds augmented views (``extract --augment``)."""
+        if not (self.view > 0).any():
+            raise DataError(f"{self.cache_path}: no augmented views cached; "
+                            "run `featx extract --augment K` first")
+
     def groups(self, split: str, views: bool = False) -> np.ndarray:
         """Content hash per row of ``split``: cross-validation keeps an image and its views
         in one fold."""

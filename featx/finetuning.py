@@ -54,7 +54,7 @@ import numpy as np
 
 from featx.classifiers import classification_metrics
 from featx.errors import DataError, ImageDecodeError, UsageError
-from featx.options import ExtractOptions, SplitOptions, check_names
+from featx.options import ExtractOptions, SplitOptions, reject_unknown
 from featx.persist import load_keras_model, save_keras_model, sidecar_for
 from featx.reports import plot_history
 
@@ -88,7 +88,7 @@ class FinetuneResult:
         ``predict_seconds`` and ``predict_ms_per_image``.
     seconds : float
         Wall time of the whole call (data discovery, training, evaluation, plot) up to
-        saving the model, which the sidecar records it in.
+        saving the model; the sidecar records the same number.
     train_seconds : float
         Wall time of the two ``fit`` calls (training and per-epoch validation).
     epochs_run : int
@@ -448,11 +448,6 @@ def _versions() -> dict:
     return {"featx": __version__, "keras": keras.__version__, "tensorflow": tf.__version__}
 
 
-def metadata_path_for(model_path) -> Path:
-    """The sidecar JSON of a ``.keras`` file: same name, ``.json`` suffix."""
-    return sidecar_for(model_path)
-
-
 def load_finetuned(path):
     """Load a model saved by :func:`finetune` and its sidecar metadata.
 
@@ -592,7 +587,7 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
     from featx.reconcile import resolve_split
 
     started = time.perf_counter()
-    check_names(values, FINETUNE_OPTIONS, "fine-tuning option")
+    reject_unknown(values, FINETUNE_OPTIONS, "fine-tuning option")
     run = ExtractOptions.create(options, **values)
     seed = run.seed
     unfreeze = _check_recipe(warmup_epochs, epochs, unfreeze, dropout)
@@ -639,7 +634,7 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
                        f"{metrics['val']['accuracy']:.3f}")
 
     result = FinetuneResult(
-        model_path=paths["model"], metadata_path=metadata_path_for(paths["model"]),
+        model_path=paths["model"], metadata_path=sidecar_for(paths["model"]),
         history_path=paths["history"], plot_path=paths["plot"], backbone=net.cfg.name,
         weights=net.weights, weights_id=net.weights_id,
         class_names=list(manifest.class_names),

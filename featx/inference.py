@@ -69,6 +69,41 @@ def embed_files(net, files, batch_size=32, *, mapper=None):
     return writer.embeddings, writer.errors
 
 
+def embeddings_for(metadata: dict, files, dim: int, runtime: str, batch_size: int):
+    """(X, errors, source per file) for a saved model: the row of its cache where a file's
+    content is cached (train/predict parity), else embedded as :func:`model_mapper` does."""
+    from featx.reconcile import cached_embeddings
+    from featx.runtimes import describe
+
+    hashes = [content_hash(f) for f in files]
+    cached = cached_embeddings(metadata.get("cache", ""), metadata.get("cache_key"), hashes)
+    todo = [i for i, h in enumerate(hashes) if h not in cached]
+    X = np.zeros((len(files), dim), np.float32)
+    errors, sources = [""] * len(files), ["cache"] * len(files)
+    if todo:
+        net = model_backbone(metadata)
+        mapper = model_mapper(metadata, net, runtime, batch_size)
+        X[todo], new_errors = embed_files(net, [files[i] for i in todo], batch_size,
+                                          mapper=mapper)
+        embedded_by = describe(mapper)
+        for i, error in zip(todo, new_errors):
+            errors[i], sources[i] = error, embedded_by
+    for i, h in enumerate(hashes):
+        if h in cached:
+            X[i] = cached[h]
+    return X, errors, sources
+
+
+def content_hash(path) -> str:
+    """The file's SHA-256, or "" when it cannot be read (embedding it then reports why)."""
+    from featx.data import file_sha256
+
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
+
+
 def label_rows(files, errors, scores, labels, score_classes, classes, top_k) -> list[dict]:
     """``predict``'s rows: a label, its score and the top-k per file, or the file's error.
 

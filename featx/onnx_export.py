@@ -24,8 +24,8 @@ import numpy as np
 
 from featx import data as featx_data
 from featx.cache import key_hash
-from featx.errors import FeatxError
-from featx.persist import save_artifact, sha256_matches, sidecar_for
+from featx.errors import DataError, FeatxError
+from featx.persist import read_sidecar, save_artifact, sha256_matches, sidecar_for
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ def verified(path: Path, key: dict) -> OnnxModel | None:
     if not path.is_file() or not sidecar.is_file():
         return None
     try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
+        meta = read_sidecar(sidecar)
+    except DataError:
         meta = {}
     if meta.get("key") != json.loads(json.dumps(key)):
         log.warning("%s: the export's recorded key does not match; rebuilding it", path)

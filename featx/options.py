@@ -13,6 +13,10 @@ from pathlib import Path
 
 from featx.errors import UsageError
 
+RUNTIMES = ("auto", "onnx", "keras")
+PRECISIONS = ("fp32", "int8")
+POOLINGS = ("avg", "max", "flatten")
+
 
 @dataclasses.dataclass(frozen=True)
 class SplitOptions:
@@ -63,7 +67,7 @@ class ExtractOptions:
         ``values`` use the flat names of :meth:`names` (``seed``, not ``split.seed``);
         an unknown name raises :class:`~featx.errors.UsageError` listing the valid ones.
         """
-        check_names(values, cls.names())
+        reject_unknown(values, cls.names())
         options = options or cls()
         split = {k: v for k, v in values.items() if k in SplitOptions.names()}
         own = {k: v for k, v in values.items() if k not in split}
@@ -76,7 +80,7 @@ class ExtractOptions:
         return self.split.seed
 
 
-def check_names(values: dict, valid, what: str = "option") -> None:
+def reject_unknown(values: dict, valid, what: str = "option") -> None:
     """Raise UsageError naming every key of ``values`` that is not in ``valid``."""
     unknown = sorted(set(values) - set(valid))
     if unknown:

@@ -161,6 +161,43 @@ def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
     return artifact
 
 
+def classifier_metadata(features, clf, result, options, metrics, predictions, *, n_train,
+                        use_augmented) -> dict:
+    """What a saved classifier records (its sidecar, with :func:`save_model`'s fields):
+    enough to rebuild its features (:mod:`featx.inference` reads it) and to audit it.
+
+    ``features``: the :class:`featx.extraction.Features` it was fitted on; ``result``: the
+    :class:`featx.classifiers.FitResult`; ``options``: the
+    :class:`featx.options.ExtractOptions`; ``predictions``: split -> {path: class index}.
+    """
+    return {
+        "kind": "featx-classifier",
+        "clf": clf,
+        "classes": list(features.class_names),
+        "backbone": features.backbone,
+        "weights": features.weights,
+        "weights_id": features.weights_id,
+        "backbone_options": {"layer": features.key.get("layer"),
+                             "pooling": features.key.get("pooling"),
+                             "input_size": features.preprocessing.get("input_size"),
+                             "seed": options.seed, "weights_arg": str(options.weights)},
+        "cache_key": features.key,
+        "cache": str(features.cache_path),
+        "preprocessing": features.preprocessing,
+        "data_root": str(features.root),
+        "split_params": features.split_params,
+        "n_train": int(n_train),
+        "trained_on_augmented_views": bool(use_augmented),
+        "metrics": metrics,
+        "best_params": result.best_params,
+        "tuned": result.tuned,
+        "class_weight": result.class_weight,
+        "fit_seconds": result.fit_seconds,
+        "val_predictions": {p: features.class_names[i]
+                            for p, i in predictions.get("val", {}).items()},
+    }
+
+
 def _paths(path: Path) -> tuple[Path, Path]:
     """(artifact, sidecar) for a path naming either one."""
     if path.suffix == ".json":
@@ -170,15 +207,20 @@ def _paths(path: Path) -> tuple[Path, Path]:
     raise UsageError(f"{path}: expected a .joblib model file or its .json sidecar")
 
 
-def read_metadata(path) -> dict:
-    """The sidecar of a saved model (``path``: the .joblib or the .json), without loading it."""
-    _, sidecar = _paths(Path(path))
+def read_sidecar(sidecar) -> dict:
+    """A sidecar's JSON; DataError when it is missing or unreadable."""
+    sidecar = Path(sidecar)
     if not sidecar.is_file():
         raise DataError(f"{sidecar}: model metadata file not found")
     try:
         return json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{sidecar}: unreadable model metadata ({exc})") from None
+
+
+def read_metadata(path) -> dict:
+    """The sidecar of a saved model (``path``: the .joblib or the .json), without loading it."""
+    return read_sidecar(_paths(Path(path))[1])
 
 
 def _warn_once():
@@ -265,7 +307,7 @@ def load_keras_model(path):
     if not sidecar.is_file():
         raise DataError(f"{path}: its metadata file {sidecar.name} is missing; a fine-tuned "
                         "model needs it (class names, preprocessing)")
-    metadata = json.loads(sidecar.read_text())
+    metadata = read_sidecar(sidecar)
     if metadata.get("featx_model") != "finetune":
         raise DataError(f"{sidecar}: not the metadata of a featx fine-tuned model")
     check_artifact(path, metadata.get("sha256"), sidecar.name)

@@ -18,11 +18,10 @@ import logging
 import numpy as np
 
 from featx.errors import UsageError
+from featx.options import PRECISIONS, RUNTIMES
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnx", "keras")
-PRECISIONS = ("fp32", "int8")
 
 
 def onnxruntime_available() -> bool:

@@ -102,5 +102,9 @@ def test_class_scores_give_two_columns_for_a_binary_decision_function():
 def test_the_cli_offers_every_option_of_the_options_object():
     from featx.cli import extract as extract_command
 
-    params = {p.name for p in extract_command.params}
-    assert set(ExtractOptions.names()) <= params
+    defaults = ExtractOptions()
+    params = {p.name: p.default for p in extract_command.params}
+    assert set(ExtractOptions.names()) <= set(params)
+    for name in ExtractOptions.names():  # one list of defaults: the options object's
+        expected = getattr(defaults.split if name in SplitOptions.names() else defaults, name)
+        assert params[name] == expected, name

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import TINY, make_dataset
 from featx.extraction import extract
-from featx.pipeline import ArrayWriter, ImageReader, run_pipeline
+from featx.pipeline import ArrayWriter, CacheWriter, ImageReader, run_pipeline
 
 PREP = {"input_size": 16, "resize_size": 18, "interpolation": "area"}
 
@@ -117,3 +117,35 @@ def test_reduced_decode_is_part_of_the_key(tmp_path):
     assert reduced.cache_path != plain.cache_path
     assert reduced.key["preprocessing"]["reduced_decode"] is True
     assert "reduced_decode" not in plain.key["preprocessing"]  # old caches keep their key
+
+
+def test_cache_writer_alone_appends_decoded_rows_and_collects_failures(tmp_path):
+    from featx.cache import FeatureCache
+
+    n = 4
+    rows = {"labels": np.arange(n), "paths": np.array([f"f{i}.png" for i in range(n)], object),
+            "split": np.array(["train"] * n, object),
+            "sha256": np.array([f"h{i}" for i in range(n)], object),
+            "size": np.ones(n, np.int64), "mtime_ns": np.ones(n, np.int64),
+            "view": np.zeros(n, np.int16)}
+    cache = FeatureCache.open_for_write(tmp_path / "c.h5", key={"k": 1}, dim=2, attrs={})
+    writer = CacheWriter(cache, rows)
+    for start in (0, 2):
+        index = np.arange(start, start + 2)
+        writer.put({"index": index, "error": np.array(["", "truncated image"], object),
+                    "embedding": np.stack([index, index]).T.astype(np.float32)})
+    writer.close()  # every queued batch is in the cache once close returns
+    assert writer.failed == [("f1.png", "h1", "truncated image"),
+                             ("f3.png", "h3", "truncated image")]
+    assert cache.rows()["paths"].tolist() == ["f0.png", "f2.png"]
+    assert cache.embeddings().tolist() == [[0, 0], [2, 2]]
+    cache.close()
+
+
+def test_array_writer_alone_keeps_rows_in_reader_order():
+    writer = ArrayWriter(3, 2)
+    writer.put({"index": np.array([2, 0]), "error": np.array(["", "bad"], object),
+                "embedding": np.array([[5, 5], [9, 9]], np.float32)})
+    writer.close()
+    assert writer.errors == ["bad", "", ""]
+    assert writer.embeddings[2].tolist() == [5, 5] and writer.embeddings[0].tolist() == [0, 0]

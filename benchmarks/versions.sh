@@ -3,6 +3,9 @@
 # a slow period of the machine shows in both. Prints images/s and wall/user/sys CPU seconds
 # (user CPU about equal to wall = one core's worth: a half-speed run).
 # Usage: benchmarks/versions.sh OLD_COMMIT DATA [PAIRS]
+# With SHARED_STORE=1 the old commit's runs read the same prebuilt ONNX export as this
+# tree's (for an old commit that already has the ONNX runtime; otherwise each of its cold
+# runs would pay for its own export).
 set -euo pipefail
 old=$1; data=$(realpath "$2"); pairs=${3:-6}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +24,6 @@ run() {  # $1: label, $2: directory to run from (its featx/ is imported), $3: ex
 }
 run "export (not counted)" "$here" "FEATX_ONNX_STORE=$store" >/dev/null
 for i in $(seq "$pairs"); do
-  run "$i old" "$tree" "PYTHONPATH=$tree"
+  run "$i old" "$tree" "PYTHONPATH=$tree${SHARED_STORE:+ FEATX_ONNX_STORE=$store}"
   run "$i new" "$here" "FEATX_ONNX_STORE=$store"
 done

@@ -109,15 +109,13 @@ def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> lis
 
 def _predict_finetuned(model_path, files, top_k, batch_size):
     """Rows for a fine-tuned end-to-end Keras model (its own preprocessing and head)."""
-    from featx.finetuning import load_finetuned, predict_images
+    from featx.finetuning import load_finetuned, probabilities_and_errors
     from featx.inference import label_rows
 
     model, metadata = load_finetuned(model_path)
     classes = metadata["class_names"]
-    probabilities = predict_images(model, metadata, files, batch_size, on_error="nan")
-    failed = np.isnan(probabilities).any(axis=1)
-    errors = ["cannot decode image" if bad else "" for bad in failed]
-    scores = probabilities[~failed]
+    probabilities, errors = probabilities_and_errors(model, metadata, files, batch_size)
+    scores = probabilities[np.array([not e for e in errors], dtype=bool)]
     return label_rows(files, errors, scores, scores.argmax(axis=1), range(len(classes)),
                       classes, top_k)
 

@@ -193,8 +193,6 @@ def _warn_random(weights):
 
 def _options(kw):
     """The one options object of a command, from the click parameters that are options."""
-    from featx.options import ExtractOptions
-
     return ExtractOptions.create(**{k: kw.pop(k) for k in ExtractOptions.names() if k in kw})
 
 
@@ -429,7 +427,7 @@ def fit(data, clf, json_, tune, class_weight, cv, out, name, use_augmented, **kw
     """
     from featx.api import fit as run_fit
 
-    if clf == "all" or "," in clf:
+    if "," in clf:  # "all" arrives expanded by _clf_choice_check
         raise click.BadParameter("fit takes one classifier; use `featx compare` for several",
                                  param_hint="--clf")
     outcome = run_fit(data, clf, tune=tune, class_weight=class_weight, out=out, name=name,

@@ -209,11 +209,13 @@ class _Run:
     def update_cache(self, key, augment, augment_options):
         from featx import __version__
 
+        manifest = None
         if self.options.precision == "int8":
-            self.int8_model, key = _int8_model(self.net, self.cache_path, key, self.root,
-                                               self.options.split, self._store())
+            self.int8_model, key, manifest = _int8_model(
+                self.net, self.cache_path, key, self.root, self.options.split, self._store())
         state = reconcile.read_state(self.cache_path, key)
-        manifest = reconcile.discover(self.root, self.options.split, state)
+        if manifest is None:  # not listed yet for a calibration
+            manifest = reconcile.discover(self.root, self.options.split, state)
         current = reconcile.file_columns(manifest, state)
         plan = reconcile.plan(state, current)
         stats = self.stats
@@ -299,12 +301,14 @@ class _OnDemand:
 
 
 def _int8_model(net, cache_path, key, root, split, store_dir):
-    """The int8 model for this cache and the full cache key that names it.
+    """The int8 model for this cache, the full cache key that names it, and the folder's
+    manifest when calibrating had to list it (else None).
 
     A cache keeps the int8 model it was computed with (so adding images costs what was
     added): the recorded model is reused while the store holds it unchanged. Otherwise the
     model is calibrated again on a seeded sample of up to 64 training images; a cache whose
-    rows came from another int8 model is then dropped, never mixed.
+    rows came from another int8 model is then dropped, never mixed (its split is kept: the
+    returned manifest was listed with it).
     """
     from featx.onnx_export import QUANTIZATION, calibration_id, ensure_int8, stored_int8
 
@@ -314,7 +318,7 @@ def _int8_model(net, cache_path, key, root, split, store_dir):
         found = stored_int8(net, store_dir, recorded.get("calibration", ""),
                             recorded["int8_model_sha256"])
         if found is not None:
-            return found, recorded
+            return found, recorded, None
     state = reconcile.read_state(cache_path, recorded) if recorded else None
     manifest = reconcile.discover(root, split, state)
     images, hashes = _calibration_images(manifest, net.preprocessing, split.seed,
@@ -325,7 +329,7 @@ def _int8_model(net, cache_path, key, root, split, store_dir):
     if recorded is not None and json.loads(json.dumps(full)) != recorded:
         log.warning("%s was computed with another int8 model; recomputing its rows", cache_path)
         Path(cache_path).unlink()
-    return model, full
+    return model, full, manifest
 
 
 def _calibration_images(manifest, preprocessing, seed, n):

@@ -494,26 +494,32 @@ def predict_images(model, metadata, paths, batch_size: int = 32, *, on_error="ra
     -------
     ndarray of float32, shape (len(paths), len(metadata["class_names"]))
     """
-    from featx.pipeline import ArrayWriter, ImageReader, run_pipeline
-
     if on_error not in ("raise", "nan"):
         raise UsageError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
     paths = [str(p) for p in paths]
-    n_classes = len(metadata["class_names"])
-    if not paths:
-        return np.full((0, n_classes), np.nan, dtype=np.float32)
-    reader = ImageReader(paths, metadata["preprocessing"], batch_size)
-    writer = ArrayWriter(len(paths), n_classes)
-    run_pipeline(reader, lambda images: model.predict_on_batch(images.astype(np.float32)),
-                 writer, progress=False, desc="predict")
-    out = writer.embeddings
-    for i, error in enumerate(writer.errors):
+    out, errors = probabilities_and_errors(model, metadata, paths, batch_size)
+    for i, error in enumerate(errors):
         if error:
             if on_error == "raise":
                 raise ImageDecodeError(paths[i], error)
             log.warning("cannot predict %s: %s", paths[i], error)
             out[i] = np.nan
     return out
+
+
+def probabilities_and_errors(model, metadata, paths, batch_size: int = 32):
+    """(probabilities, errors) of image files through the pipeline: an error row's
+    probabilities are zeros and its error says why the file could not be read ("" else)."""
+    from featx.pipeline import ArrayWriter, ImageReader, run_pipeline
+
+    n_classes = len(metadata["class_names"])
+    if not paths:
+        return np.zeros((0, n_classes), np.float32), []
+    reader = ImageReader(paths, metadata["preprocessing"], batch_size)
+    writer = ArrayWriter(len(paths), n_classes)
+    run_pipeline(reader, lambda images: model.predict_on_batch(images.astype(np.float32)),
+                 writer, progress=False, desc="predict")
+    return writer.embeddings, writer.errors
 
 
 # ----- the recipe ------------------------------------------------------------------

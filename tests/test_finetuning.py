@@ -285,6 +285,19 @@ def test_predict_images_bad_file(good_run, tmp_path):
         predict_images(model, metadata, [good, bad])
 
 
+def test_predict_rows_of_a_finetuned_model_say_why_a_file_was_skipped(good_run, tmp_path):
+    from featx.api import predict
+
+    result, data = good_run
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    good = next(data.rglob("*.png"))
+    rows = predict(result.model_path, [good, bad], top_k=2)
+    assert rows[0]["label"] in result.class_names and rows[0]["error"] == ""
+    assert rows[1]["label"] == "" and rows[1]["score"] is None
+    assert rows[1]["error"] == "cannot decode image (corrupt or unsupported format)"
+
+
 def test_finetune_row_matches_compare_schema(good_run):
     from featx.reports import finetune_row
 

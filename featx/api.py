@@ -85,21 +85,17 @@ def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> lis
     others are embedded with the backbone and preprocessing recorded in the model metadata.
     """
     from featx.data import expand_paths
-    from featx.inference import embeddings_for, label_rows
+    from featx.inference import classifier_scores, label_rows
 
     model_path = Path(model_path)
     if model_path.suffix == ".keras":
         return _predict_finetuned(model_path, expand_paths(paths), top_k, batch_size)
-    from featx.classifiers import class_scores
     from featx.persist import load_model
 
     estimator, metadata = load_model(model_path)
     files = expand_paths(paths)
-    X, errors, sources = embeddings_for(metadata, files, estimator.n_features_in_, runtime,
-                                        batch_size)
-    ok = np.array([not e for e in errors])
-    labels = estimator.predict(X[ok]) if ok.any() else []
-    scores = class_scores(estimator, X[ok]) if ok.any() else []
+    scores, labels, errors, sources = classifier_scores(estimator, metadata, files, runtime,
+                                                        batch_size)
     rows = label_rows(files, errors, scores, labels, estimator.classes_, metadata["classes"],
                       top_k)
     for row, source in zip(rows, sources):
@@ -118,6 +114,28 @@ def _predict_finetuned(model_path, files, top_k, batch_size):
     scores = probabilities[np.array([not e for e in errors], dtype=bool)]
     return label_rows(files, errors, scores, scores.argmax(axis=1), range(len(classes)),
                       classes, top_k)
+
+
+# ----- export ----------------------------------------------------------------------
+def export(model_path, format="onnx", *, precision="fp32", out=None, check=None,
+           batch_size=32) -> dict:
+    """Write a deployable file of a saved model (:func:`featx.deploy.export_model`); with
+    ``check`` (a data folder), prove parity with ``predict`` on its validation images.
+
+    Returns a dict with ``path``, ``format``, ``precision``, ``output``, ``classes``,
+    ``size_bytes``, ``sha256``, ``seconds`` and, with ``check``, ``parity``.
+    """
+    from featx.deploy import check_export, export_model
+
+    exported = export_model(model_path, format, precision=precision, out=out)
+    outcome = {"path": str(exported.path), "format": exported.format,
+               "precision": exported.precision, "output": exported.metadata["output"],
+               "classes": exported.metadata["classes"], "size_bytes": exported.size_bytes,
+               "sha256": exported.sha256, "seconds": exported.seconds}
+    if check is not None:
+        outcome["parity"] = check_export(exported.path, model_path, check,
+                                         batch_size=batch_size).as_dict()
+    return outcome
 
 
 # ----- compare ---------------------------------------------------------------------

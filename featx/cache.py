@@ -204,6 +204,14 @@ class FeatureCache(_CacheReader):
             out[order] = data[indices[order]]  # h5py fancy indexing wants increasing indices
         return out
 
+    def row_range(self, start: int, stop: int) -> tuple[dict, np.ndarray]:
+        """Rows ``start:stop``: their per-row columns (strings decoded) and embeddings."""
+        stop = min(stop, self.n_rows)
+        columns = {name: (_decode(self.h5[name][start:stop]) if kind == "str"
+                          else np.asarray(self.h5[name][start:stop]))
+                   for name, kind in ROW_FIELDS.items()}
+        return columns, np.asarray(self.h5["embeddings"][start:stop], np.float32)
+
     def failed(self) -> list[tuple[str, str, str]]:
         group = self.h5["failed"]
         columns = [_decode(group[name][:]) for name in FAILED_FIELDS]

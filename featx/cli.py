@@ -375,6 +375,34 @@ def cache_info(path, json_):
         click.echo(f"    {row['path']}: {row['reason']}")
 
 
+@cache.command("export")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "format_", type=click.Choice(["npy", "parquet", "csv"]),
+              default="npy", show_default=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True,
+              help="Folder to write into.")
+@click.option("--views", is_flag=True, help="Also the augmented views' rows (a view column).")
+@json_option
+@handle_errors
+def cache_export(path, format_, output, views, json_):
+    """Write a cache's embeddings and their metadata (path, label, split, sha256), row for
+    row, as npy (+ metadata.csv), csv or parquet (needs pyarrow: featx[parquet]).
+
+    Example:
+
+        featx cache export cache/photos-1a2b3c4d/efficientnet_lite0-imagenet-0123456789ab.h5 \\
+            --format parquet -o embeddings/
+    """
+    from featx.cache_export import export_embeddings
+
+    record = export_embeddings(path, format_, output, views=views)
+    if json_:
+        emit_json(record)
+        return
+    click.echo(f"wrote {record['n_rows']} rows x {record['dim']} ({record['backbone']}, "
+               f"{record['precision']}) to {output}: {', '.join(record['files'])}, export.json")
+
+
 def _clf_choice_check(ctx, param, value):
     from featx.classifiers import check_names
     from featx.errors import UsageError
@@ -487,6 +515,52 @@ def predict(model, paths, top_k, batch_size, output, json_, runtime):
     for row in rows:
         if row["error"]:
             click.echo(f"featx: skipped {row['path']}: {row['error']}", err=True)
+
+
+@cli.command("export")
+@click.argument("model", type=click.Path())
+@click.option("--format", "format_", type=click.Choice(["onnx", "keras"]), default="onnx",
+              show_default=True, help="onnx: needs only onnxruntime; keras: a .keras file.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32",
+              show_default=True, help="int8: static quantisation (onnx only), calibrated on "
+              "the model's own training images.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="The file to write [default: beside MODEL: MODEL-export.onnx, "
+              "MODEL-int8-export.onnx or MODEL-export.keras].")
+@click.option("--check", "check", type=click.Path(file_okay=False), default=None,
+              metavar="DATA", help="Then run the exported file alone on DATA's validation "
+              "images and compare with `featx predict` (exit 1 when it is off its bound).")
+@json_option
+@handle_errors
+def export_cmd(model, format_, precision, output, check, json_):
+    """Write MODEL as one deployable file: uint8 RGB images in, class scores out.
+
+    MODEL is a softmax, logistic or svm model from `featx fit` (its scaler and linear head
+    are folded into one dense layer after the backbone) or a .keras model from `featx
+    finetune`. The file carries its class names, preprocessing recipe, backbone identity
+    and featx version; it runs without featx (see the README's example).
+
+    Example:
+
+        featx export models/svm-efficientnet_lite0-photos.joblib --check photos/
+    """
+    from featx.api import export as run_export
+
+    outcome = run_export(model, format_, precision=precision, out=output, check=check)
+    parity = outcome.get("parity")
+    if json_:
+        emit_json(outcome)
+    else:
+        click.echo(f"wrote {outcome['path']} ({outcome['format']}, {outcome['precision']}, "
+                   f"{outcome['size_bytes'] / 1e6:.1f} MB): uint8 images -> "
+                   f"{outcome['output']} over {len(outcome['classes'])} classes, "
+                   f"in {outcome['seconds']:.1f} s")
+        if parity:
+            from featx.deploy import Parity
+
+            click.echo(Parity(**parity).line())
+    if parity and not parity["passed"]:
+        sys.exit(1)
 
 
 def _rows_to_csv(rows, top_k) -> str:

@@ -321,7 +321,7 @@ def _int8_model(net, cache_path, key, root, split, store_dir):
             return found, recorded, None
     state = reconcile.read_state(cache_path, recorded) if recorded else None
     manifest = reconcile.discover(root, split, state)
-    images, hashes = _calibration_images(manifest, net.preprocessing, split.seed,
+    images, hashes = calibration_images(manifest, net.preprocessing, split.seed,
                                          QUANTIZATION["calibration_images"])
     calib = calibration_id(hashes)
     model = ensure_int8(net, store_dir, images, calib)
@@ -332,7 +332,7 @@ def _int8_model(net, cache_path, key, root, split, store_dir):
     return model, full, manifest
 
 
-def _calibration_images(manifest, preprocessing, seed, n):
+def calibration_images(manifest, preprocessing, seed, n):
     """A seeded sample of up to ``n`` decodable training images and their content hashes."""
     train = np.flatnonzero(np.asarray(manifest.splits) == "train")
     pool = train if train.size else np.arange(len(manifest.paths))

@@ -94,6 +94,22 @@ def embeddings_for(metadata: dict, files, dim: int, runtime: str, batch_size: in
     return X, errors, sources
 
 
+def classifier_scores(estimator, metadata: dict, files, runtime: str, batch_size: int):
+    """``predict``'s numbers for a fitted classifier: (scores, labels, errors, sources).
+
+    ``scores`` and ``labels`` have one row per file without an error (scores' columns
+    follow ``estimator.classes_``); ``sources`` say where each embedding came from.
+    """
+    from featx.classifiers import class_scores
+
+    X, errors, sources = embeddings_for(metadata, files, estimator.n_features_in_, runtime,
+                                        batch_size)
+    ok = np.array([not e for e in errors], dtype=bool)
+    if not ok.any():
+        return np.zeros((0, len(estimator.classes_))), np.zeros(0, int), errors, sources
+    return class_scores(estimator, X[ok]), estimator.predict(X[ok]), errors, sources
+
+
 def content_hash(path) -> str:
     """The file's SHA-256, or "" when it cannot be read (embedding it then reports why)."""
     from featx.data import file_sha256

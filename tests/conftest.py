@@ -8,6 +8,7 @@ import pytest
 
 # A tiny random-weight backbone keeps the suite fast; tests that need real weights say so.
 TINY = dict(backbone="mobilenet_v2", weights="random", input_size=32)
+TOY = dict(backbone="toy_cnn", weights="random")
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +71,28 @@ def dogcat_path():
     if not value or not Path(value).is_dir():
         pytest.skip("FEATX_DOGCAT is not set to the dogcat dataset (.ci/run sets it)")
     return Path(value)
+
+
+# ----- a toy backbone ----------------------------------------------------------------
+def _toy_base(cfg, weights, input_size, seed):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input((input_size, input_size, 3))
+    for i, filters in enumerate((8, 16, 32), start=1):
+        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", name=f"conv{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"conv{i}_bn")(x)
+        x = keras.layers.ReLU(name=f"conv{i}_relu")(x)
+    return keras.Model(inputs, x, name="base")
+
+
+def register_toy(monkeypatch):
+    """Register ``toy_cnn``: a three-layer CNN that learns in a few epochs (random
+    MobileNetV2 at 32 px has vanishing activations)."""
+    from featx.backbones import BackboneCfg, _registry, register_backbone
+
+    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
+    register_backbone(BackboneCfg(
+        name="toy_cnn", family="test", input_size=32, resize_size=36, interpolation="area",
+        normalization="tf", num_features=32, default_layer=None, default_pooling="avg",
+        weights_source="random only", offline=True, license="none"), _toy_base)

@@ -12,33 +12,9 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import TINY, class_image, make_dataset, write_image
+from conftest import TINY, TOY, class_image, make_dataset, write_image
+from conftest import register_toy as _register_toy
 from featx.errors import DataError, ImageDecodeError, UsageError
-
-TOY = dict(backbone="toy_cnn", weights="random")
-
-
-# ----- a toy backbone ----------------------------------------------------------------
-def _toy_base(cfg, weights, input_size, seed):
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    x = inputs = keras.Input((input_size, input_size, 3))
-    for i, filters in enumerate((8, 16, 32), start=1):
-        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", name=f"conv{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"conv{i}_bn")(x)
-        x = keras.layers.ReLU(name=f"conv{i}_relu")(x)
-    return keras.Model(inputs, x, name="base")
-
-
-def _register_toy(monkeypatch):
-    from featx.backbones import BackboneCfg, _registry, register_backbone
-
-    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
-    register_backbone(BackboneCfg(
-        name="toy_cnn", family="test", input_size=32, resize_size=36, interpolation="area",
-        normalization="tf", num_features=32, default_layer=None, default_pooling="avg",
-        weights_source="random only", offline=True, license="none"), _toy_base)
 
 
 @pytest.fixture

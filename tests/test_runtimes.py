@@ -126,6 +126,16 @@ def test_export_failure_falls_back_under_auto_and_fails_when_asked(tmp_path, mon
 
 
 # ----- int8 --------------------------------------------------------------------------
+def test_weights_lose_a_bit_only_where_int8_products_would_saturate():
+    from featx.onnx_export import QUANTIZATION, cpu_has_vnni
+
+    assert cpu_has_vnni("flags : fpu avx2 avx512f avx512_vnni", "x86_64")
+    assert cpu_has_vnni("flags : fpu avx2 avx_vnni", "x86_64")
+    assert not cpu_has_vnni("flags : fpu avx2 fma", "x86_64")
+    assert cpu_has_vnni("", "aarch64")
+    assert QUANTIZATION.get("reduce_range", False) == (not cpu_has_vnni())
+
+
 def test_int8_has_its_own_key_and_reuses_its_model(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=6)
     kw = dict(cache_dir=tmp_path / "cache", progress=False, **TINY)
@@ -182,8 +192,9 @@ def test_lite0_onnx_matches_keras_and_int8_stays_close(tmp_path):
                                     onnx_export.calibration_id(["photos at four scales"]))
     int8 = OnnxMapper(model)(images)
     cosine = (int8 * fp32).sum(1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(fp32, axis=1)
-    # measured 0.9972 (china) and 0.9965 (flower), calibrated on these photos at 4 scales
-    assert cosine.min() > 0.99
+    # measured 0.9972 (china) and 0.9965 (flower), calibrated on these photos at 4 scales;
+    # 0.9884 and 0.9851 with the 7-bit weights of a CPU without VNNI
+    assert cosine.min() > (0.98 if onnx_export.QUANTIZATION.get("reduce_range") else 0.99)
     assert not np.allclose(int8, fp32, atol=1e-3)  # it really is another model
 
 

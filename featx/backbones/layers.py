@@ -11,9 +11,9 @@ from keras import ops
 
 from ._config import NORMALIZATIONS
 
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-_TORCH_MEAN = (0.485, 0.456, 0.406)
-_TORCH_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
 
 
 @keras.saving.register_keras_serializable(package="featx")
@@ -41,10 +41,10 @@ class Normalization(keras.layers.Layer):
         if self.mode == "tf":
             return x / 127.5 - 1.0
         if self.mode == "caffe":
-            return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR, x.dtype)
+            return ops.flip(x, axis=-1) - ops.convert_to_tensor(CAFFE_MEAN_BGR, x.dtype)
         if self.mode == "torch":
-            mean = ops.convert_to_tensor(_TORCH_MEAN, x.dtype)
-            std = ops.convert_to_tensor(_TORCH_STD, x.dtype)
+            mean = ops.convert_to_tensor(TORCH_MEAN, x.dtype)
+            std = ops.convert_to_tensor(TORCH_STD, x.dtype)
             return (x / 255.0 - mean) / std
         return x
 

@@ -318,11 +318,14 @@ def _warn_precision(source: Source, metadata: dict) -> None:
     fitted_on, precision = metadata["fitted_on"], metadata["precision"]
     if fitted_on == precision:
         return
-    remedy = (f"fit on {precision} features (featx fit DATA --precision {precision})"
-              if source.kind == "classifier" else "export --precision fp32")
-    log.warning("%s was fitted on %s features: its %s export will not match `featx predict` "
-                "exactly (--check measures by how much); for parity, %s",
-                source.path.name, fitted_on, precision, remedy)
+    if source.kind == "classifier":
+        trained = f"was fitted on {fitted_on} features"
+        remedy = f"fit on {precision} features (featx fit DATA --precision {precision})"
+    else:
+        trained, remedy = f"was trained in {fitted_on}", f"export --precision {fitted_on}"
+    log.warning("%s %s: its %s export will not match `featx predict` exactly (--check "
+                "measures by how much); for parity, %s", source.path.name, trained,
+                precision, remedy)
 
 
 def export_metadata(source: Source, format: str, precision: str) -> dict:

@@ -23,6 +23,7 @@ import numpy as np
 from featx._json import json_default
 from featx.cache import FeatureCache
 from featx.errors import UsageError
+from featx.persist import write_atomic
 
 EXPORT_FORMATS = ("npy", "parquet", "csv")
 CHUNK_ROWS = 4096
@@ -69,7 +70,8 @@ def export_embeddings(cache_path, format: str, out_dir, *, views: bool = False,
             "precision": cache.key.get("precision", "fp32"), "key": cache.key,
             "class_names": classes,
         }
-    _write_text(out_dir / "export.json", json.dumps(record, indent=2, default=json_default))
+    text = json.dumps(record, indent=2, default=json_default) + "\n"
+    write_atomic(out_dir / "export.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return {**record, "out": str(out_dir)}
 
 
@@ -82,12 +84,6 @@ def _metadata(rows, keep, classes, views) -> dict:
     if views:
         table["view"] = rows["view"][keep].astype(int).tolist()
     return table
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class _Writer:

@@ -403,20 +403,14 @@ def _int8_features(source: Source):
     """The int8 feature model (onnx_export store) the export builds on: the one the
     classifier's features came from when it was fitted on int8 features, else one
     calibrated now on the model's training images."""
-    from featx.onnx_export import calibration_id, ensure_int8, store_for, stored_int8
+    from featx.inference import model_int8, model_store
+    from featx.onnx_export import calibration_id, ensure_int8
 
-    key = source.metadata["cache_key"]
-    store = store_for(Path(source.metadata["cache"]).parent.parent)
-    if key.get("precision") == "int8":
-        found = stored_int8(source.net, store, key.get("calibration", ""),
-                            key.get("int8_model_sha256"))
-        if found is None:
-            raise DataError(f"the model's int8 feature model "
-                            f"({str(key.get('int8_model_sha256'))[:12]}) is not in {store}; "
-                            "run `featx extract --precision int8` on its data again")
-        return found
+    if source.metadata["cache_key"].get("precision") == "int8":
+        return model_int8(source.metadata, source.net)
     images, hashes = _calibration(source)
-    return ensure_int8(source.net, store, images, calibration_id(hashes))
+    return ensure_int8(source.net, model_store(source.metadata), images,
+                       calibration_id(hashes))
 
 
 def _write_composed(source: Source, features_onnx: Path, tmp: Path, *, metadata: dict) -> None:
@@ -585,12 +579,12 @@ def check_export(exported_path, model_path, data_dir, *, batch_size: int = 32,
         raise DataError(f"{exported_path} was not exported from {model_path} (its recorded "
                         "source model has another SHA-256)")
     split, files = _check_files(data_dir, model_meta)
-    ref_all = _by_file(*_reference_scores(model_path, files, runtime, batch_size))
-    got_all = _by_file(*_exported_scores(runner, files, batch_size))
-    ok = ~np.isnan(ref_all).any(axis=1) & ~np.isnan(got_all).any(axis=1)
+    ref, ref_errors = _reference_scores(model_path, files, runtime, batch_size)
+    got, got_errors = _exported_scores(runner, files, batch_size)
+    ok = np.array([not a and not b for a, b in zip(ref_errors, got_errors)], dtype=bool)
     if not ok.any():
         raise DataError(f"{data_dir}: no image could be read to check the export on")
-    parity = _compare(ref_all[ok], got_all[ok], [f for f, k in zip(files, ok) if k], split,
+    parity = _compare(ref[ok], got[ok], [f for f, k in zip(files, ok) if k], split,
                       runner.metadata)
     parity.n_unreadable = int((~ok).sum())
     return parity
@@ -613,14 +607,6 @@ def _compare(ref, got, files, split, metadata) -> Parity:
                      for i in np.flatnonzero(~same)[:20]]
     return Parity(len(files), split, agreement, int((~same).sum()), float(diff.max()),
                   float(diff.mean()), precision, fitted_on, bound, passed, disagreements)
-
-
-def _by_file(scores, errors) -> np.ndarray:
-    """Scores of the readable files spread to one row per file (NaN where unreadable)."""
-    ok = np.array([not e for e in errors], dtype=bool)
-    out = np.full((len(errors), np.shape(scores)[1]), np.nan)
-    out[ok] = scores
-    return out
 
 
 def model_manifest(data_dir, meta: dict):
@@ -650,33 +636,30 @@ def _check_files(data_dir, meta: dict):
 
 
 def _reference_scores(model_path, files, runtime, batch_size):
-    """``featx predict``'s scores (rows of readable files) and per-file errors."""
+    """``featx predict``'s scores, one row per file (zeros where its error is set), and the
+    per-file errors ("" when read)."""
     path = Path(model_path)
     if path.suffix == ".keras":
         from featx.finetuning import load_finetuned, probabilities_and_errors
 
         model, metadata = load_finetuned(path)
-        probabilities, errors = probabilities_and_errors(model, metadata, files, batch_size)
-        return probabilities[np.array([not e for e in errors], dtype=bool)], errors
+        return probabilities_and_errors(model, metadata, files, batch_size)
     from featx.inference import classifier_scores
     from featx.persist import load_model
 
     estimator, metadata = load_model(path)
     scores, _, errors, _ = classifier_scores(estimator, metadata, files, runtime, batch_size)
-    return np.asarray(scores), errors
+    full = np.zeros((len(files), len(estimator.classes_)))  # float64, as predict computes
+    full[[not e for e in errors]] = scores
+    return full, errors
 
 
 def _exported_scores(runner: ExportedRunner, files, batch_size):
-    """The exported file's scores for the readable files, decoded by featx's reader."""
-    from featx.pipeline import ImageReader
+    """The exported file's scores and per-file errors, the files decoded by featx's reader
+    (the same pipeline as predict's, the exported file as the mapper)."""
+    from featx.pipeline import ArrayWriter, ImageReader, run_pipeline
 
     reader = ImageReader(files, runner.metadata["preprocessing"], batch_size)
-    scores, errors = [], [""] * len(files)
-    for batch in reader:
-        keep = [k for k, e in enumerate(batch["error"]) if not e]
-        for i, error in zip(batch["index"], batch["error"]):
-            errors[int(i)] = error
-        if keep:
-            scores.append(runner(np.ascontiguousarray(batch["image"][keep], np.uint8)))
-    n_classes = len(runner.metadata["classes"])
-    return (np.concatenate(scores) if scores else np.zeros((0, n_classes))), errors
+    writer = ArrayWriter(len(files), len(runner.metadata["classes"]))
+    run_pipeline(reader, runner, writer, progress=False, desc="check")
+    return writer.embeddings, writer.errors

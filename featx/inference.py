@@ -37,25 +37,36 @@ def model_backbone(metadata: dict):
     return net
 
 
+def model_store(metadata: dict) -> Path:
+    """The ONNX export store of the cache a saved classifier's features came from."""
+    from featx.onnx_export import store_for
+
+    return store_for(Path(metadata["cache"]).parent.parent)  # <cache_dir>/<dataset>/<file>
+
+
+def model_int8(metadata: dict, net):
+    """The int8 feature model a classifier fitted on int8 features was computed with;
+    DataError when the store no longer holds it unchanged."""
+    from featx.onnx_export import stored_int8
+
+    key, store = metadata["cache_key"], model_store(metadata)
+    found = stored_int8(net, store, key.get("calibration", ""), key.get("int8_model_sha256"))
+    if found is None:
+        sha = str(key.get("int8_model_sha256"))[:12]
+        raise DataError(f"the model's int8 feature model ({sha}) is not in {store}; run "
+                        "`featx extract --precision int8` on its data again")
+    return found
+
+
 def model_mapper(metadata: dict, net, runtime: str, batch_size: int):
     """The runtime that reproduces the model's training features (int8 only by its model)."""
-    from featx.onnx_export import store_for, stored_int8
     from featx.runtimes import choose_runtime, detect_device, open_mapper
 
-    key = metadata["cache_key"]
-    precision = key.get("precision", "fp32")
+    precision = metadata["cache_key"].get("precision", "fp32")
     choose_runtime(runtime, precision)
-    store = store_for(Path(metadata["cache"]).parent.parent)  # <cache_dir>/<dataset>/<file>
-    int8_model = None
-    if precision == "int8":
-        int8_model = stored_int8(net, store, key.get("calibration", ""),
-                                 key.get("int8_model_sha256"))
-        if int8_model is None:
-            sha = str(key.get("int8_model_sha256"))[:12]
-            raise DataError(f"the model's int8 feature model ({sha}) is not in {store}; run "
-                            "`featx extract --precision int8` on its data again")
-    return open_mapper(net, runtime, precision, detect_device(runtime), store, batch_size,
-                       int8_model)
+    int8_model = model_int8(metadata, net) if precision == "int8" else None
+    return open_mapper(net, runtime, precision, detect_device(runtime), model_store(metadata),
+                       batch_size, int8_model)
 
 
 def embed_files(net, files, batch_size=32, *, mapper=None):

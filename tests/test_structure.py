@@ -5,8 +5,9 @@ from pathlib import Path
 
 import featx
 
-ORDER = ["errors", "_json", "options", "sample_data", "data", "cache", "cache_export",
-         "classifiers", "augment", "backbones", "persist", "pipeline", "onnx_export", "reconcile", "reports", "runtimes", "views",
+ORDER = ["errors", "_json", "options", "sample_data", "data", "cache", "classifiers",
+         "augment", "backbones", "persist", "cache_export", "pipeline", "onnx_export",
+         "reconcile", "reports", "runtimes", "views",
          "extraction", "inference", "finetuning", "deploy", "api", "cli", "__main__"]
 PACKAGE = Path(featx.__file__).parent
 

@@ -11,15 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.errors import DataError
+from featx.errors import DataError, UsageError
 from featx.options import ExtractOptions
 
 log = logging.getLogger(__name__)
 
 
 def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name=None,
-        use_augmented=False, cv=5, options: ExtractOptions | None = None, **values) -> dict:
+        use_augmented=False, cv=5, calibrate=None, tuning="fast",
+        options: ExtractOptions | None = None, **values) -> dict:
     """Extract (or reuse) embeddings, fit ``clf`` on the train split, evaluate, save.
+
+    ``calibrate`` ("sigmoid" or "isotonic") wraps the tuned classifier in cross-validated
+    calibration, so that its scores are probabilities (the SVM's too); the saved model
+    records it. ``tuning``: "fast" or "exhaustive" (:func:`featx.classifiers.fit_classifier`).
 
     ``options`` (or the same names as keyword arguments, :class:`ExtractOptions`) say
     how the features are extracted and split. Returns a dict with ``model`` (path),
@@ -43,7 +48,8 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
                         "a classifier needs at least two")
     groups = features.groups("train", views=True) if use_augmented else None
     result = fit_classifier(clf, X_train, y_train, tune=tune, class_weight=class_weight,
-                            seed=options.seed, cv=cv, groups=groups)
+                            seed=options.seed, cv=cv, groups=groups, calibrate=calibrate,
+                            tuning=tuning)
     metrics, predictions = {}, {}
     for split in ("val", "test"):
         if features.has_split(split):
@@ -66,6 +72,7 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
         "val_macro_f1": metrics.get("val", {}).get("macro_f1"),
         "fit_seconds": result.fit_seconds,
         "best_params": result.best_params,
+        "calibration": result.calibration,
         "extract_reused": features.stats.reused,
         "runtime": features.provenance(),
         "precision": features.precision,
@@ -78,32 +85,41 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
 
 
 # ----- predict ---------------------------------------------------------------------
-def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto") -> list[dict]:
+def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto",
+            min_score=None) -> list[dict]:
     """Label image files with a model saved by ``fit`` (or ``finetune``).
 
     Known files (same content as a row of the model's cache) reuse their cached embedding;
     others are embedded with the backbone and preprocessing recorded in the model metadata.
+    ``min_score`` (a probability): files whose top probability is below it are labelled
+    "unknown", their best guess kept in ``best_guess``; models without probabilities (an
+    uncalibrated svm) refuse it.
     """
     from featx.data import expand_paths
     from featx.inference import classifier_scores, label_rows
 
     model_path = Path(model_path)
     if model_path.suffix == ".keras":
-        return _predict_finetuned(model_path, expand_paths(paths), top_k, batch_size)
+        return _predict_finetuned(model_path, expand_paths(paths), top_k, batch_size,
+                                  min_score)
     from featx.persist import load_model
 
     estimator, metadata = load_model(model_path)
+    if min_score is not None and not hasattr(estimator, "predict_proba"):
+        raise UsageError(f"{model_path}: --min-score needs probabilities, and this "
+                         f"{metadata.get('clf', 'model')} gives decision values; refit it "
+                         "with `featx fit --calibrate`")
     files = expand_paths(paths)
     scores, labels, errors, sources = classifier_scores(estimator, metadata, files, runtime,
                                                         batch_size)
     rows = label_rows(files, errors, scores, labels, estimator.classes_, metadata["classes"],
-                      top_k)
+                      top_k, min_score=min_score)
     for row, source in zip(rows, sources):
         row["embedded_by"] = source
     return rows
 
 
-def _predict_finetuned(model_path, files, top_k, batch_size):
+def _predict_finetuned(model_path, files, top_k, batch_size, min_score=None):
     """Rows for a fine-tuned end-to-end Keras model (its own preprocessing and head)."""
     from featx.finetuning import load_finetuned, probabilities_and_errors
     from featx.inference import label_rows
@@ -113,7 +129,7 @@ def _predict_finetuned(model_path, files, top_k, batch_size):
     probabilities, errors = probabilities_and_errors(model, metadata, files, batch_size)
     scores = probabilities[np.array([not e for e in errors], dtype=bool)]
     return label_rows(files, errors, scores, scores.argmax(axis=1), range(len(classes)),
-                      classes, top_k)
+                      classes, top_k, min_score=min_score)
 
 
 # ----- export ----------------------------------------------------------------------
@@ -141,6 +157,7 @@ def export(model_path, format="onnx", *, precision="fp32", out=None, check=None,
 # ----- compare ---------------------------------------------------------------------
 def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tune=True,
             class_weight=None, eval_split="val", cv=5, finetune=None, augmented="no",
+            calibrate=None, tuning="fast", repeats=None,
             options: ExtractOptions | None = None, **values) -> dict:
     """Fit every classifier on the same cached features of every backbone; write a report.
 
@@ -148,17 +165,23 @@ def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tu
     (original images only), "yes" (train on augmented views too, when the cache holds them)
     or "both" (one row each). ``finetune``: None, or a dict of
     :func:`featx.finetuning.finetune` recipe options to add a fine-tuning row.
+    ``calibrate`` and ``tuning``: as in :func:`fit`. ``repeats``: also evaluate every
+    classifier on R re-drawn splits of the cached rows (:mod:`featx.resampling`), zero
+    forward passes; summarised under ``repeated``.
     """
     import dataclasses
 
-    from featx.classifiers import check_names, compare as compare_features
+    from featx.classifiers import check_names, compare as compare_features, significance
     from featx.extraction import extract
     from featx.reports import dataset_summary, write_compare_report
 
     options = ExtractOptions.create(options, **values)
     names = check_names(clfs)
+    if repeats and augmented != "no":
+        raise UsageError("--repeats re-draws splits of the original images; use it without "
+                         "--augmented")
     backbones = tuple(backbones or (options.backbone,))
-    results, features_list = [], []
+    results, features_list, repeated = [], [], []
     for backbone in backbones:
         features = extract(data_dir, dataclasses.replace(options, backbone=backbone))
         features_list.append(features)
@@ -170,21 +193,42 @@ def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tu
         for use_views in variants:
             rows = compare_features([features], names, tune=tune, class_weight=class_weight,
                                     seed=options.seed, eval_split=eval_split, cv=cv,
-                                    views=use_views)
+                                    views=use_views, calibrate=calibrate, tuning=tuning)
             for row in rows:
                 row.pop("estimator", None)
                 row["augmented_views"] = bool(use_views)
                 if use_views:
                     row["clf"] += "+aug"
             results.extend(rows)
+        if repeats:
+            repeated += _repeated(features, names, repeats, eval_split, options, tune=tune,
+                                  class_weight=class_weight, cv=cv, calibrate=calibrate,
+                                  tuning=tuning)
     notes = []
     if finetune is not None:
         notes.extend(_add_finetune_row(data_dir, results, backbones[0], options,
                                        finetune, eval_split))
+    significance(results)
     dataset = dataset_summary(features_list[0])
-    report = write_compare_report(results, dataset, report_dir, notes=notes)
+    report = write_compare_report(results, dataset, report_dir, notes=notes,
+                                  repeated=repeated)
+    for row in results:
+        row.pop("eval_rows", None)
     return {"report": str(Path(report_dir) / "report.md"), "results": results,
-            "report_files": report, "dataset": dataset}
+            "repeated": repeated, "report_files": report, "dataset": dataset}
+
+
+def _repeated(features, names, repeats, eval_split, options, **fit_options) -> list[dict]:
+    from featx.classifiers import compare_repeated
+    from featx.resampling import plan_repeats
+
+    train, evaluation = features.indices("train"), features.indices(eval_split)
+    plan = plan_repeats(features.paths, features.labels, np.concatenate([train, evaluation]),
+                        repeats=repeats, layout=features.layout,
+                        eval_fraction=len(evaluation) / (len(train) + len(evaluation)),
+                        seed=options.seed, train_per_class=options.split.train_per_class,
+                        cv=fit_options["cv"], class_names=features.class_names)
+    return compare_repeated(features, names, plan, **fit_options)
 
 
 def _add_finetune_row(data_dir, results, backbone, options, recipe, eval_split) -> list[str]:

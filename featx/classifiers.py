@@ -21,9 +21,14 @@ from typing import Any, Callable
 import numpy as np
 
 from featx.errors import DataError, UsageError
+from featx.options import usable_cores
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_METHODS = ("sigmoid", "isotonic")
+TUNINGS = ("fast", "exhaustive")
+LARGE_TRAIN_ROWS = 2000
+LARGE_CV = 2
 LIMITED_CV_WARNING = ("a class has fewer than 2 training rows; fitting {name} with default "
                       "parameters, no tuning")
 
@@ -53,6 +58,7 @@ class ClassifierSpec:
     description: str
     supports_class_weight: bool = True
     adapt_grid: Callable[[dict, int], dict] | None = None
+    tuner: str = "grid"  # a key of TUNERS
 
 
 @dataclass
@@ -88,6 +94,7 @@ class FitResult:
     cv_splits: int = 0
     class_weight: str | None = None
     n_train: int = 0
+    calibration: str | None = None
     converged: bool = field(default=True, repr=False)
 
 
@@ -163,7 +170,7 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
         supports_class_weight=False, adapt_grid=_knn_grid),
     "tree": ClassifierSpec(
         _tree, {"clf__max_depth": [4, 8, 16]},
-        "decision tree (depth tuned)"),
+        "decision tree (depth tuned)", tuner="depth"),
 }
 
 
@@ -267,9 +274,23 @@ def _check_training_data(X, y):
     return X, y
 
 
-def _n_splits(y, cv):
-    """min(cv, smallest class count): StratifiedKFold needs every class in every fold."""
+def _n_splits(y, cv, large=True):
+    """min(cv, smallest class count), and at most LARGE_CV folds from LARGE_TRAIN_ROWS rows.
+
+    StratifiedKFold needs every class in every fold. On large training sets fewer folds
+    pick the same hyperparameters (measured in benchmarks/classifiers.py) for less work.
+    """
+    if large and len(y) >= LARGE_TRAIN_ROWS:
+        cv = min(cv, LARGE_CV)
     return int(min(cv, np.unique(y, return_counts=True)[1].min()))
+
+
+def _calibration_splits(y, cv) -> int:
+    n_splits = _n_splits(y, cv)
+    if n_splits < 2:
+        raise DataError("calibration needs at least 2 training images in every class "
+                        "(it fits on some and calibrates on the others)")
+    return n_splits
 
 
 def _current_params(estimator, grid):
@@ -295,8 +316,9 @@ def _run_quietly(fit):
 
 def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
                    class_weight: str | None = None, seed: int = 0, cv: int = 5,
-                   n_jobs: int = 1, scoring: str = "accuracy",
-                   blas_threads: int | None = 1, groups=None) -> FitResult:
+                   n_jobs: int | None = None, scoring: str = "accuracy",
+                   blas_threads: int | None = 1, groups=None,
+                   calibrate: str | None = None, tuning: str = "fast") -> FitResult:
     """Fit one classifier on training rows, tuning its grid by stratified CV on those rows.
 
     Parameters
@@ -308,15 +330,17 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
     y_train : ndarray of shape (n_train,)
         Integer labels.
     tune : bool
-        Grid search with ``StratifiedKFold(min(cv, smallest class count), shuffle, seed)``;
-        falls back to the defaults, with a logged warning, when a class has < 2 rows.
+        Tune the grid by ``StratifiedKFold(min(cv, smallest class count), shuffle, seed)``
+        (at most 3 folds from 2000 training rows); falls back to the defaults, with a
+        logged warning, when a class has < 2 rows. Trees tune their depth with
+        :func:`depth_tune`, the others with :func:`grid_tune`.
     class_weight : {None, "balanced"}
     seed : int
         Seeds the estimator and the CV shuffling; the same seed gives the same model.
     cv : int
         Upper bound on the number of folds.
-    n_jobs : int
-        Parallel CV fits (GridSearchCV ``n_jobs``).
+    n_jobs : int or None
+        Processes for the CV fits; None: every usable core.
     scoring : str
         GridSearchCV scoring.
     groups : array-like of shape (n_train,), optional
@@ -326,6 +350,12 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
         BLAS threads during the fit. The solvers here make many small matrix-vector
         products, for which one thread is fastest; with two threads on two shared cores an
         OvR logistic fit ran 4x slower. None leaves the BLAS library's setting alone.
+    calibrate : {None, "sigmoid", "isotonic"}
+        Wrap the tuned pipeline in cross-validated calibration (:func:`calibrated`), so
+        that every classifier, the SVM included, gives probabilities.
+    tuning : {"fast", "exhaustive"}
+        "exhaustive": every grid candidate on ``min(cv, smallest class)`` folds, whatever
+        the size (featx 0.1's search, for comparison).
 
     Returns
     -------
@@ -341,8 +371,12 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
     spec = _spec(name)
     X, y = _check_training_data(X_train, y_train)
     weight = _effective_class_weight(name, spec, class_weight)
+    n_jobs = n_jobs or usable_cores()
     pipeline = spec.factory(weight, seed)
-    n_splits = _n_splits(y, cv) if tune else 0
+    if tuning not in TUNINGS:
+        raise UsageError(f"tuning must be one of {', '.join(TUNINGS)}, not {tuning!r}")
+    exhaustive = tuning == "exhaustive"
+    n_splits = (_n_splits(y, cv, large=not exhaustive) if tune else 0)
     if tune and n_splits < 2:
         log.warning(LIMITED_CV_WARNING.format(name=name))
         tune, n_splits = False, 0
@@ -350,13 +384,20 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
     started = time.perf_counter()
     with _blas_limit(blas_threads):
         if tune:
-            search = _grid_search(spec, pipeline, y, n_splits, seed, n_jobs, scoring, groups)
-            search, not_converged = _run_quietly(lambda: search.fit(X, y, groups=groups))
-            estimator, best_params = search.best_estimator_, dict(search.best_params_)
-            cv_score = float(search.best_score_)
+            folds = _folds(y, n_splits, seed, groups)
+            (best_params, cv_score), not_tuned = _run_quietly(
+                lambda: TUNERS["grid" if exhaustive else spec.tuner](
+                    spec, pipeline, X, y, folds, n_jobs, scoring, groups))
+            pipeline.set_params(**best_params)
         else:
-            estimator, not_converged = _run_quietly(lambda: pipeline.fit(X, y))
-            best_params, cv_score = _current_params(estimator, spec.grid), None
+            best_params, cv_score, not_tuned = _current_params(pipeline, spec.grid), None, 0
+        if calibrate:
+            calibration_folds = _folds(y, _calibration_splits(y, n_splits or cv), seed, groups)
+            estimator, not_refit = _run_quietly(
+                lambda: calibrated(pipeline, calibrate, calibration_folds, X, y, groups))
+        else:
+            estimator, not_refit = _run_quietly(lambda: pipeline.fit(X, y))
+    not_converged = not_tuned + not_refit
     fit_seconds = time.perf_counter() - started
 
     if not_converged:
@@ -364,7 +405,8 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
                     "(usually harmless on separable embeddings)", name, not_converged)
     return FitResult(estimator=estimator, best_params=best_params, cv_score=cv_score,
                      fit_seconds=fit_seconds, tuned=tune, cv_splits=n_splits,
-                     class_weight=weight, n_train=len(y), converged=not not_converged)
+                     class_weight=weight, n_train=len(y), calibration=calibrate,
+                     converged=not not_converged)
 
 
 def _blas_limit(threads):
@@ -375,19 +417,92 @@ def _blas_limit(threads):
     return threadpool_limits(limits=threads, user_api="blas")
 
 
-def _grid_search(spec, pipeline, y, n_splits, seed, n_jobs, scoring, groups=None):
-    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
+def _folds(y, n_splits, seed, groups=None):
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if groups is None:
+        return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    # keep every augmented view in its image's fold, or CV scores leak
+    return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+
+
+def grid_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups=None):
+    """Exhaustive grid search by cross-validation: ``(best_params, mean CV score)``.
+
+    Candidates and folds run on ``n_jobs`` processes; ties go to the first candidate.
+    """
+    from sklearn.model_selection import GridSearchCV
 
     grid = spec.grid
     if spec.adapt_grid is not None:
-        smallest_fold_train = len(y) - int(np.ceil(len(y) / n_splits))
+        smallest_fold_train = len(y) - int(np.ceil(len(y) / folds.get_n_splits()))
         grid = spec.adapt_grid(grid, smallest_fold_train)
-    if groups is None:
-        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    else:  # keep every augmented view in its image's fold, or CV scores leak
-        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return GridSearchCV(pipeline, grid, cv=folds, scoring=scoring, n_jobs=n_jobs, refit=True,
-                        error_score="raise")
+    search = GridSearchCV(pipeline, grid, cv=folds, scoring=scoring, n_jobs=n_jobs,
+                          refit=False, error_score="raise")
+    search.fit(X, y, groups=groups)
+    return dict(search.best_params_), float(search.best_score_)
+
+
+def depth_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups=None):
+    """Tune a tree's ``max_depth``: one tree per fold, grown to the deepest candidate on a
+    seeded quarter of the features, scored at every candidate depth by truncation.
+
+    A tree grown to depth 16 and cut at depth 4 makes the same first four levels of splits
+    as a tree grown to depth 4 (up to ties between equally good splits), so one fit per
+    fold replaces one per candidate; the feature subset makes each fit 4x cheaper. Only
+    the choice of depth comes from these trees: the model is then fitted on every feature.
+    Other scorings than accuracy fall back to :func:`grid_tune`.
+    """
+    if scoring != "accuracy":
+        return grid_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups)
+    from joblib import Parallel, delayed
+
+    depths = list(spec.grid["clf__max_depth"])
+    rng = np.random.default_rng(pipeline.get_params()["clf__random_state"])
+    n_features = X.shape[1]
+    keep = np.sort(rng.choice(n_features, size=min(n_features, max(64, n_features // 4)),
+                              replace=False))
+    scores = Parallel(n_jobs=n_jobs)(
+        delayed(_truncated_scores)(pipeline, X[train][:, keep], y[train], X[test][:, keep],
+                                   y[test], depths)
+        for train, test in folds.split(X, y, groups))
+    mean = np.mean(scores, axis=0)
+    best = int(np.argmax(mean))  # first of ties, as GridSearchCV
+    return {"clf__max_depth": depths[best]}, float(mean[best])
+
+
+def _truncated_scores(pipeline, X_train, y_train, X_test, y_test, depths) -> list[float]:
+    from sklearn.base import clone
+
+    deepest = None if None in depths else max(depths)
+    tree = clone(pipeline).set_params(clf__max_depth=deepest).fit(X_train, y_train)[-1]
+    path = tree.decision_path(X_test)  # CSR rows: node ids root to leaf, in increasing order
+    lengths = np.diff(path.indptr)
+    values = tree.tree_.value[:, 0, :]
+    scores = []
+    for depth in depths:
+        cut = lengths - 1 if depth is None else np.minimum(depth, lengths - 1)
+        nodes = path.indices[path.indptr[:-1] + cut]
+        predicted = tree.classes_[np.argmax(values[nodes], axis=1)]
+        scores.append(float(np.mean(predicted == y_test)))
+    return scores
+
+
+def calibrated(pipeline, method, folds, X, y, groups=None):
+    """``pipeline`` wrapped in scikit-learn's cross-validated calibration and fitted:
+    each fold fits a copy on its training part and a ``method`` ("sigmoid" or "isotonic")
+    map of its scores on the held-out part; predictions average the folds' calibrated
+    probabilities."""
+    from sklearn.calibration import CalibratedClassifierCV
+
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, "
+                         f"not {method!r}")
+    splits = list(folds.split(X, y, groups))
+    return CalibratedClassifierCV(pipeline, method=method, cv=splits).fit(X, y)
+
+
+TUNERS = {"grid": grid_tune, "depth": depth_tune}
 
 
 # ----- evaluation -----------------------------------------------------------------------
@@ -470,53 +585,217 @@ def classification_metrics(y_true, y_pred, class_names) -> dict:
 # ----- compare --------------------------------------------------------------------------
 
 def compare(features_list, clfs, *, tune: bool = True, class_weight: str | None = None,
-            seed: int = 0, eval_split: str = "val", cv: int = 5, n_jobs: int = 1,
-            blas_threads: int | None = 1, views: bool = False) -> list[dict]:
+            seed: int = 0, eval_split: str = "val", cv: int = 5, n_jobs: int | None = None,
+            views: bool = False, calibrate: str | None = None,
+            tuning: str = "fast") -> list[dict]:
     """Fit every classifier on every feature set's train rows and score it on ``eval_split``.
 
     Parameters
     ----------
     features_list : iterable of Features-like
-        Needs ``arrays(split) -> (X, y)``, ``class_names``, ``backbone`` and ``weights``;
-        ``weights_id`` and ``stats.seconds`` are used when present.
+        Needs ``indices(split, views)``, ``take(idx) -> (X, y)``, ``paths``, ``sha256``,
+        ``class_names``, ``backbone`` and ``weights``; ``weights_id`` and ``stats.seconds``
+        are used when present.
     clfs : iterable of str
         Classifier names (validated before anything is fitted).
-    tune, class_weight, seed, cv, n_jobs, blas_threads
+    tune, class_weight, seed, cv, calibrate, tuning
         As in :func:`fit_classifier`.
     eval_split : str
         "val" or "test"; the caller decides which (use "test" only for the final numbers).
+    n_jobs : int or None
+        Processes (None: every usable core), shared between classifiers fitted side by side.
     views : bool
-        Train on the cached augmented views too (``arrays("train", views=True)``), with
-        cross-validation grouped by ``groups("train", views=True)`` so an image and its
-        views stay in one fold.
+        Train on the cached augmented views too, with cross-validation grouped by content
+        hash so an image and its views stay in one fold.
 
     Returns
     -------
     list of dict
         One result dict per (features, classifier), in input order; the schema is documented
         in :func:`featx.reports.write_compare_report`. Each also carries the fitted pipeline
-        under ``"estimator"`` (not written to report.json).
+        under ``"estimator"`` and its evaluation rows under ``"eval_rows"`` (neither is
+        written to report.json).
     """
     clfs = check_names(clfs)
     results = []
     for features in features_list:
-        X_train, y_train = features.arrays("train", views=True) if views else \
-            features.arrays("train")
-        groups = features.groups("train", views=True) if views else None
-        X_eval, y_eval = features.arrays(eval_split)
-        if len(y_eval) == 0:
+        train = features.indices("train", views)
+        evaluation = features.indices(eval_split)
+        if len(evaluation) == 0:
             raise DataError(f"the {eval_split} split of {features.backbone} features is empty; "
                             "nothing to evaluate on")
-        for name in clfs:
-            fit = fit_classifier(name, X_train, y_train, tune=tune, class_weight=class_weight,
-                                 seed=seed, cv=cv, n_jobs=n_jobs, blas_threads=blas_threads,
-                                 groups=groups)
-            scores = evaluate(fit.estimator, X_eval, y_eval, features.class_names,
-                              blas_threads=blas_threads)
-            results.append(result_dict(name, features, fit, scores, eval_split, seed))
-            log.info("%s on %s: %s accuracy %.4f, fit %.2f s", name, features.backbone,
-                     eval_split, scores["accuracy"], fit.fit_seconds)
+        results += compare_rows(features, clfs, train, evaluation, split=eval_split,
+                                groups=features.sha256[train] if views else None,
+                                tune=tune, class_weight=class_weight, seed=seed, cv=cv,
+                                n_jobs=n_jobs, calibrate=calibrate, tuning=tuning)
     return results
+
+
+# Slowest first, so that classifiers fitted side by side finish together (1280-d features).
+COST_ORDER = ("tree", "svm", "logistic", "softmax", "knn")
+
+
+def compare_rows(features, clfs, train, evaluation, *, split="val", groups=None,
+                 tune=True, class_weight=None, seed=0, cv=5, n_jobs=None, calibrate=None,
+                 tuning="fast", summarise=True) -> list[dict]:
+    """:func:`compare` on explicit row indices of one feature set (``train`` to fit,
+    ``evaluation`` to score): the classifiers are fitted side by side on the usable cores."""
+    X_train, y_train = features.take(train)
+    X_eval, y_eval = features.take(evaluation)
+    n_jobs = n_jobs or usable_cores()
+    side_by_side = max(1, min(n_jobs, len(clfs)))
+    fit_options = dict(tune=tune, class_weight=class_weight, seed=seed, cv=cv,
+                       n_jobs=max(1, n_jobs // side_by_side), groups=groups,
+                       calibrate=calibrate, tuning=tuning)
+    order = sorted(clfs, key=lambda n: COST_ORDER.index(n) if n in COST_ORDER else -1)
+    from joblib import Parallel, delayed
+
+    outcomes = dict(zip(order, Parallel(n_jobs=side_by_side)(
+        delayed(fit_and_score)(name, X_train, y_train, X_eval, y_eval, features.class_names,
+                               fit_options) for name in order)))
+    rows = []
+    for name in clfs:
+        fit, scores, predicted, confidence = outcomes[name]
+        row = result_dict(name, features, fit, scores, split, seed)
+        if summarise:
+            row.update(uncertainty_summary(y_eval, predicted, confidence,
+                                           len(features.class_names), seed))
+        row["eval_rows"] = {"paths": np.asarray(features.paths)[evaluation], "y_true": y_eval,
+                            "y_pred": predicted, "confidence": confidence}
+        log.info("%s on %s: %s accuracy %.4f, fit %.2f s", name, features.backbone, split,
+                 scores["accuracy"], fit.fit_seconds)
+        rows.append(row)
+    return rows
+
+
+def fit_and_score(name, X_train, y_train, X_eval, y_eval, class_names, fit_options):
+    """Fit one classifier and score it: ``(FitResult, scores, predicted, confidence)``,
+    ``confidence`` being the top probability per row (None without probabilities)."""
+    fit = fit_classifier(name, X_train, y_train, **fit_options)
+    with _blas_limit(1):
+        started = time.perf_counter()
+        probabilities = predict_probabilities(fit.estimator, X_eval)
+        if probabilities is None:
+            predicted, confidence = fit.estimator.predict(X_eval), None
+        else:
+            predicted = fit.estimator.classes_[np.argmax(probabilities, axis=1)]
+            confidence = probabilities.max(axis=1)
+        seconds = time.perf_counter() - started
+    scores = {**classification_metrics(y_eval, predicted, class_names),
+              "predict_seconds": seconds, "predict_ms_per_image": 1000.0 * seconds / len(y_eval)}
+    return fit, scores, predicted, confidence
+
+
+def predict_probabilities(estimator, X):
+    """Class probabilities, or None for a model that only has decision values (svm)."""
+    if not hasattr(estimator, "predict_proba"):
+        return None
+    try:
+        return estimator.predict_proba(X)
+    except AttributeError:
+        return None
+
+
+def uncertainty_summary(y_true, y_pred, confidence, n_classes, seed=0) -> dict:
+    """The trust fields of a compare row: ``intervals`` (95% bootstrap, per metric),
+    ``ece``, ``reliability`` and ``coverage`` (None without probabilities)."""
+    from featx import uncertainty
+
+    out = {"intervals": uncertainty.bootstrap_intervals(y_true, y_pred, n_classes, seed=seed),
+           "interval_resamples": uncertainty.N_RESAMPLES,
+           "ece": None, "reliability": None, "coverage": None}
+    if confidence is not None:
+        correct = np.asarray(y_true) == np.asarray(y_pred)
+        out["ece"] = uncertainty.expected_calibration_error(confidence, correct)
+        out["reliability"] = uncertainty.reliability_bins(confidence, correct)
+        out["coverage"] = uncertainty.coverage_curve(confidence, correct)
+    return out
+
+
+def significance(results, alpha: float = 0.05) -> None:
+    """Mark each row against the best one (highest accuracy, then fastest fit, as the report
+    sorts): exact McNemar test on the
+    evaluation images both were scored on, Holm-corrected over the comparisons.
+
+    Sets ``vs_best`` on every row that has ``eval_rows``: None for the best itself, else
+    ``p_value``, ``significant``, ``best_only``/``this_only`` (images only one got right)
+    and ``n`` (images compared).
+    """
+    from featx import uncertainty
+
+    scored = [r for r in results if r.get("eval_rows") is not None]
+    if len(scored) < 2:
+        return
+    best = min(scored, key=lambda r: (-r["accuracy"], r["fit_seconds"]))  # the report's order
+    best_correct = _correct_by_path(best)
+    tests = []
+    for row in scored:
+        if row is best:
+            row["vs_best"] = None
+            continue
+        mine = _correct_by_path(row)
+        common = sorted(set(mine) & set(best_correct))
+        test = uncertainty.mcnemar([best_correct[p] for p in common], [mine[p] for p in common])
+        row["vs_best"] = {"p_value": test["p_value"], "best_only": test["a_only"],
+                          "this_only": test["b_only"], "n": len(common)}
+        tests.append(row["vs_best"])
+    for test, significant in zip(tests, uncertainty.holm([t["p_value"] for t in tests], alpha)):
+        test["significant"] = significant
+
+
+def compare_repeated(features, clfs, plan, *, tune=True, class_weight=None, cv=5,
+                     n_jobs=None, calibrate=None, tuning="fast") -> list[dict]:
+    """Every classifier on every repeat of ``plan`` (:func:`featx.resampling.plan_repeats`),
+    tuned inside each repeat's training rows; one summary dict per classifier.
+
+    Each dict has ``clf``, ``backbone``, ``weights``, ``protocol``, ``description``,
+    ``repeats``, ``per_repeat`` (one dict of metrics per repeat, ``seed`` included),
+    ``mean``, ``std`` (sample standard deviation over repeats), ``min``, ``max`` and
+    ``interval`` (95% bootstrap interval of the mean, resampling every repeat's
+    evaluation images): dicts over accuracy, balanced accuracy and macro-F1.
+    """
+    from featx import uncertainty
+
+    clfs = check_names(clfs)
+    n_classes = len(features.class_names)
+    outcomes = {name: [] for name in clfs}  # per repeat: (y_true, y_pred)
+    for repeat in plan.repeats:
+        pooled = {name: ([], []) for name in clfs}
+        for train, evaluation in repeat.folds:
+            for row in compare_rows(features, clfs, train, evaluation, tune=tune,
+                                    class_weight=class_weight, seed=repeat.seed, cv=cv,
+                                    n_jobs=n_jobs, calibrate=calibrate, tuning=tuning,
+                                    summarise=False):
+                pooled[row["clf"]][0].append(row["eval_rows"]["y_true"])
+                pooled[row["clf"]][1].append(row["eval_rows"]["y_pred"])
+        for name in clfs:
+            outcomes[name].append((np.concatenate(pooled[name][0]),
+                                   np.concatenate(pooled[name][1])))
+    summaries = []
+    for name in clfs:
+        per_repeat = []
+        for repeat, (y_true, y_pred) in zip(plan.repeats, outcomes[name]):
+            scores = classification_metrics(y_true, y_pred, features.class_names)
+            per_repeat.append({"seed": repeat.seed, "n": int(len(y_true)),
+                               **{m: scores[m] for m in uncertainty.METRICS}})
+        values = {m: np.array([r[m] for r in per_repeat]) for m in uncertainty.METRICS}
+        summaries.append({
+            "clf": name, "backbone": features.backbone, "weights": features.weights,
+            "protocol": plan.protocol, "description": plan.description,
+            "repeats": len(plan.repeats), "per_repeat": per_repeat,
+            "mean": {m: float(v.mean()) for m, v in values.items()},
+            "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
+            "min": {m: float(v.min()) for m, v in values.items()},
+            "max": {m: float(v.max()) for m, v in values.items()},
+            "interval": uncertainty.repeated_interval(outcomes[name], n_classes,
+                                                      seed=plan.repeats[0].seed)})
+    return summaries
+
+
+def _correct_by_path(row) -> dict:
+    rows = row["eval_rows"]
+    return dict(zip(rows["paths"].tolist(),
+                    (np.asarray(rows["y_true"]) == np.asarray(rows["y_pred"])).tolist()))
 
 
 def result_dict(name, features, fit: FitResult, scores: dict, split: str, seed: int = 0) -> dict:
@@ -551,6 +830,7 @@ def result_dict(name, features, fit: FitResult, scores: dict, split: str, seed: 
         "class_names": [str(c) for c in features.class_names],
         "per_class": scores["per_class"],
         "confusion_matrix": scores["confusion_matrix"],
+        "calibration": fit.calibration,
         "estimator": fit.estimator,
     }
 

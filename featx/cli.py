@@ -421,7 +421,15 @@ def classifier_options(func):
         click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
                      help="Reweight classes for imbalanced data."),
         click.option("--cv", type=click.IntRange(2), default=5, show_default=True,
-                     help="Cross-validation folds for tuning."),
+                     help="Cross-validation folds for tuning (at most 2 from 2000 training "
+                     "images with --tuning fast)."),
+        click.option("--tuning", type=click.Choice(["fast", "exhaustive"]), default="fast",
+                     show_default=True, help="fast: fewer folds on large data, trees tuned by "
+                     "depth truncation; exhaustive: every candidate on --cv folds."),
+        click.option("--calibrate", type=click.Choice(["sigmoid", "isotonic"]), default=None,
+                     is_flag=False, flag_value="sigmoid",
+                     help="Cross-validated probability calibration (sigmoid when given "
+                     "alone), so that scores are probabilities; the svm's too."),
     ]):
         func = option(func)
     return func
@@ -443,7 +451,8 @@ def classifier_options(func):
 @engine_options
 @json_option
 @handle_errors
-def fit(data, clf, json_, tune, class_weight, cv, out, name, use_augmented, **kw):
+def fit(data, clf, json_, tune, class_weight, cv, tuning, calibrate, out, name, use_augmented,
+        **kw):
     """Train a classifier on the cached embeddings of DATA and save it.
 
     Extracts first (through the same cache) if DATA is not cached yet, trains on the train
@@ -459,7 +468,8 @@ def fit(data, clf, json_, tune, class_weight, cv, out, name, use_augmented, **kw
         raise click.BadParameter("fit takes one classifier; use `featx compare` for several",
                                  param_hint="--clf")
     outcome = run_fit(data, clf, tune=tune, class_weight=class_weight, out=out, name=name,
-                      use_augmented=use_augmented, cv=cv, options=_options(kw))
+                      use_augmented=use_augmented, cv=cv, tuning=tuning, calibrate=calibrate,
+                      options=_options(kw))
     _warn_random(outcome["weights"])
     if json_:
         emit_json(outcome)
@@ -471,7 +481,8 @@ def fit(data, clf, json_, tune, class_weight, cv, out, name, use_augmented, **kw
                    f"val macro-F1: {outcome['val_macro_f1']:.4f}")
     if "test_accuracy" in outcome:
         click.echo(f"test accuracy: {outcome['test_accuracy']:.4f}")
-    click.echo(f"fit:          {outcome['fit_seconds']:.2f} s, best params {outcome['best_params']}")
+    click.echo(f"fit:          {outcome['fit_seconds']:.2f} s, best params {outcome['best_params']}"
+               + (f", {outcome['calibration']}-calibrated" if outcome["calibration"] else ""))
     click.echo(f"features:     {outcome['runtime']}")
 
 
@@ -484,9 +495,12 @@ def fit(data, clf, json_, tune, class_weight, cv, out, name, use_augmented, **kw
               help="Write to this file instead of stdout.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=DEFAULTS.runtime,
               show_default=True, help="What embeds files that are not cached.")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=None, metavar="P",
+              help="Label images whose top probability is below P as 'unknown' (the best "
+              "guess goes to a best_guess column); compare's report shows what each P costs.")
 @json_option
 @handle_errors
-def predict(model, paths, top_k, batch_size, output, json_, runtime):
+def predict(model, paths, top_k, batch_size, output, json_, runtime, min_score):
     """Label images (files or folders) with a saved MODEL.
 
     MODEL is a .joblib (or its .json sidecar) from `featx fit`, or a .keras model from
@@ -501,10 +515,12 @@ def predict(model, paths, top_k, batch_size, output, json_, runtime):
     """
     from featx.api import predict as run_predict
 
-    rows = run_predict(model, paths, top_k=top_k, batch_size=batch_size, runtime=runtime)
+    rows = run_predict(model, paths, top_k=top_k, batch_size=batch_size, runtime=runtime,
+                       min_score=min_score)
     sources = sorted({row.get("embedded_by", "") for row in rows} - {""})
     click.echo(f"featx: embeddings from {', '.join(sources)}", err=True)
-    text = json.dumps(rows, default=json_default) if json_ else _rows_to_csv(rows, top_k)
+    text = json.dumps(rows, default=json_default) if json_ else \
+        _rows_to_csv(rows, top_k, best_guess=min_score is not None)
     if output:
         from pathlib import Path
 
@@ -563,18 +579,20 @@ def export_cmd(model, format_, precision, output, check, json_):
         sys.exit(1)
 
 
-def _rows_to_csv(rows, top_k) -> str:
+def _rows_to_csv(rows, top_k, best_guess=False) -> str:
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    header = ["path", "label", "score"]
+    header = ["path", "label", "score"] + (["best_guess"] if best_guess else [])
     for k in range(1, top_k + 1):
         header += [f"top{k}_label", f"top{k}_score"]
     writer.writerow(header + ["error"])
     for row in rows:
         cells = [row["path"], row["label"], "" if row["score"] is None else f"{row['score']:.6f}"]
+        if best_guess:
+            cells.append(row.get("best_guess", ""))
         top = row.get("top", [])
         for k in range(top_k):
             cells += [top[k]["label"], f"{top[k]['score']:.6f}"] if k < len(top) else ["", ""]
@@ -595,6 +613,9 @@ def _rows_to_csv(rows, top_k) -> str:
 @click.option("--augmented", type=click.Choice(["no", "yes", "both"]), default="no",
               show_default=True,
               help="Train on cached augmented views (extract --augment K): no, yes, or both rows.")
+@click.option("--repeats", type=click.IntRange(2), default=None, metavar="R",
+              help="Also evaluate R times on re-drawn splits of the cached rows (repeated "
+              "stratified k-fold for given train/val folders): mean +/- std and interval.")
 @click.option("--finetune", is_flag=True, help="Add a fine-tuning row (slow: trains the network).")
 @click.option("--finetune-epochs", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--finetune-warmup-epochs", type=click.IntRange(1), default=3, show_default=True)
@@ -604,8 +625,9 @@ def _rows_to_csv(rows, top_k) -> str:
 @engine_options
 @json_option
 @handle_errors
-def compare(data, clfs, backbone, json_, tune, class_weight, cv, report_dir, eval_split,
-            augmented, finetune, finetune_epochs, finetune_warmup_epochs, **kw):
+def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibrate, report_dir,
+            eval_split, augmented, repeats, finetune, finetune_epochs, finetune_warmup_epochs,
+            **kw):
     """Train every classifier on the same cached features and write a benchmark report.
 
     With a warm cache no image goes through the model. Writes report.md, report.json, a
@@ -623,23 +645,41 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, report_dir, eva
     options = _options(kw)
     outcome = run_compare(data, clfs, backbones=backbone, report_dir=report_dir, tune=tune,
                           class_weight=class_weight, eval_split=eval_split, cv=cv,
-                          finetune=finetune_options, augmented=augmented, options=options)
+                          finetune=finetune_options, augmented=augmented, options=options,
+                          tuning=tuning, calibrate=calibrate, repeats=repeats)
     results = outcome["results"]
     _warn_random(options.weights)
     if json_:
         keys = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
-                "macro_f1", "fit_seconds", "predict_seconds", "augmented_views", "best_params",
-                "runtime", "precision")
+                "macro_f1", "intervals", "vs_best", "ece", "calibration", "fit_seconds",
+                "predict_seconds", "augmented_views", "best_params", "runtime", "precision")
         emit_json({"report": outcome["report"],
-                   "results": [{k: r.get(k) for k in keys} for r in results]})
+                   "results": [{k: r.get(k) for k in keys} for r in results],
+                   "repeated": outcome["repeated"]})
         return
     click.echo(f"{'classifier':<10} {'backbone':<20} {'split':<5} {'accuracy':>8} "
-               f"{'macro-F1':>8} {'fit s':>7}")
+               f"{'95% interval':>15} {'vs best':>12} {'macro-F1':>8} {'fit s':>7}")
     for r in sorted(results, key=lambda r: -r["accuracy"]):
-        click.echo(f"{r['clf'] + ('+aug' if r.get('augmented_views') else ''):<10} "
-                   f"{r['backbone']:<20} {r['split']:<5} {r['accuracy']:>8.4f} "
-                   f"{r['macro_f1']:>8.4f} {r['fit_seconds']:>7.2f}")
+        low, high = (r.get("intervals") or {}).get("accuracy", (None, None))
+        interval = f"{low:.3f}-{high:.3f}" if low is not None else "-"
+        click.echo(f"{r['clf']:<10} {r['backbone']:<20} {r['split']:<5} {r['accuracy']:>8.4f} "
+                   f"{interval:>15} {_vs_best(r):>12} {r['macro_f1']:>8.4f} "
+                   f"{r['fit_seconds']:>7.2f}")
+    for r in outcome["repeated"] or []:
+        click.echo(f"{r['clf']:<10} {r['backbone']:<20} x{r['repeats']:<4} "
+                   f"{r['mean']['accuracy']:>8.4f} +/- {r['std']['accuracy']:.4f} "
+                   f"(interval {r['interval']['accuracy'][0]:.3f}-"
+                   f"{r['interval']['accuracy'][1]:.3f})")
     click.echo(f"report: {outcome['report']}")
+
+
+def _vs_best(row) -> str:
+    test = row.get("vs_best")
+    if "vs_best" not in row:
+        return "-"
+    if test is None:
+        return "best"
+    return f"p={test['p_value']:.3f}" + ("*" if test["significant"] else "")
 
 
 def _unfreeze_value(ctx, param, value):

@@ -115,6 +115,11 @@ def linear_head(estimator, clf: str) -> Head:
             + ("it looks up its training rows at prediction time"
                if clf == "knn" else "its decision rules are not a neural-network layer")
             + f"; export a {', '.join(_LINEAR)} model, or use `featx predict`")
+    if hasattr(estimator, "calibrated_classifiers_"):
+        raise UsageError(f"a calibrated {clf} model cannot be exported as one graph: its "
+                         "probabilities average cross-validated copies, each with its own "
+                         "calibration map; export the model fitted without --calibrate, or "
+                         "use `featx predict`")
     steps = dict(estimator.steps)
     final = steps["clf"]
     weights, bias = _coefficients(final)

@@ -59,6 +59,7 @@ class Features:
             self.dim = cache.dim
             self.root = Path(cache.attr("root"))
             self.split_params = cache.json_attr("split_params", {})
+            self.layout = cache.attr("layout", "pool")  # "split": given train/val folders
             self.preprocessing = cache.json_attr("preprocessing", {})
             self.extraction_seconds = float(cache.attr("extraction_seconds", 0.0))
             self.runtimes = cache.json_attr("runtimes", [])
@@ -105,10 +106,13 @@ class Features:
 
     def arrays(self, split: str, views: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) of one split, in cache row order."""
-        idx = self.indices(split, views)
+        return self.take(self.indices(split, views))
+
+    def take(self, idx) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of the rows ``idx`` (cache row indices, any order)."""
+        idx = np.asarray(idx, dtype=np.int64)
         with FeatureCache.open(self.cache_path) as cache:
-            X = cache.embeddings(idx)
-        return X, self.labels[idx]
+            return cache.embeddings(idx), self.labels[idx]
 
     def require_views(self) -> None:
         """Raise DataError unless the cache holds augmented views (``extract --augment``)."""

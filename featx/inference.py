@@ -131,24 +131,36 @@ def content_hash(path) -> str:
         return ""
 
 
-def label_rows(files, errors, scores, labels, score_classes, classes, top_k) -> list[dict]:
+UNKNOWN = "unknown"
+
+
+def label_rows(files, errors, scores, labels, score_classes, classes, top_k, *,
+               min_score=None) -> list[dict]:
     """``predict``'s rows: a label, its score and the top-k per file, or the file's error.
 
     ``scores`` (one row per file without an error) has a column per entry of
     ``score_classes`` (class indices into ``classes``); ``labels`` are predicted indices.
+    With ``min_score``, every row gets ``best_guess`` (the top class) and a row whose score
+    is below ``min_score`` is labelled :data:`UNKNOWN`.
     """
     score_classes = [int(c) for c in score_classes]
     rows, k = [], 0
     for path, error in zip(files, errors):
         if error:
-            rows.append({"path": str(path), "label": "", "score": None, "error": error})
+            row = {"path": str(path), "label": "", "score": None, "error": error}
+            rows.append(row if min_score is None else {**row, "best_guess": ""})
             continue
         order = np.argsort(-scores[k])[:top_k]
         label = int(labels[k])
-        rows.append({"path": str(path), "label": classes[label],
-                     "score": float(scores[k][score_classes.index(label)]),
-                     "top": [{"label": classes[score_classes[j]], "score": float(scores[k][j])}
-                             for j in order],
-                     "error": ""})
+        row = {"path": str(path), "label": classes[label],
+               "score": float(scores[k][score_classes.index(label)]),
+               "top": [{"label": classes[score_classes[j]], "score": float(scores[k][j])}
+                       for j in order],
+               "error": ""}
+        if min_score is not None:
+            row["best_guess"] = row["label"]
+            if row["score"] < min_score:
+                row["label"] = UNKNOWN
+        rows.append(row)
         k += 1
     return rows

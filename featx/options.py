@@ -9,6 +9,7 @@ names, so a typo (``batchsize=64``) never goes silently unused.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from featx.errors import UsageError
@@ -86,3 +87,12 @@ def reject_unknown(values: dict, valid, what: str = "option") -> None:
     if unknown:
         raise UsageError(f"unknown {what}{'s' if len(unknown) > 1 else ''} "
                          f"{', '.join(map(repr, unknown))}; valid: {', '.join(valid)}")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1: the default of
+    ``workers`` and of the classifiers' parallel cross-validation."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

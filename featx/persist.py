@@ -192,6 +192,7 @@ def classifier_metadata(features, clf, result, options, metrics, predictions, *,
         "best_params": result.best_params,
         "tuned": result.tuned,
         "class_weight": result.class_weight,
+        "calibration": result.calibration,  # None, "sigmoid" or "isotonic" (CV-calibrated)
         "fit_seconds": result.fit_seconds,
         "val_predictions": {p: features.class_names[i]
                             for p, i in predictions.get("val", {}).items()},

@@ -22,7 +22,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
@@ -33,16 +32,9 @@ import numpy as np
 
 from featx import data as featx_data
 from featx.errors import ImageDecodeError
+from featx.options import usable_cores
 
 log = logging.getLogger(__name__)
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 # ----- reader ----------------------------------------------------------------------

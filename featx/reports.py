@@ -23,7 +23,7 @@ from featx.errors import UsageError
 REQUIRED_KEYS = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
                  "macro_f1", "fit_seconds")
 # Keys that hold live objects, not numbers: kept out of report.json.
-NOT_SERIALISED = ("estimator",)
+NOT_SERIALISED = ("estimator", "eval_rows")
 CELL_TEXT_MAX_CLASSES = 30
 TICK_LABELS_MAX = 120
 RANDOM_WEIGHTS_BANNER = (
@@ -103,20 +103,45 @@ def _check_results(results):
 
 # ----- markdown ------------------------------------------------------------------------
 
-RESULT_COLUMNS = ("classifier", "backbone", "weights", "split", "accuracy", "balanced accuracy",
-                  "macro-F1", "fit s", "predict ms/image", "best parameters")
+RESULT_COLUMNS = ("rank", "classifier", "backbone", "weights", "split", "accuracy (95% interval)",
+                  "vs best", "balanced accuracy", "macro-F1", "fit s", "predict ms/image",
+                  "best parameters")
+
+
+def _with_interval(r, metric) -> str:
+    interval = (r.get("intervals") or {}).get(metric)
+    text = _num(r[metric], 4)
+    return text if not interval else f"{text} ({interval[0]:.3f}-{interval[1]:.3f})"
+
+
+def _vs_best(r) -> str:
+    if "vs_best" not in r:
+        return "-"
+    test = r["vs_best"]
+    if test is None:
+        return "best"
+    verdict = "worse" if test["significant"] else "n.s."
+    return f"{verdict} (p={test['p_value']:.3g})"
+
+
+def _ranks(rows) -> list[int]:
+    """Competition ranking by accuracy: equal accuracies share a rank (1, 1, 3)."""
+    return [1 + sum(other["accuracy"] > r["accuracy"] for other in rows) for r in rows]
 
 
 def _results_table(rows) -> list[str]:
     lines = ["| " + " | ".join(RESULT_COLUMNS) + " |",
-             "|" + "|".join(["---"] * 4 + ["---:"] * 5 + ["---"]) + "|"]
-    for r in rows:
+             "|" + "|".join(["---:"] + ["---"] * 4 + ["---:", "---"] + ["---:"] * 4 + ["---"])
+             + "|"]
+    for rank, r in zip(_ranks(rows), rows):
         backbone = r["backbone"] + (" int8" if r.get("precision") == "int8" else "")
-        cells = [r["clf"], backbone, r["weights"], r["split"],
-                 _num(r["accuracy"], 4), _num(r["balanced_accuracy"], 4), _num(r["macro_f1"], 4),
+        cells = [rank, r["clf"], backbone, r["weights"], r["split"],
+                 _with_interval(r, "accuracy"), _vs_best(r),
+                 _with_interval(r, "balanced_accuracy"), _with_interval(r, "macro_f1"),
                  _num(r["fit_seconds"], 2), _num(r.get("predict_ms_per_image"), 3),
                  format_params(r.get("best_params"))
-                 + (" (not tuned)" if r.get("tuned") is False and r.get("best_params") else "")]
+                 + (" (not tuned)" if r.get("tuned") is False and r.get("best_params") else "")
+                 + (f", {r['calibration']}-calibrated" if r.get("calibration") else "")]
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
     return lines
 
@@ -174,7 +199,87 @@ def _provenance_line(results, dataset) -> str:
     return line
 
 
-def _markdown(ordered, dataset, notes, files) -> str:
+def _trust_lines(ordered) -> list[str]:
+    """What the intervals and the paired tests say, in words."""
+    best = next((r for r in ordered if "vs_best" in r and r["vs_best"] is None), None)
+    tested = [r for r in ordered if r.get("vs_best")] if best is not None else []
+    if not any(r.get("intervals") for r in ordered):
+        return []
+    n = ordered[0].get("n_eval")
+    lines = [f"Intervals: 95% percentile bootstrap over the evaluation images "
+             f"({ordered[0].get('interval_resamples', '?')} resamples, seeded)."]
+    if n:
+        lines[0] += f" On {n} images one image is {100 / n:.2f} points of accuracy."
+    if tested:
+        tied = ", ".join(f"{r['clf']}/{r['backbone']}" for r in tested
+                         if not r["vs_best"]["significant"])
+        verdict = (f"Not significantly different from the best: {tied}; their order in the "
+                   "table is not evidence that one is better." if tied
+                   else "Every other row is significantly worse than the best.")
+        lines.append(f"\"vs best\": exact McNemar test of each row against {best['clf']} on "
+                     f"{best['backbone']}, on the images both were scored on, Holm-corrected "
+                     f"over {len(tested)} comparisons (alpha 0.05). {verdict}")
+    return lines
+
+
+def _calibration_section(ordered, files) -> list[str]:
+    rows = [r for r in ordered if "ece" in r]
+    if not rows:
+        return []
+    lines = ["## Calibration", "",
+             "Expected calibration error (ECE, 15 equal-width bins of the top probability; "
+             "0 = the probabilities mean what they say). Models without probabilities (an "
+             "uncalibrated svm gives decision values) show \"-\"; `--calibrate` gives them "
+             "probabilities.", "", "| classifier | backbone | calibration | ECE |",
+             "|---|---|---|---:|"]
+    for r in rows:
+        lines.append(f"| {_md(r['clf'])} | {_md(r['backbone'])} | "
+                     f"{r.get('calibration') or 'none'} | {_num(r['ece'], 4)} |")
+    if files.get("reliability"):
+        lines += ["", f"Reliability diagram: [{files['reliability']}]({files['reliability']})"]
+    return lines + [""]
+
+
+def _abstention_section(ordered, files) -> list[str]:
+    rows = [r for r in ordered if r.get("coverage")]
+    if not rows:
+        return []
+    thresholds = [c["threshold"] for c in rows[0]["coverage"]]
+    lines = ["## Answering only when confident", "",
+             "Share of images answered (coverage) and accuracy on them when images whose top "
+             "probability is below P are labelled unknown (`featx predict --min-score P`).", "",
+             "| classifier | backbone | " + " | ".join(f"P={t:g}" for t in thresholds) + " |",
+             "|---|---|" + "---:|" * len(thresholds)]
+    for r in rows:
+        cells = [f"{c['coverage']:.0%} / {_num(c['accuracy'], 3)}" for c in r["coverage"]]
+        lines.append(f"| {_md(r['clf'])} | {_md(r['backbone'])} | " + " | ".join(cells) + " |")
+    if files.get("coverage"):
+        lines += ["", f"Coverage vs accuracy: [{files['coverage']}]({files['coverage']})"]
+    return lines + [""]
+
+
+def _repeated_section(repeated) -> list[str]:
+    if not repeated:
+        return []
+    lines = ["## Repeated evaluation", "", f"Protocol: {repeated[0]['description']}. Every "
+             "classifier is tuned inside each repeat's training rows; no evaluation image of a "
+             "repeat is used to fit or tune it. Mean +/- standard deviation over repeats; the "
+             "interval is a 95% bootstrap interval of the mean (resampling every repeat's "
+             "evaluation images).", "",
+             "| classifier | backbone | repeats | accuracy | interval | balanced accuracy | "
+             "macro-F1 | min-max accuracy |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(repeated, key=lambda r: -r["mean"]["accuracy"]):
+        def stat(m):
+            return f"{r['mean'][m]:.4f} +/- {r['std'][m]:.4f}"
+        low, high = r["interval"]["accuracy"]
+        lines.append(f"| {_md(r['clf'])} | {_md(r['backbone'])} | {r['repeats']} | "
+                     f"{stat('accuracy')} | {low:.3f}-{high:.3f} | {stat('balanced_accuracy')} "
+                     f"| {stat('macro_f1')} | {r['min']['accuracy']:.4f}-"
+                     f"{r['max']['accuracy']:.4f} |")
+    return lines + [""]
+
+
+def _markdown(ordered, dataset, notes, files, repeated=None) -> str:
     best = ordered[0]
     lines = ["# featx compare report", ""]
     if any(r["weights"] == "random" for r in ordered):
@@ -182,6 +287,9 @@ def _markdown(ordered, dataset, notes, files) -> str:
     lines += [_provenance_line(ordered, dataset), "",
               "## Results (sorted by accuracy)", ""]
     lines += _results_table(ordered)
+    trust = _trust_lines(ordered)
+    if trust:
+        lines += [""] + trust
     if any(r.get("tuned") for r in ordered):
         lines += ["", "Best parameters were chosen by stratified k-fold cross-validation on the "
                   "train split (fold counts in report.json); \"fit s\" includes that tuning."]
@@ -190,6 +298,9 @@ def _markdown(ordered, dataset, notes, files) -> str:
         lines += [f"## Per-class metrics of the best model: {best['clf']} on {best['backbone']} "
                   f"({best['weights']}), {best['split']} split", ""]
         lines += _per_class_table(best) + [""]
+    lines += _repeated_section(repeated)
+    lines += _calibration_section(ordered, files)
+    lines += _abstention_section(ordered, files)
     lines += _dataset_section(dataset)
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
@@ -281,6 +392,56 @@ def plot_accuracy_vs_fit_time(results, path) -> Path:
     return Path(path)
 
 
+def plot_reliability(results, path) -> Path:
+    """Reliability diagram: accuracy against mean top probability per bin, one line per
+    classifier with probabilities; the diagonal is perfect calibration."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for r in results:
+        bins = r["reliability"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                markersize=3, label=f"{_series_label(r)} (ECE {r['ece']:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean top probability in the bin")
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_title("reliability diagram")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def plot_coverage(results, path) -> Path:
+    """Accuracy on the answered images against the share answered, as the minimum top
+    probability rises (every distinct probability is a point of the curve)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    for r in results:
+        rows = r["eval_rows"]
+        order = np.argsort(-np.asarray(rows["confidence"]), kind="stable")
+        correct = (np.asarray(rows["y_true"]) == np.asarray(rows["y_pred"]))[order]
+        answered = np.arange(1, len(correct) + 1)
+        ax.plot(answered / len(correct), np.cumsum(correct) / answered, label=_series_label(r))
+    ax.set_xlabel("coverage (share of images answered)")
+    ax.set_ylabel("accuracy on the answered images")
+    ax.set_title("abstaining below a minimum score")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _series_label(r) -> str:
+    label = r["clf"] if "/" in r["clf"] else f"{r['clf']}/{r['backbone']}"
+    return label + (f" ({r['calibration']})" if r.get("calibration") else "")
+
+
 def _confusion_title(r) -> str:
     title = (f"{r['clf']} on {r['backbone']} ({r['weights']}), "
              f"{r['split']} accuracy {r['accuracy']:.3f}")
@@ -290,7 +451,7 @@ def _confusion_title(r) -> str:
 # ----- the report ----------------------------------------------------------------------
 
 def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
-                         notes: list[str] | None = None) -> dict:
+                         notes: list[str] | None = None, repeated: list[dict] | None = None) -> dict:
     """Write report.md, report.json and the PNGs of a compare run into ``report_dir``.
 
     Parameters
@@ -316,6 +477,15 @@ def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
         - ``class_names`` (list of str), ``per_class`` (list of dicts ``class``,
           ``precision``, ``recall``, ``f1``, ``support``), ``confusion_matrix`` (list of
           lists, rows true, columns predicted); a confusion PNG is drawn when present.
+        - ``intervals`` ({metric: [low, high]}, 95% bootstrap), ``interval_resamples``;
+          ``vs_best`` (None for the best row, else ``p_value``, ``significant``,
+          ``best_only``, ``this_only``, ``n``: :func:`featx.classifiers.significance`).
+        - ``ece`` (float or None), ``reliability`` (bins of
+          :func:`featx.uncertainty.reliability_bins`), ``coverage`` (rows of
+          :func:`featx.uncertainty.coverage_curve`), ``calibration`` (method or None):
+          the calibration and abstention sections and reliability.png.
+        - ``eval_rows`` (``paths``, ``y_true``, ``y_pred``, ``confidence`` arrays): draws
+          coverage.png; never written to report.json.
         - ``estimator``: ignored here, never written to report.json.
         - anything else JSON-serialisable is copied to report.json as is.
     dataset : dict
@@ -325,6 +495,9 @@ def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
         Created if missing; files in it with the same names are overwritten.
     notes : list of str, optional
         Extra lines for a "Notes" section (e.g. a fine-tuning cost ratio).
+    repeated : list of dict, optional
+        :func:`featx.classifiers.compare_repeated` summaries: a "Repeated evaluation"
+        section, and ``repeated`` in report.json.
 
     Returns
     -------
@@ -352,6 +525,15 @@ def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
         plot_confusion(r["confusion_matrix"], class_names, report_dir / name, _confusion_title(r))
         files["confusion"][f"{r['clf']}/{r['backbone']}/{r['weights']}"] = name
     plot_accuracy_vs_fit_time(ordered, report_dir / files["accuracy_vs_fit_time"])
+    with_probabilities = [r for r in ordered if r.get("reliability")]
+    if with_probabilities:
+        files["reliability"] = "reliability.png"
+        plot_reliability(with_probabilities, report_dir / files["reliability"])
+    with_confidence = [r for r in with_probabilities
+                       if (r.get("eval_rows") or {}).get("confidence") is not None]
+    if with_confidence:
+        files["coverage"] = "coverage.png"
+        plot_coverage(with_confidence, report_dir / files["coverage"])
 
     best = ordered[0]
     report = {
@@ -364,9 +546,10 @@ def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
         "best": {key: best[key] for key in ("clf", "backbone", "weights", "accuracy")},
         "results": [{k: v for k, v in r.items() if k not in NOT_SERIALISED} for r in ordered],
         "notes": notes,
+        "repeated": repeated or [],
         "files": files,
     }
-    (report_dir / "report.md").write_text(_markdown(ordered, dataset, notes, files),
+    (report_dir / "report.md").write_text(_markdown(ordered, dataset, notes, files, repeated),
                                           encoding="utf-8")
     (report_dir / "report.json").write_text(
         json.dumps(report, indent=2, default=json_default) + "\n", encoding="utf-8")

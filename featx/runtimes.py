@@ -104,7 +104,7 @@ class OnnxMapper:
     def __init__(self, model, threads: int | None = None, spinning: bool | None = None):
         import onnxruntime as ort
 
-        from featx.pipeline import usable_cores
+        from featx.options import usable_cores
 
         self.model = model  # featx.onnx_export.OnnxModel
         self.precision = model.precision

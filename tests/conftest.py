@@ -96,3 +96,25 @@ def register_toy(monkeypatch):
         name="toy_cnn", family="test", input_size=32, resize_size=36, interpolation="area",
         normalization="tf", num_features=32, default_layer=None, default_pooling="avg",
         weights_source="random only", offline=True, license="none"), _toy_base)
+
+
+class ArrayFeatures:
+    """The slice of featx's Features that classifiers.compare needs, over in-memory arrays."""
+
+    def __init__(self, X, y, split, class_names, backbone="toy", weights="random", root="/data/toy"):
+        self.X, self.labels, self.split = X, np.asarray(y), np.asarray(split)
+        self.view = np.zeros(len(self.labels), dtype=np.int16)
+        self.class_names = list(class_names)
+        self.backbone, self.weights, self.weights_id = backbone, weights, f"{weights}:seed=0"
+        self.paths = np.array([f"img{i:05d}.png" for i in range(len(self.labels))])
+        self.sha256 = self.paths
+        self.root = root
+
+    def indices(self, split, views=False):
+        return np.flatnonzero(self.split == split)
+
+    def take(self, idx):
+        return self.X[idx], self.labels[idx]
+
+    def arrays(self, split, views=False):
+        return self.take(self.indices(split))

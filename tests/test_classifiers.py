@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from conftest import ArrayFeatures
 from featx import classifiers, persist
 from featx.classifiers import (CLASSIFIERS, ClassifierSpec, classifier_names, compare, evaluate,
                                fit_classifier, make_classifier)
@@ -27,25 +28,12 @@ def blobs(n=160, classes=3, dim=24, seed=0, std=1.5):
     return X[::2], y[::2], X[1::2], y[1::2]
 
 
-class FakeFeatures:
-    """Just enough of featx's Features for compare(): arrays(split), class names, backbone."""
-
-    def __init__(self, X, y, split, class_names, backbone="toy", weights="random"):
-        self.X, self.labels, self.split = X, y, np.asarray(split)
-        self.class_names = class_names
-        self.backbone, self.weights, self.weights_id = backbone, weights, f"{weights}:seed=0"
-
-    def arrays(self, split, views=False):
-        mask = self.split == split
-        return self.X[mask], self.labels[mask]
-
-
 def fake_features(n=150, classes=3, dim=16, seed=0, val_shift=0.0):
     X, y = make_blobs(n_samples=n, centers=classes, n_features=dim, cluster_std=1.0,
                       random_state=seed)
     split = np.array(["train", "train", "val"] * (n // 3))
     X[split == "val"] += val_shift
-    return FakeFeatures(X.astype(np.float32), y, split, [f"c{i}" for i in range(classes)])
+    return ArrayFeatures(X.astype(np.float32), y, split, [f"c{i}" for i in range(classes)])
 
 
 # ----- registry -------------------------------------------------------------------------
@@ -247,7 +235,7 @@ def test_tuning_folds_stay_inside_the_train_rows(monkeypatch):
         {"clf__C": [0.1, 1.0]}, "spy")
     monkeypatch.setitem(classifiers.CLASSIFIERS, "spy", spec)
     RowSpy.seen = []
-    compare([features], ["spy"], cv=3)
+    compare([features], ["spy"], cv=3, n_jobs=1)  # in this process: the spy records here
 
     train_ids = set(np.flatnonzero(features.split == "train"))
     assert len(RowSpy.seen) == 3 * 2 + 1  # folds x grid + refit

@@ -142,3 +142,48 @@ def test_tampered_model_is_refused(dataset, tmp_path):
     result = invoke("predict", out["model"], dataset / "red")
     assert result.exit_code == 2
     assert "SHA-256" in result.stderr
+
+
+def test_compare_reports_intervals_tests_calibration_and_repeats(dataset, tmp_path):
+    reports = tmp_path / "reports"
+    out = last_json(invoke("compare", dataset, "--clf", "softmax,svm,knn", *TINY_ARGS,
+                           "--cache-dir", tmp_path / "cache", "--report-dir", reports, "--cv",
+                           "3", "--repeats", "2", "--calibrate", "--json"))
+    rows = {r["clf"]: r for r in out["results"]}
+    for r in rows.values():
+        low, high = r["intervals"]["accuracy"]
+        assert low <= r["accuracy"] <= high
+        assert r["calibration"] == "sigmoid" and 0 <= r["ece"] <= 1  # the svm's too
+    assert sum(r["vs_best"] is None for r in rows.values()) == 1
+    assert len(out["repeated"]) == 3
+    for summary in out["repeated"]:
+        assert summary["repeats"] == 2 and summary["protocol"] == "resplit"
+    markdown = (reports / "report.md").read_text()
+    for heading in ("## Repeated evaluation", "## Calibration", "## Answering only when"):
+        assert heading in markdown
+    assert (reports / "reliability.png").exists() and (reports / "coverage.png").exists()
+    stored = json.loads((reports / "report.json").read_text())
+    assert len(stored["repeated"]) == 3
+
+
+def test_predict_min_score_says_unknown_with_the_best_guess_beside(dataset, tmp_path):
+    common = [*TINY_ARGS, "--cache-dir", tmp_path / "cache", "--json"]
+    svm = last_json(invoke("fit", dataset, "--clf", "svm", "--no-tune", *common,
+                           "--out", tmp_path / "m"))
+    refused = invoke("predict", svm["model"], dataset / "red", "--min-score", "0.5")
+    assert refused.exit_code == 2
+    assert "gives decision values; refit it with `featx fit --calibrate`" in refused.stderr
+
+    calibrated = last_json(invoke("fit", dataset, "--clf", "svm", "--no-tune", "--calibrate",
+                                  *common, "--out", tmp_path / "c"))
+    assert calibrated["calibration"] == "sigmoid"
+    sidecar = json.loads(open(calibrated["model"].replace(".joblib", ".json")).read())
+    assert sidecar["calibration"] == "sigmoid"
+    rows = last_json(invoke("predict", calibrated["model"], dataset / "red", "--min-score",
+                            "0.999", "--json"))
+    assert all(r["label"] == "unknown" and r["best_guess"] in ("red", "green", "blue")
+               for r in rows)
+    result = invoke("predict", calibrated["model"], dataset / "red", "--min-score", "0")
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(table[0])[:4] == ["path", "label", "score", "best_guess"]
+    assert all(r["label"] == r["best_guess"] for r in table)  # P=0 answers everything

@@ -6,31 +6,25 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from featx.classifiers import compare
+from conftest import ArrayFeatures
+from featx.classifiers import compare, significance
 from featx.reports import (RESULT_COLUMNS, dataset_summary, format_params, plot_confusion,
                            write_compare_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class FakeFeatures:
-    def __init__(self, classes=3, n=90, backbone="toy", weights="imagenet", seed=0):
-        X, y = make_blobs(n_samples=n, centers=classes, n_features=8, random_state=seed)
-        self.X, self.labels = X.astype(np.float32), y
-        self.split = np.array(["train", "train", "val"] * (n // 3))
-        self.view = np.zeros(n, dtype=np.int16)
-        self.class_names = [f"class{i}" for i in range(classes)]
-        self.backbone, self.weights, self.weights_id = backbone, weights, f"{weights}:x"
-        self.root = "/data/toy"
-
-    def arrays(self, split, views=False):
-        mask = self.split == split
-        return self.X[mask], self.labels[mask]
+def FakeFeatures(classes=3, n=90, backbone="toy", weights="imagenet", seed=0):
+    X, y = make_blobs(n_samples=n, centers=classes, n_features=8, random_state=seed)
+    return ArrayFeatures(X.astype(np.float32), y, ["train", "train", "val"] * (n // 3),
+                         [f"class{i}" for i in range(classes)], backbone, weights)
 
 
 @pytest.fixture(scope="module")
 def results():
-    return compare([FakeFeatures()], ["softmax", "knn", "tree"], cv=3)
+    rows = compare([FakeFeatures()], ["softmax", "knn", "tree"], cv=3)
+    significance(rows)
+    return rows
 
 
 def table_rows(markdown):
@@ -57,15 +51,24 @@ def test_report_files_and_numbers(results, tmp_path):
     markdown = (out / "report.md").read_text()
     rows = table_rows(markdown)
     ordered = sorted(results, key=lambda r: (-r["accuracy"], r["fit_seconds"]))
-    assert [row[0] for row in rows] == [r["clf"] for r in ordered]
+    assert [row[1] for row in rows] == [r["clf"] for r in ordered]
     for row, r in zip(rows, ordered):
-        assert row[1:4] == ["toy", "imagenet", "val"]
-        assert row[4] == f"{r['accuracy']:.4f}" and row[5] == f"{r['balanced_accuracy']:.4f}"
-        assert row[6] == f"{r['macro_f1']:.4f}" and row[7] == f"{r['fit_seconds']:.2f}"
-        assert row[8] == f"{r['predict_ms_per_image']:.3f}"
-        assert row[9] == format_params(r["best_params"])
+        assert row[0] == str(1 + sum(o["accuracy"] > r["accuracy"] for o in ordered))
+        assert row[2:5] == ["toy", "imagenet", "val"]
+        for cell, metric in zip((row[5], row[7], row[8]),
+                                ("accuracy", "balanced_accuracy", "macro_f1")):
+            low, high = r["intervals"][metric]
+            assert cell == f"{r[metric]:.4f} ({low:.3f}-{high:.3f})"
+        assert row[6] == "best" if r["vs_best"] is None else row[6].endswith(
+            f"(p={r['vs_best']['p_value']:.3g})")
+        assert row[9] == f"{r['fit_seconds']:.2f}"
+        assert row[10] == f"{r['predict_ms_per_image']:.3f}"
+        assert row[11] == format_params(r["best_params"])
+    assert "## Calibration" in markdown and "## Answering only when confident" in markdown
+    for name in ("reliability.png", "coverage.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert "**val** split (30 images)" in markdown and "train split (60 images)" in markdown
-    assert "imagenet (`imagenet:x`)" in markdown and "RANDOM" not in markdown
+    assert "imagenet (`imagenet:seed=0`)" in markdown and "RANDOM" not in markdown
     assert f"Per-class metrics of the best model: {ordered[0]['clf']}" in markdown
     train0, val0 = (int(((features.split == s) & (features.labels == 0)).sum())
                     for s in ("train", "val"))
@@ -77,7 +80,8 @@ def test_report_files_and_numbers(results, tmp_path):
     assert stored["best"]["clf"] == ordered[0]["clf"]
     assert stored["splits"] == ["val"] and stored["random_weights"] is False
     for saved, r in zip(stored["results"], ordered):
-        assert "estimator" not in saved
+        assert "estimator" not in saved and "eval_rows" not in saved
+        assert saved["intervals"] == r["intervals"] and saved["ece"] == r["ece"]
         assert saved["accuracy"] == r["accuracy"]
         assert saved["confusion_matrix"] == r["confusion_matrix"]
     assert set(stored["files"]["confusion"].values()) == {
@@ -89,7 +93,7 @@ def test_random_weights_and_untuned_rows_are_flagged(tmp_path):
     report = write_compare_report(results, {"root": "/data/toy"}, tmp_path)
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.count("RANDOM") >= 2 and "WARNING" in markdown.splitlines()[2]
-    assert table_rows(markdown)[0][9] == "C=1.0 (not tuned)"
+    assert table_rows(markdown)[0][11] == "C=1.0 (not tuned)"
     assert "cross-validation" not in markdown
     assert report["random_weights"] is True
 
@@ -102,8 +106,9 @@ def test_extra_rows_and_file_name_collisions(results, tmp_path):
                 "fit_seconds": 120.0, "best_params": {"epochs": 5}}
     report = write_compare_report([imagenet, random, finetune], {"root": "/x"}, tmp_path)
     markdown = (tmp_path / "report.md").read_text()
-    assert table_rows(markdown)[0][0] == "finetune"
-    assert table_rows(markdown)[0][8] == "-"  # no predict time given
+    assert table_rows(markdown)[0][:2] == ["1", "finetune"]
+    assert table_rows(markdown)[0][5] == "1.0000"  # no interval without predictions
+    assert table_rows(markdown)[0][10] == "-"  # no predict time given
     assert sorted(report["files"]["confusion"].values()) == [
         "confusion_softmax_toy_imagenet.png", "confusion_softmax_toy_random.png"]
     assert "Per-class metrics" not in markdown  # the best row (finetune) has none

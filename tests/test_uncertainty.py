@@ -1,0 +1,257 @@
+"""Intervals, paired tests, calibration error, abstention and repeated splits."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.tree import DecisionTreeClassifier
+
+from conftest import ArrayFeatures
+from featx import uncertainty
+from featx.classifiers import (compare, compare_repeated, depth_tune, fit_classifier,
+                               predict_probabilities, significance, CLASSIFIERS, make_classifier)
+from featx.errors import DataError
+from featx.inference import UNKNOWN, label_rows
+from featx.resampling import plan_repeats
+
+
+# ----- intervals ---------------------------------------------------------------------
+
+def test_resampled_metrics_of_the_data_itself_are_scikit_learns():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 5, 200)
+    y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 6, 200))  # class 5: never true
+    got = uncertainty.resampled_metrics(y_true, y_pred, 6, np.arange(200)[None, :])
+    assert got["accuracy"][0] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert got["balanced_accuracy"][0] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert got["macro_f1"][0] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+
+
+def test_95_percent_intervals_cover_the_true_accuracy_at_about_the_nominal_rate():
+    true_accuracy, n, trials = 0.8, 300, 300
+    covered = 0
+    for seed in range(trials):
+        rng = np.random.default_rng(seed)
+        y_true = rng.integers(0, 4, n)
+        correct = rng.random(n) < true_accuracy  # a classifier that is right 80% of the time
+        y_pred = np.where(correct, y_true, (y_true + 1) % 4)
+        low, high = uncertainty.bootstrap_intervals(y_true, y_pred, 4, n_resamples=1000,
+                                                    seed=seed)["accuracy"]
+        covered += low <= true_accuracy <= high
+    assert 0.90 <= covered / trials <= 0.99
+
+
+def test_intervals_are_seeded_and_bracket_the_point_estimate():
+    y_true = np.repeat([0, 1, 2], 30)
+    y_pred = np.roll(y_true, 7)
+    a = uncertainty.bootstrap_intervals(y_true, y_pred, 3, seed=3)
+    assert a == uncertainty.bootstrap_intervals(y_true, y_pred, 3, seed=3)
+    point = accuracy_score(y_true, y_pred)
+    assert a["accuracy"][0] <= point <= a["accuracy"][1]
+    assert a["accuracy"][1] - a["accuracy"][0] > 0.05  # 90 images: a wide interval
+
+
+# ----- paired tests ------------------------------------------------------------------
+
+def test_mcnemar_counts_discordant_images_and_tests_them():
+    a = np.array([True] * 30 + [False] * 5 + [True] * 65)
+    b = np.array([False] * 30 + [True] * 5 + [True] * 65)
+    test = uncertainty.mcnemar(a, b)
+    assert (test["a_only"], test["b_only"]) == (30, 5)
+    assert test["p_value"] < 0.001
+    assert uncertainty.mcnemar(a, a)["p_value"] == 1.0
+    same_errors = uncertainty.mcnemar(a[:40], np.roll(a[:40], 1))
+    assert same_errors["p_value"] > 0.5
+
+
+def test_holm_is_stricter_than_each_test_alone():
+    assert uncertainty.holm([0.01, 0.04, 0.03]) == [True, False, False]
+    assert uncertainty.holm([0.001, 0.01, 0.02]) == [True, True, True]
+
+
+def _features(n=300, classes=3, seed=0, flip=0.0):
+    X, y = make_classification(n_samples=n, n_features=20, n_informative=8, n_classes=classes,
+                               flip_y=flip, random_state=seed)
+    split = np.array(["train", "train", "val"] * (n // 3))
+    return ArrayFeatures(X.astype(np.float32), y, split, [f"c{i}" for i in range(classes)])
+
+
+def test_significance_marks_a_much_worse_classifier_and_not_a_tie():
+    rows = compare([_features()], ["softmax", "logistic", "tree"], cv=3, n_jobs=1)
+    significance(rows)
+    best = [r for r in rows if r["vs_best"] is None]
+    assert len(best) == 1 and best[0]["accuracy"] == max(r["accuracy"] for r in rows)
+    for r in rows:
+        if r["vs_best"] is not None:
+            assert r["vs_best"]["n"] == 100
+            assert r["vs_best"]["best_only"] - r["vs_best"]["this_only"] == round(
+                100 * (best[0]["accuracy"] - r["accuracy"]))
+    tree = next(r for r in rows if r["clf"] == "tree")
+    linear = next(r for r in rows if r["clf"] in ("softmax", "logistic") and r["vs_best"])
+    assert tree["vs_best"]["p_value"] < linear["vs_best"]["p_value"]
+
+
+# ----- calibration -------------------------------------------------------------------
+
+def test_ece_is_small_for_honest_probabilities_and_large_for_overconfident_ones():
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.3, 1.0, 5000)
+    honest = rng.random(5000) < confidence
+    assert uncertainty.expected_calibration_error(confidence, honest) < 0.03
+    overconfident = rng.random(5000) < confidence - 0.25
+    assert uncertainty.expected_calibration_error(confidence, overconfident) > 0.2
+    bins = uncertainty.reliability_bins(confidence, honest)
+    assert sum(b["count"] for b in bins) == 5000 and all(b["low"] < b["high"] for b in bins)
+
+
+def test_calibration_lowers_the_ece_of_an_overconfident_model():
+    features = _features(n=900, flip=0.3, seed=1)  # 30% noisy labels: a deep tree says 1.0
+    X_train, y_train = features.arrays("train")
+    X_val, y_val = features.arrays("val")
+
+    def ece(fit):
+        probabilities = predict_probabilities(fit.estimator, X_val)
+        predicted = fit.estimator.classes_[probabilities.argmax(axis=1)]
+        return uncertainty.expected_calibration_error(probabilities.max(axis=1),
+                                                      predicted == y_val)
+
+    raw = fit_classifier("tree", X_train, y_train, tune=False, n_jobs=1)
+    calibrated = fit_classifier("tree", X_train, y_train, tune=False, n_jobs=1,
+                                calibrate="sigmoid")
+    assert calibrated.calibration == "sigmoid"
+    assert ece(raw) > 0.2
+    assert ece(calibrated) < ece(raw) / 2
+
+
+def test_calibrated_svm_has_probabilities():
+    features = _features()
+    X, y = features.arrays("train")
+    plain = fit_classifier("svm", X, y, tune=False, n_jobs=1)
+    assert predict_probabilities(plain.estimator, X) is None
+    calibrated = fit_classifier("svm", X, y, tune=True, cv=3, n_jobs=1, calibrate="isotonic")
+    probabilities = predict_probabilities(calibrated.estimator, X)
+    assert probabilities.shape == (len(y), 3)
+    assert np.allclose(probabilities.sum(axis=1), 1.0)
+
+
+def test_calibration_refuses_a_class_with_one_image():
+    X = np.random.default_rng(0).normal(size=(7, 4))
+    with pytest.raises(DataError, match="at least 2 training images"):
+        fit_classifier("softmax", X, np.array([0, 0, 0, 1, 1, 1, 2]), tune=False,
+                       calibrate="sigmoid")
+
+
+# ----- abstention --------------------------------------------------------------------
+
+def test_coverage_curve():
+    confidence = np.array([0.95, 0.9, 0.6, 0.4])
+    correct = np.array([True, True, False, False])
+    rows = uncertainty.coverage_curve(confidence, correct, thresholds=(0.0, 0.5, 0.92, 0.99))
+    assert [(r["coverage"], r["accuracy"]) for r in rows] == [
+        (1.0, 0.5), (0.75, 2 / 3), (0.25, 1.0), (0.0, None)]
+
+
+def test_label_rows_with_min_score_says_unknown_and_keeps_the_best_guess():
+    scores = np.array([[0.9, 0.1], [0.55, 0.45]])
+    rows = label_rows(["a.png", "b.png", "c.png"], ["", "", "broken"], scores,
+                      np.array([0, 0]), [0, 1], ["cat", "dog"], 2, min_score=0.6)
+    assert [(r["label"], r["best_guess"]) for r in rows] == [
+        ("cat", "cat"), (UNKNOWN, "cat"), ("", "")]
+    plain = label_rows(["a.png"], [""], scores[:1], np.array([0]), [0, 1], ["cat", "dog"], 2)
+    assert "best_guess" not in plain[0]
+
+
+# ----- trees -------------------------------------------------------------------------
+
+def test_depth_truncation_scores_equal_depth_limited_trees():
+    X, y = make_classification(n_samples=400, n_features=10, n_informative=6, n_classes=3,
+                               random_state=0)
+    from featx.classifiers import _truncated_scores
+
+    train, test = np.arange(300), np.arange(300, 400)
+    got = _truncated_scores(make_classifier("tree", seed=0), X[train], y[train], X[test],
+                            y[test], [1, 2, 3, None])
+    for depth, score in zip([1, 2, 3, None], got):
+        tree = DecisionTreeClassifier(max_depth=depth, random_state=0).fit(X[train], y[train])
+        # equal, up to splits that tie (two features cutting off the same rows) and are
+        # broken by the random feature order, which a deeper tree has advanced further
+        tolerance = 0 if depth in (1, 2, None) else 0.02
+        assert abs(score - tree.score(X[test], y[test])) <= tolerance + 1e-12
+
+
+def test_depth_tune_picks_a_grid_depth_and_the_tree_is_refitted_on_every_feature():
+    features = _features(n=300)
+    X, y = features.arrays("train")
+    fit = fit_classifier("tree", X, y, cv=3, n_jobs=1)
+    assert fit.best_params["clf__max_depth"] in CLASSIFIERS["tree"].grid["clf__max_depth"]
+    assert fit.estimator[-1].n_features_in_ == X.shape[1]
+    assert 0 < fit.cv_score <= 1
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = StratifiedKFold(3, shuffle=True, random_state=0)
+    params, score = depth_tune(CLASSIFIERS["tree"], make_classifier("tree"), X, y, folds, 1,
+                               "accuracy")
+    assert set(params) == {"clf__max_depth"} and 0 < score <= 1
+
+
+# ----- repeats -----------------------------------------------------------------------
+
+def _pool(per_class=(12, 12, 6)):
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(per_class)])
+    paths = np.array([f"c{lab}/img{i:03d}.jpg" for i, lab in enumerate(labels)])
+    return paths, labels
+
+
+@pytest.mark.parametrize("layout", ["pool", "split"])
+@pytest.mark.parametrize("train_per_class", [None, 3])
+def test_repeats_never_train_on_an_evaluation_row(layout, train_per_class):
+    paths, labels = _pool()
+    pool = np.arange(len(labels))
+    plan = plan_repeats(paths, labels, pool, repeats=4, layout=layout, eval_fraction=0.25,
+                        seed=7, train_per_class=train_per_class, cv=3)
+    assert len(plan.repeats) == 4 and [r.seed for r in plan.repeats] == [7, 8, 9, 10]
+    draws = set()
+    for repeat in plan.repeats:
+        evaluated = []
+        for train, evaluation in repeat.folds:
+            assert not set(train) & set(evaluation)
+            assert set(train) | set(evaluation) <= set(pool)
+            evaluated += evaluation.tolist()
+            if train_per_class:
+                assert np.bincount(labels[train]).max() <= train_per_class
+        assert len(evaluated) == len(set(evaluated))  # each row evaluated at most once
+        if layout == "split":
+            assert sorted(evaluated) == pool.tolist()  # k-fold: every row once per repeat
+        draws.add(tuple(sorted(evaluated)) if layout == "pool" else tuple(repeat.folds[0][1]))
+    assert len(draws) > 1  # each repeat draws anew
+    assert plan.protocol == ("kfold" if layout == "split" else "resplit")
+
+
+def test_kfold_repeats_fall_back_to_the_folds_the_smallest_class_allows(caplog):
+    paths, labels = _pool((12, 12, 3))
+    plan = plan_repeats(paths, labels, np.arange(len(labels)), repeats=2, layout="split",
+                        eval_fraction=0.2, cv=5, class_names=["a", "b", "tiny"])
+    assert len(plan.repeats[0].folds) == 3
+    assert "class 'tiny' has only 3 labelled images: repeats use 3-fold instead of 5-fold" \
+        in caplog.text
+    paths, labels = _pool((12, 12, 1))
+    with pytest.raises(DataError, match="class 'tiny' has 1 labelled image"):
+        plan_repeats(paths, labels, np.arange(len(labels)), repeats=2, layout="split",
+                     eval_fraction=0.2, class_names=["a", "b", "tiny"])
+
+
+def test_compare_repeated_summarises_every_classifier():
+    features = _features(n=180)
+    pool = np.arange(180)
+    plan = plan_repeats(features.paths, features.labels, pool, repeats=3, layout="pool",
+                        eval_fraction=1 / 3, seed=0)
+    summaries = compare_repeated(features, ["softmax", "knn"], plan, cv=3, n_jobs=1)
+    assert [s["clf"] for s in summaries] == ["softmax", "knn"]
+    for s in summaries:
+        accuracies = [r["accuracy"] for r in s["per_repeat"]]
+        assert s["repeats"] == 3 and len(accuracies) == 3
+        assert s["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
+        assert s["std"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))
+        low, high = s["interval"]["accuracy"]
+        assert low <= s["mean"]["accuracy"] <= high
+        assert all(r["n"] == 60 for r in s["per_repeat"])

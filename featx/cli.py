@@ -658,12 +658,12 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
                    "repeated": outcome["repeated"]})
         return
     click.echo(f"{'classifier':<10} {'backbone':<20} {'split':<5} {'accuracy':>8} "
-               f"{'95% interval':>15} {'vs best':>12} {'macro-F1':>8} {'fit s':>7}")
+               f"{'95% interval':>15} {'vs best':>14} {'macro-F1':>8} {'fit s':>7}")
     for r in sorted(results, key=lambda r: -r["accuracy"]):
         low, high = (r.get("intervals") or {}).get("accuracy", (None, None))
         interval = f"{low:.3f}-{high:.3f}" if low is not None else "-"
         click.echo(f"{r['clf']:<10} {r['backbone']:<20} {r['split']:<5} {r['accuracy']:>8.4f} "
-                   f"{interval:>15} {_vs_best(r):>12} {r['macro_f1']:>8.4f} "
+                   f"{interval:>15} {_vs_best(r):>14} {r['macro_f1']:>8.4f} "
                    f"{r['fit_seconds']:>7.2f}")
     for r in outcome["repeated"] or []:
         click.echo(f"{r['clf']:<10} {r['backbone']:<20} x{r['repeats']:<4} "
@@ -679,7 +679,7 @@ def _vs_best(row) -> str:
         return "-"
     if test is None:
         return "best"
-    return f"p={test['p_value']:.3f}" + ("*" if test["significant"] else "")
+    return ("worse" if test["significant"] else "n.s.") + f" p={test['p_value']:.3f}"
 
 
 def _unfreeze_value(ctx, param, value):

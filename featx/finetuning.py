@@ -109,6 +109,10 @@ class FinetuneResult:
         The options that define the run (epochs, unfreeze, learning rates, augmentation...).
     history : dict
         Metric name -> list over epochs, both stages (``stage`` included).
+    eval_rows : dict
+        Split -> ``paths`` (relative, decodable images only), ``y_true``, ``y_pred`` and
+        ``confidence`` (top probability) arrays: what the compare report's intervals and
+        paired tests need. Left out of :meth:`to_dict`.
     """
 
     model_path: Path
@@ -136,11 +140,12 @@ class FinetuneResult:
     split_counts: dict
     recipe: dict
     history: dict
+    eval_rows: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """JSON-serialisable summary (paths as strings, history left out)."""
+        """JSON-serialisable summary (paths as strings, history and eval rows left out)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name != "history"}
+               if f.name not in ("history", "eval_rows")}
         return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
 
 
@@ -416,27 +421,34 @@ def _train_stages(train_model, base, train_ds, val_ds, *, warmup_epochs, epochs,
 
 # ----- evaluation ------------------------------------------------------------------
 def _predict(model, ds):
-    """Probabilities and labels of the decodable images of ``ds``."""
-    probs, labels = [], []
+    """Probabilities and labels of the decodable images of ``ds``, and which images of its
+    sequence those are (a boolean mask)."""
+    probs, labels, kept = [], [], []
     for images, y, weights in ds:
         keep = weights.numpy() > 0
         probs.append(np.asarray(model.predict_on_batch(images))[keep])
         labels.append(y.numpy()[keep])
+        kept.append(keep)
     if not probs:
-        return np.zeros((0, model.output_shape[-1]), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(probs), np.concatenate(labels)
+        return (np.zeros((0, model.output_shape[-1]), np.float32), np.zeros(0, np.int64),
+                np.zeros(0, bool))
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(kept)
 
 
-def _evaluate(model, ds, class_names) -> dict:
+def _evaluate(model, ds, class_names, paths) -> tuple[dict, dict]:
+    """Scores of one (unshuffled) split and its rows: (metrics, eval rows)."""
     start = time.perf_counter()
-    probs, labels = _predict(model, ds)
+    probs, labels, kept = _predict(model, ds)
     seconds = time.perf_counter() - start
     if len(labels) == 0:
         raise DataError("no decodable image to evaluate on")
-    result = classification_metrics(labels, probs.argmax(axis=1), class_names)
+    predicted = probs.argmax(axis=1)
+    result = classification_metrics(labels, predicted, class_names)
     result["predict_seconds"] = seconds
     result["predict_ms_per_image"] = 1000.0 * seconds / len(labels)
-    return result
+    rows = {"paths": np.asarray(paths)[kept], "y_true": labels, "y_pred": predicted,
+            "confidence": probs.max(axis=1)}
+    return result, rows
 
 
 # ----- saving and loading ----------------------------------------------------------
@@ -626,8 +638,10 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
         history_path=paths["history"], progress=run.progress)
     train_seconds = time.perf_counter() - train_start
 
-    metrics = {split: _evaluate(inference_model, datasets[split], manifest.class_names)
-               for split in ("val", "test") if split in datasets}
+    evaluated = {split: _evaluate(inference_model, datasets[split], manifest.class_names,
+                                  _split_indices(manifest, split)[0])
+                 for split in ("val", "test") if split in datasets}
+    metrics = {split: scores for split, (scores, _) in evaluated.items()}
     val_losses = history.get("val_loss", [])
     best_epoch = _best_epoch(val_losses)
     recipe = {"warmup_epochs": warmup_epochs, "epochs": epochs, "unfreeze": unfreeze,
@@ -652,7 +666,8 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
         best_val_loss=float(val_losses[best_epoch - 1]) if best_epoch else float("nan"),
         trainable_params=counts, trainable_weights=n_weights, split_source=split_source,
         split_counts={s: int((manifest.splits == s).sum()) for s in ("train", "val", "test")},
-        recipe=recipe, history=history)
+        recipe=recipe, history=history,
+        eval_rows={split: rows for split, (_, rows) in evaluated.items()})
     result.seconds = time.perf_counter() - started
     save_keras_model(inference_model, result.model_path, _metadata(result, net, manifest))
     paths["checkpoint"].unlink(missing_ok=True)

@@ -425,9 +425,13 @@ def plot_coverage(results, path) -> Path:
     for r in results:
         rows = r["eval_rows"]
         order = np.argsort(-np.asarray(rows["confidence"]), kind="stable")
+        confidence = np.asarray(rows["confidence"])[order]
         correct = (np.asarray(rows["y_true"]) == np.asarray(rows["y_pred"]))[order]
-        answered = np.arange(1, len(correct) + 1)
-        ax.plot(answered / len(correct), np.cumsum(correct) / answered, label=_series_label(r))
+        # one point per distinct threshold: images with equal scores are answered together
+        ends = np.flatnonzero(np.append(confidence[1:] != confidence[:-1], True))
+        answered = ends + 1
+        ax.plot(answered / len(correct), np.cumsum(correct)[ends] / answered, marker=".",
+                label=_series_label(r))
     ax.set_xlabel("coverage (share of images answered)")
     ax.set_ylabel("accuracy on the answered images")
     ax.set_title("abstaining below a minimum score")
@@ -583,14 +587,16 @@ def finetune_row(result, backbone=None, weights=None, split=None) -> dict:
         images), ``extract_seconds`` (None: nothing is cached), ``tuned`` (False),
         ``cv_splits`` (0), ``cv_score`` (None), ``best_params`` (the recipe, epochs run and
         best epoch), ``class_weight`` (None), ``seed``, ``class_names``, ``per_class``,
-        ``confusion_matrix``, ``model_path``. No ``estimator``.
+        ``confusion_matrix``, ``model_path``; when the result has ``eval_rows``, the
+        intervals, calibration and coverage fields of
+        :func:`featx.classifiers.uncertainty_summary` and ``eval_rows``. No ``estimator``.
     """
     split = split or ("test" if "test" in result.metrics else "val")
     if split not in result.metrics:
         raise UsageError(f"the fine-tuning run has no {split!r} scores "
                          f"(it has {', '.join(result.metrics)})")
     scores = result.metrics[split]
-    return {
+    row = {
         "clf": "finetune",
         "backbone": backbone or result.backbone,
         "weights": weights or result.weights,
@@ -617,6 +623,14 @@ def finetune_row(result, backbone=None, weights=None, split=None) -> dict:
         "confusion_matrix": scores["confusion_matrix"],
         "model_path": str(result.model_path),
     }
+    rows = (getattr(result, "eval_rows", None) or {}).get(split)
+    if rows is not None:
+        from featx.classifiers import uncertainty_summary
+
+        row.update(uncertainty_summary(rows["y_true"], rows["y_pred"], rows["confidence"],
+                                       len(result.class_names), result.recipe.get("seed", 0)))
+        row["eval_rows"] = rows
+    return row
 
 
 def finetune_notes(results: list[dict], row: dict, backbone: str) -> list[str]:

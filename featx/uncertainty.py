@@ -21,34 +21,34 @@ CONFIDENCE = 0.95
 ALPHA = 0.05
 CALIBRATION_BINS = 15
 COVERAGE_THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-# Resamples scored at once: bounds the (chunk, n) index matrix at ~50k evaluation images.
+# Resamples scored at once: bounds the (chunk, n) count matrix (~20M cells, 80 MB float32).
 _CHUNK_CELLS = 20_000_000
 
 
 # ----- intervals ---------------------------------------------------------------------
 
-def resampled_metrics(y_true, y_pred, n_classes: int, indices) -> dict[str, np.ndarray]:
+def resampled_metrics(y_true, y_pred, n_classes: int, counts) -> dict[str, np.ndarray]:
     """Accuracy, balanced accuracy and macro-F1 of each resample, all at once.
 
-    ``indices`` (B, n) picks each resample's rows. Balanced accuracy averages recall over
-    the classes present in that resample's true labels and macro-F1 averages F1 over the
+    ``counts`` (B, n) says how many times each row is drawn in each resample, so per-class
+    counts are one matrix product per quantity. Balanced accuracy averages recall over the
+    classes present in that resample's true labels and macro-F1 averages F1 over the
     classes present in its true or predicted labels: scikit-learn's definitions, so a
     resample equal to the data gives scikit-learn's numbers.
     """
-    y_true = np.asarray(y_true, dtype=np.int64)[indices]
-    y_pred = np.asarray(y_pred, dtype=np.int64)[indices]
-    n_samples = indices.shape[0]
-    offset = (np.arange(n_samples) * n_classes)[:, None]
-    size = n_samples * n_classes
-    hit = y_true == y_pred
-    support = np.bincount((offset + y_true).ravel(), minlength=size).reshape(n_samples, -1)
-    predicted = np.bincount((offset + y_pred).ravel(), minlength=size).reshape(n_samples, -1)
-    correct = np.bincount((offset + y_true)[hit], minlength=size).reshape(n_samples, -1)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.float32)
+    hit = (y_true == y_pred).astype(np.float32)
+    true_onehot = np.eye(n_classes, dtype=np.float32)[y_true]
+    support = counts @ true_onehot
+    predicted = counts @ np.eye(n_classes, dtype=np.float32)[y_pred]
+    correct = counts @ (true_onehot * hit[:, None])
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(support > 0, correct / support, np.nan)
         involved = (support + predicted) > 0
         f1 = np.where(involved, 2 * correct / (support + predicted), np.nan)
-    return {"accuracy": hit.mean(axis=1),
+    return {"accuracy": (counts @ hit) / counts.sum(axis=1),
             "balanced_accuracy": np.nanmean(recall, axis=1),
             "macro_f1": np.nanmean(f1, axis=1)}
 
@@ -88,8 +88,9 @@ def _bootstrap(y_true, y_pred, n_classes, n_resamples, seed) -> dict[str, np.nda
     parts = []
     for start in range(0, n_resamples, chunk):
         size = min(chunk, n_resamples - start)
-        parts.append(resampled_metrics(y_true, y_pred, n_classes,
-                                       rng.integers(0, n, size=(size, n))))
+        drawn = rng.integers(0, n, size=(size, n)) + (np.arange(size) * n)[:, None]
+        counts = np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n)
+        parts.append(resampled_metrics(y_true, y_pred, n_classes, counts))
     return {name: np.concatenate([p[name] for p in parts]) for name in METRICS}
 
 

@@ -21,7 +21,7 @@ def test_resampled_metrics_of_the_data_itself_are_scikit_learns():
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 5, 200)
     y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 6, 200))  # class 5: never true
-    got = uncertainty.resampled_metrics(y_true, y_pred, 6, np.arange(200)[None, :])
+    got = uncertainty.resampled_metrics(y_true, y_pred, 6, np.ones((1, 200)))
     assert got["accuracy"][0] == pytest.approx(accuracy_score(y_true, y_pred))
     assert got["balanced_accuracy"][0] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
     assert got["macro_f1"][0] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
@@ -255,3 +255,35 @@ def test_compare_repeated_summarises_every_classifier():
         low, high = s["interval"]["accuracy"]
         assert low <= s["mean"]["accuracy"] <= high
         assert all(r["n"] == 60 for r in s["per_repeat"])
+
+
+def test_race_tune_stops_clearly_worse_candidates_after_one_fold(monkeypatch):
+    from sklearn.model_selection import StratifiedKFold
+
+    from featx import classifiers
+    from featx.classifiers import ClassifierSpec, race_tune
+
+    X, y = make_classification(n_samples=600, n_features=20, n_informative=10, n_classes=3,
+                               random_state=0)
+    spec = ClassifierSpec(lambda w, s: make_classifier("tree"), {"clf__max_depth": [1, 12]}, "t")
+    fits = []
+    real = classifiers._held_out_hits
+    monkeypatch.setattr(classifiers, "_held_out_hits",
+                        lambda *a: fits.append(a[1]) or real(*a))
+    folds = StratifiedKFold(3, shuffle=True, random_state=0)
+    params, score = race_tune(spec, make_classifier("tree"), X, y, folds, 1, "accuracy")
+    assert params == {"clf__max_depth": 12}  # depth 1 cannot tell 3 classes apart
+    assert len(fits) == 2  # both on the first fold; the race is then decided
+    assert 0.5 < score <= 1
+
+
+def test_race_keeps_close_candidates_to_the_end():
+    from featx.classifiers import _still_racing
+
+    rng = np.random.default_rng(0)
+    a = rng.random(200) < 0.80
+    b = a.copy()
+    b[:3] = ~b[:3]  # three rows apart: not significant
+    assert _still_racing([0, 1], {0: a, 1: b}) == [0, 1]
+    c = rng.random(200) < 0.5  # far behind
+    assert _still_racing([0, 2], {0: a, 2: c}) == [0]

@@ -109,6 +109,7 @@ def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto",
         raise UsageError(f"{model_path}: --min-score needs probabilities, and this "
                          f"{metadata.get('clf', 'model')} gives decision values; refit it "
                          "with `featx fit --calibrate`")
+    _check_unknown_free(metadata["classes"], min_score, model_path)
     files = expand_paths(paths)
     scores, labels, errors, sources = classifier_scores(estimator, metadata, files, runtime,
                                                         batch_size)
@@ -126,10 +127,19 @@ def _predict_finetuned(model_path, files, top_k, batch_size, min_score=None):
 
     model, metadata = load_finetuned(model_path)
     classes = metadata["class_names"]
+    _check_unknown_free(classes, min_score, model_path)
     probabilities, errors = probabilities_and_errors(model, metadata, files, batch_size)
     scores = probabilities[np.array([not e for e in errors], dtype=bool)]
     return label_rows(files, errors, scores, scores.argmax(axis=1), range(len(classes)),
                       classes, top_k, min_score=min_score)
+
+
+def _check_unknown_free(classes, min_score, model_path):
+    from featx.inference import UNKNOWN
+
+    if min_score is not None and UNKNOWN in classes:
+        raise UsageError(f"{model_path}: a class is named {UNKNOWN!r}, so --min-score could "
+                         "not tell an abstention from that class; rename the class folder")
 
 
 # ----- export ----------------------------------------------------------------------

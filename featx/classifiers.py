@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("sigmoid", "isotonic")
 TUNINGS = ("fast", "exhaustive")
+RACE_Z = 2.58  # a candidate leaves the race this many standard errors behind the leader
 LARGE_TRAIN_ROWS = 2000
 LARGE_CV = 2
 LIMITED_CV_WARNING = ("a class has fewer than 2 training rows; fitting {name} with default "
@@ -293,8 +294,14 @@ def _tuner(spec, exhaustive, n_train) -> str:
     return spec.tuner
 
 
-def _calibration_splits(y, cv) -> int:
-    n_splits = _n_splits(y, cv)
+def _check_calibration(method):
+    if method not in CALIBRATION_METHODS:
+        raise UsageError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}"
+                         f", not {method!r}")
+
+
+def _calibration_splits(y, cv, large=True) -> int:
+    n_splits = _n_splits(y, cv, large)
     if n_splits < 2:
         raise DataError("calibration needs at least 2 training images in every class "
                         "(it fits on some and calibrates on the others)")
@@ -384,6 +391,8 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
     pipeline = spec.factory(weight, seed)
     if tuning not in TUNINGS:
         raise UsageError(f"tuning must be one of {', '.join(TUNINGS)}, not {tuning!r}")
+    if calibrate is not None:
+        _check_calibration(calibrate)
     exhaustive = tuning == "exhaustive"
     n_splits = (_n_splits(y, cv, large=not exhaustive) if tune else 0)
     if tune and n_splits < 2:
@@ -394,19 +403,22 @@ def fit_classifier(name: str, X_train, y_train, *, tune: bool = True,
     with _blas_limit(blas_threads):
         if tune:
             folds = _folds(y, n_splits, seed, groups)
-            (best_params, cv_score), not_tuned = _run_quietly(
+            (best_params, cv_score, in_workers), here = _run_quietly(
                 lambda: TUNERS[_tuner(spec, exhaustive, len(y))](
                     spec, pipeline, X, y, folds, n_jobs, scoring, groups))
             pipeline.set_params(**best_params)
+            tuning_not_converged = in_workers + here
         else:
-            best_params, cv_score, not_tuned = _current_params(pipeline, spec.grid), None, 0
+            best_params, cv_score = _current_params(pipeline, spec.grid), None
+            tuning_not_converged = 0
         if calibrate:
-            calibration_folds = _folds(y, _calibration_splits(y, n_splits or cv), seed, groups)
-            estimator, not_refit = _run_quietly(
+            n_calibration = _calibration_splits(y, n_splits or cv, large=not exhaustive)
+            calibration_folds = _folds(y, n_calibration, seed, groups)
+            estimator, fit_not_converged = _run_quietly(
                 lambda: calibrated(pipeline, calibrate, calibration_folds, X, y, groups))
         else:
-            estimator, not_refit = _run_quietly(lambda: pipeline.fit(X, y))
-    not_converged = not_tuned + not_refit
+            estimator, fit_not_converged = _run_quietly(lambda: pipeline.fit(X, y))
+    not_converged = tuning_not_converged + fit_not_converged
     fit_seconds = time.perf_counter() - started
 
     if not_converged:
@@ -436,16 +448,18 @@ def _folds(y, n_splits, seed, groups=None):
 
 
 def grid_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups=None):
-    """Exhaustive grid search by cross-validation: ``(best_params, mean CV score)``.
+    """Exhaustive grid search by cross-validation: ``(best_params, mean CV score, 0)``.
 
-    Candidates and folds run on ``n_jobs`` processes; ties go to the first candidate.
+    Ties go to the first candidate. It runs in this process whatever ``n_jobs`` says, so
+    that the caller counts its ConvergenceWarnings: it serves small data (cheap) and
+    ``tuning="exhaustive"`` (featx 0.1's search, one process as it was).
     """
     from sklearn.model_selection import GridSearchCV
 
-    search = GridSearchCV(pipeline, _grid_for(spec, y, folds), cv=folds, scoring=scoring, n_jobs=n_jobs,
-                          refit=False, error_score="raise")
+    search = GridSearchCV(pipeline, _grid_for(spec, y, folds), cv=folds, scoring=scoring,
+                          n_jobs=1, refit=False, error_score="raise")
     search.fit(X, y, groups=groups)
-    return dict(search.best_params_), float(search.best_score_)
+    return dict(search.best_params_), float(search.best_score_), 0
 
 
 def _grid_for(spec, y, folds) -> dict:
@@ -455,9 +469,6 @@ def _grid_for(spec, y, folds) -> dict:
     return spec.adapt_grid(spec.grid, smallest_fold_train)
 
 
-RACE_Z = 2.58  # a candidate leaves the race this many standard errors behind the leader
-
-
 def race_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups=None):
     """Grid search fold by fold, dropping candidates that are already clearly worse.
 
@@ -465,7 +476,9 @@ def race_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups=None):
     than :data:`RACE_Z` standard errors of the paired per-row difference below the
     leader's stops there; the search ends when one candidate is left or the folds run
     out. Close calls therefore get every fold, clear ones one. Ties go to the first
-    candidate, as in :func:`grid_tune`; other scorings than accuracy use it.
+    candidate, as in :func:`grid_tune`; other scorings than accuracy use it. Returns
+    ``(best_params, its accuracy over the held-out rows it was scored on, fits that did
+    not converge)``; candidates are fitted on ``n_jobs`` processes.
     """
     if scoring != "accuracy":
         return grid_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups)
@@ -475,24 +488,29 @@ def race_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups=None):
     candidates = list(ParameterGrid(_grid_for(spec, y, folds)))
     alive = list(range(len(candidates)))
     hits = {c: [] for c in alive}  # per candidate: per-row correctness, fold after fold
+    total_not_converged = 0
     for train, test in folds.split(X, y, groups):
         outcomes = Parallel(n_jobs=min(n_jobs, len(alive)))(
             delayed(_held_out_hits)(pipeline, candidates[c], X, y, train, test) for c in alive)
-        for c, outcome in zip(alive, outcomes):
+        for c, (outcome, not_converged) in zip(alive, outcomes):
             hits[c].append(outcome)
+            total_not_converged += not_converged
         alive = _still_racing(alive, {c: np.concatenate(hits[c]) for c in alive})
         if len(alive) == 1:
             break
     means = {c: float(np.concatenate(hits[c]).mean()) for c in alive}
     best = max(alive, key=lambda c: (means[c], -c))
-    return dict(candidates[best]), means[best]
+    return dict(candidates[best]), means[best], total_not_converged
 
 
-def _held_out_hits(pipeline, params, X, y, train, test) -> np.ndarray:
+def _held_out_hits(pipeline, params, X, y, train, test) -> tuple[np.ndarray, int]:
+    """Per-row correctness of one candidate on one fold, and its unconverged fits (counted
+    here: this runs in a worker process, out of reach of the caller's warning filter)."""
     from sklearn.base import clone
 
-    fitted = clone(pipeline).set_params(**params).fit(X[train], y[train])
-    return fitted.predict(X[test]) == y[test]
+    fitted, not_converged = _run_quietly(
+        lambda: clone(pipeline).set_params(**params).fit(X[train], y[train]))
+    return fitted.predict(X[test]) == y[test], not_converged
 
 
 def _still_racing(alive, hits) -> list[int]:
@@ -509,13 +527,15 @@ def _still_racing(alive, hits) -> list[int]:
 
 def depth_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups=None):
     """Tune a tree's ``max_depth``: one tree per fold, grown to the deepest candidate on a
-    seeded quarter of the features, scored at every candidate depth by truncation.
+    seeded quarter of the features (at least 64), scored at every candidate depth by
+    truncation.
 
     A tree grown to depth 16 and cut at depth 4 makes the same first four levels of splits
     as a tree grown to depth 4 (up to ties between equally good splits), so one fit per
     fold replaces one per candidate; the feature subset makes each fit 4x cheaper. Only
-    the choice of depth comes from these trees: the model is then fitted on every feature.
-    Other scorings than accuracy fall back to :func:`grid_tune`.
+    the choice of depth comes from these trees (and the CV score: that of the truncated
+    trees on those features); the model is then fitted on every feature. Other scorings
+    than accuracy fall back to :func:`grid_tune`.
     """
     if scoring != "accuracy":
         return grid_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups)
@@ -532,7 +552,7 @@ def depth_tune(spec, pipeline, X, y, folds, n_jobs, scoring, groups=None):
         for train, test in folds.split(X, y, groups))
     mean = np.mean(scores, axis=0)
     best = int(np.argmax(mean))  # first of ties, as GridSearchCV
-    return {"clf__max_depth": depths[best]}, float(mean[best])
+    return {"clf__max_depth": depths[best]}, float(mean[best]), 0
 
 
 def _truncated_scores(pipeline, X_train, y_train, X_test, y_test, depths) -> list[float]:
@@ -559,9 +579,7 @@ def calibrated(pipeline, method, folds, X, y, groups=None):
     probabilities."""
     from sklearn.calibration import CalibratedClassifierCV
 
-    if method not in CALIBRATION_METHODS:
-        raise UsageError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, "
-                         f"not {method!r}")
+    _check_calibration(method)
     splits = list(folds.split(X, y, groups))
     return CalibratedClassifierCV(pipeline, method=method, cv=splits).fit(X, y)
 
@@ -776,16 +794,18 @@ def uncertainty_summary(y_true, y_pred, confidence, n_classes, seed=0) -> dict:
     return out
 
 
-def significance(results, alpha: float = 0.05) -> None:
+def significance(results, alpha: float | None = None) -> None:
     """Mark each row against the best one (highest accuracy, then fastest fit, as the report
-    sorts): exact McNemar test on the
-    evaluation images both were scored on, Holm-corrected over the comparisons.
+    sorts): exact McNemar test on the evaluation images both were scored on,
+    Holm-corrected over the comparisons at ``alpha`` (default ``uncertainty.ALPHA``).
 
-    Sets ``vs_best`` on every row that has ``eval_rows``: None for the best itself, else
-    ``p_value``, ``significant``, ``best_only``/``this_only`` (images only one got right)
-    and ``n`` (images compared).
+    Sets ``vs_best`` on every row that has ``eval_rows`` and shares images with the best:
+    None for the best itself, else ``p_value``, ``significant``, ``best_only`` /
+    ``this_only`` (images only one got right) and ``n`` (images compared).
     """
     from featx import uncertainty
+
+    alpha = uncertainty.ALPHA if alpha is None else alpha
 
     scored = [r for r in results if r.get("eval_rows") is not None]
     if len(scored) < 2:
@@ -799,6 +819,9 @@ def significance(results, alpha: float = 0.05) -> None:
             continue
         mine = _correct_by_path(row)
         common = sorted(set(mine) & set(best_correct))
+        if not common:  # e.g. scored on other images: nothing to pair, no claim
+            row.pop("vs_best", None)
+            continue
         test = uncertainty.mcnemar([best_correct[p] for p in common], [mine[p] for p in common])
         row["vs_best"] = {"p_value": test["p_value"], "best_only": test["a_only"],
                           "this_only": test["b_only"], "n": len(common)}
@@ -815,30 +838,31 @@ def compare_repeated(features, clfs, plan, *, tune=True, class_weight=None, cv=5
     Each dict has ``clf``, ``backbone``, ``weights``, ``protocol``, ``description``,
     ``repeats``, ``per_repeat`` (one dict of metrics per repeat, ``seed`` included),
     ``mean``, ``std`` (sample standard deviation over repeats), ``min``, ``max`` and
-    ``interval`` (95% bootstrap interval of the mean, resampling every repeat's
-    evaluation images): dicts over accuracy, balanced accuracy and macro-F1.
+    ``interval`` (95% paired bootstrap interval of the mean over the evaluated images,
+    :func:`featx.uncertainty.repeated_interval`): dicts over accuracy, balanced accuracy
+    and macro-F1.
     """
     from featx import uncertainty
 
     clfs = check_names(clfs)
     n_classes = len(features.class_names)
-    outcomes = {name: [] for name in clfs}  # per repeat: (y_true, y_pred)
+    outcomes = {name: [] for name in clfs}  # per repeat: (rows, y_true, y_pred)
     for repeat in plan.repeats:
-        pooled = {name: ([], []) for name in clfs}
+        pooled = {name: ([], [], []) for name in clfs}
         for train, evaluation in repeat.folds:
             for row in compare_rows(features, clfs, train, evaluation, tune=tune,
                                     class_weight=class_weight, seed=repeat.seed, cv=cv,
                                     n_jobs=n_jobs, calibrate=calibrate, tuning=tuning,
                                     summarise=False):
-                pooled[row["clf"]][0].append(row["eval_rows"]["y_true"])
-                pooled[row["clf"]][1].append(row["eval_rows"]["y_pred"])
+                pooled[row["clf"]][0].append(evaluation)
+                pooled[row["clf"]][1].append(row["eval_rows"]["y_true"])
+                pooled[row["clf"]][2].append(row["eval_rows"]["y_pred"])
         for name in clfs:
-            outcomes[name].append((np.concatenate(pooled[name][0]),
-                                   np.concatenate(pooled[name][1])))
+            outcomes[name].append(tuple(np.concatenate(part) for part in pooled[name]))
     summaries = []
     for name in clfs:
         per_repeat = []
-        for repeat, (y_true, y_pred) in zip(plan.repeats, outcomes[name]):
+        for repeat, (_, y_true, y_pred) in zip(plan.repeats, outcomes[name]):
             scores = classification_metrics(y_true, y_pred, features.class_names)
             per_repeat.append({"seed": repeat.seed, "n": int(len(y_true)),
                                **{m: scores[m] for m in uncertainty.METRICS}})
@@ -911,11 +935,9 @@ def summary_metrics(scores: dict) -> dict:
 
 def class_scores(estimator, X) -> np.ndarray:
     """Per-class scores: probabilities when the model has them, else decision values."""
-    if hasattr(estimator, "predict_proba"):
-        try:
-            return estimator.predict_proba(X)
-        except AttributeError:
-            pass
+    probabilities = predict_probabilities(estimator, X)
+    if probabilities is not None:
+        return probabilities
     scores = estimator.decision_function(X)
     if scores.ndim == 1:  # binary: score of the positive class
         scores = np.stack([-scores, scores], axis=1)

@@ -426,10 +426,12 @@ def classifier_options(func):
         click.option("--tuning", type=click.Choice(["fast", "exhaustive"]), default="fast",
                      show_default=True, help="fast: fewer folds on large data, trees tuned by "
                      "depth truncation; exhaustive: every candidate on --cv folds."),
-        click.option("--calibrate", type=click.Choice(["sigmoid", "isotonic"]), default=None,
-                     is_flag=False, flag_value="sigmoid",
-                     help="Cross-validated probability calibration (sigmoid when given "
-                     "alone), so that scores are probabilities; the svm's too."),
+        click.option("--calibrate", is_flag=True,
+                     help="Cross-validated probability calibration, so that scores are "
+                     "probabilities (the svm's too)."),
+        click.option("--calibration", type=click.Choice(["sigmoid", "isotonic"]),
+                     default="sigmoid", show_default=True,
+                     help="The calibration map of --calibrate (isotonic wants large data)."),
     ]):
         func = option(func)
     return func
@@ -451,8 +453,8 @@ def classifier_options(func):
 @engine_options
 @json_option
 @handle_errors
-def fit(data, clf, json_, tune, class_weight, cv, tuning, calibrate, out, name, use_augmented,
-        **kw):
+def fit(data, clf, json_, tune, class_weight, cv, tuning, calibrate, calibration, out, name,
+        use_augmented, **kw):
     """Train a classifier on the cached embeddings of DATA and save it.
 
     Extracts first (through the same cache) if DATA is not cached yet, trains on the train
@@ -468,8 +470,8 @@ def fit(data, clf, json_, tune, class_weight, cv, tuning, calibrate, out, name, 
         raise click.BadParameter("fit takes one classifier; use `featx compare` for several",
                                  param_hint="--clf")
     outcome = run_fit(data, clf, tune=tune, class_weight=class_weight, out=out, name=name,
-                      use_augmented=use_augmented, cv=cv, tuning=tuning, calibrate=calibrate,
-                      options=_options(kw))
+                      use_augmented=use_augmented, cv=cv, tuning=tuning,
+                      calibrate=calibration if calibrate else None, options=_options(kw))
     _warn_random(outcome["weights"])
     if json_:
         emit_json(outcome)
@@ -625,9 +627,9 @@ def _rows_to_csv(rows, top_k, best_guess=False) -> str:
 @engine_options
 @json_option
 @handle_errors
-def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibrate, report_dir,
-            eval_split, augmented, repeats, finetune, finetune_epochs, finetune_warmup_epochs,
-            **kw):
+def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibrate, calibration,
+            report_dir, eval_split, augmented, repeats, finetune, finetune_epochs,
+            finetune_warmup_epochs, **kw):
     """Train every classifier on the same cached features and write a benchmark report.
 
     With a warm cache no image goes through the model. Writes report.md, report.json, a
@@ -638,6 +640,7 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
         featx compare photos/ --report-dir reports/ --json
     """
     from featx.api import compare as run_compare
+    from featx.reports import vs_best_text
 
     finetune_options = None
     if finetune:
@@ -646,7 +649,8 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
     outcome = run_compare(data, clfs, backbones=backbone, report_dir=report_dir, tune=tune,
                           class_weight=class_weight, eval_split=eval_split, cv=cv,
                           finetune=finetune_options, augmented=augmented, options=options,
-                          tuning=tuning, calibrate=calibrate, repeats=repeats)
+                          tuning=tuning, calibrate=calibration if calibrate else None,
+                          repeats=repeats)
     results = outcome["results"]
     _warn_random(options.weights)
     if json_:
@@ -658,12 +662,12 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
                    "repeated": outcome["repeated"]})
         return
     click.echo(f"{'classifier':<10} {'backbone':<20} {'split':<5} {'accuracy':>8} "
-               f"{'95% interval':>15} {'vs best':>14} {'macro-F1':>8} {'fit s':>7}")
+               f"{'95% interval':>15} {'vs best':>16} {'macro-F1':>8} {'fit s':>7}")
     for r in sorted(results, key=lambda r: -r["accuracy"]):
         low, high = (r.get("intervals") or {}).get("accuracy", (None, None))
         interval = f"{low:.3f}-{high:.3f}" if low is not None else "-"
         click.echo(f"{r['clf']:<10} {r['backbone']:<20} {r['split']:<5} {r['accuracy']:>8.4f} "
-                   f"{interval:>15} {_vs_best(r):>14} {r['macro_f1']:>8.4f} "
+                   f"{interval:>15} {vs_best_text(r):>16} {r['macro_f1']:>8.4f} "
                    f"{r['fit_seconds']:>7.2f}")
     for r in outcome["repeated"] or []:
         click.echo(f"{r['clf']:<10} {r['backbone']:<20} x{r['repeats']:<4} "
@@ -672,14 +676,6 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
                    f"{r['interval']['accuracy'][1]:.3f})")
     click.echo(f"report: {outcome['report']}")
 
-
-def _vs_best(row) -> str:
-    test = row.get("vs_best")
-    if "vs_best" not in row:
-        return "-"
-    if test is None:
-        return "best"
-    return ("worse" if test["significant"] else "n.s.") + f" p={test['p_value']:.3f}"
 
 
 def _unfreeze_value(ctx, param, value):

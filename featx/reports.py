@@ -19,6 +19,7 @@ import numpy as np
 
 from featx._json import json_default
 from featx.errors import UsageError
+from featx.uncertainty import ALPHA, CALIBRATION_BINS
 
 REQUIRED_KEYS = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
                  "macro_f1", "fit_seconds")
@@ -114,7 +115,8 @@ def _with_interval(r, metric) -> str:
     return text if not interval else f"{text} ({interval[0]:.3f}-{interval[1]:.3f})"
 
 
-def _vs_best(r) -> str:
+def vs_best_text(r) -> str:
+    """A row's "vs best" cell: "best", "worse (p=...)", "n.s. (p=...)" or "-" (not tested)."""
     if "vs_best" not in r:
         return "-"
     test = r["vs_best"]
@@ -136,7 +138,7 @@ def _results_table(rows) -> list[str]:
     for rank, r in zip(_ranks(rows), rows):
         backbone = r["backbone"] + (" int8" if r.get("precision") == "int8" else "")
         cells = [rank, r["clf"], backbone, r["weights"], r["split"],
-                 _with_interval(r, "accuracy"), _vs_best(r),
+                 _with_interval(r, "accuracy"), vs_best_text(r),
                  _with_interval(r, "balanced_accuracy"), _with_interval(r, "macro_f1"),
                  _num(r["fit_seconds"], 2), _num(r.get("predict_ms_per_image"), 3),
                  format_params(r.get("best_params"))
@@ -218,7 +220,7 @@ def _trust_lines(ordered) -> list[str]:
                    else "Every other row is significantly worse than the best.")
         lines.append(f"\"vs best\": exact McNemar test of each row against {best['clf']} on "
                      f"{best['backbone']}, on the images both were scored on, Holm-corrected "
-                     f"over {len(tested)} comparisons (alpha 0.05). {verdict}")
+                     f"over {len(tested)} comparisons (alpha {ALPHA}). {verdict}")
     return lines
 
 
@@ -227,7 +229,8 @@ def _calibration_section(ordered, files) -> list[str]:
     if not rows:
         return []
     lines = ["## Calibration", "",
-             "Expected calibration error (ECE, 15 equal-width bins of the top probability; "
+             f"Expected calibration error (ECE, {CALIBRATION_BINS} equal-width bins of the top "
+             "probability; "
              "0 = the probabilities mean what they say). Models without probabilities (an "
              "uncalibrated svm gives decision values) show \"-\"; `--calibrate` gives them "
              "probabilities.", "", "| classifier | backbone | calibration | ECE |",
@@ -264,8 +267,9 @@ def _repeated_section(repeated) -> list[str]:
     lines = ["## Repeated evaluation", "", f"Protocol: {repeated[0]['description']}. Every "
              "classifier is tuned inside each repeat's training rows; no evaluation image of a "
              "repeat is used to fit or tune it. Mean +/- standard deviation over repeats; the "
-             "interval is a 95% bootstrap interval of the mean (resampling every repeat's "
-             "evaluation images).", "",
+             "interval is a 95% bootstrap interval of the mean, resampling the evaluated "
+             "images (an image evaluated in several repeats is drawn once for all of "
+             "them).", "",
              "| classifier | backbone | repeats | accuracy | interval | balanced accuracy | "
              "macro-F1 | min-max accuracy |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(repeated, key=lambda r: -r["mean"]["accuracy"]):
@@ -292,7 +296,10 @@ def _markdown(ordered, dataset, notes, files, repeated=None) -> str:
         lines += [""] + trust
     if any(r.get("tuned") for r in ordered):
         lines += ["", "Best parameters were chosen by stratified k-fold cross-validation on the "
-                  "train split (fold counts in report.json); \"fit s\" includes that tuning."]
+                  "train split (fold counts in report.json); \"fit s\" includes that tuning, "
+                  "with the classifiers fitted side by side on the machine's cores (each "
+                  "shares memory bandwidth with the others). Equal accuracies share a rank; "
+                  "among them the faster fit is listed first."]
     lines += [""]
     if best.get("per_class"):
         lines += [f"## Per-class metrics of the best model: {best['clf']} on {best['backbone']} "

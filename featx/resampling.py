@@ -10,6 +10,7 @@ never reaches training.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -74,14 +75,27 @@ def _resplit_plan(paths, labels, pool, repeats, seed, train_per_class, eval_frac
     pool_paths = [str(paths[i]) for i in pool]
     plan = []
     for r in range(repeats):
-        splits = assign_splits(pool_paths, labels[pool], val_fraction=eval_fraction,
-                               seed=seed + r, train_per_class=train_per_class,
-                               class_names=names)
+        with _quiet_after_first(r):  # a too-small class is the same in every repeat
+            splits = assign_splits(pool_paths, labels[pool], val_fraction=eval_fraction,
+                                   seed=seed + r, train_per_class=train_per_class,
+                                   class_names=names)
         plan.append(Repeat(seed + r, [(pool[splits == "train"], pool[splits == "val"])]))
     shot = f"{train_per_class} training images per class, " if train_per_class else ""
     return RepeatPlan("resplit", f"{repeats} stratified re-splits of the {len(pool)} "
                       f"train and evaluation images ({shot}{eval_fraction:.0%} evaluated; "
                       f"seeds {seed}..{seed + repeats - 1})", plan)
+
+
+@contextlib.contextmanager
+def _quiet_after_first(repeat: int):
+    """Silence featx.data's per-class warnings after the first repeat: one line, not R."""
+    data_log = logging.getLogger("featx.data")
+    saved = data_log.disabled
+    data_log.disabled = saved or repeat > 0
+    try:
+        yield
+    finally:
+        data_log.disabled = saved
 
 
 def _kfold_plan(paths, labels, pool, repeats, seed, train_per_class, cv, names):

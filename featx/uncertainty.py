@@ -13,6 +13,8 @@ confidences), so it costs milliseconds, never a forward pass or a refit.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -21,8 +23,8 @@ CONFIDENCE = 0.95
 ALPHA = 0.05
 CALIBRATION_BINS = 15
 COVERAGE_THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-# Resamples scored at once: bounds the (chunk, n) count matrix (~20M cells, 80 MB float32).
-_CHUNK_CELLS = 20_000_000
+# Resamples drawn at once: bounds the (chunk, n) count matrices (5M cells, ~40 MB int64).
+_CHUNK_CELLS = 5_000_000
 
 
 # ----- intervals ---------------------------------------------------------------------
@@ -30,27 +32,39 @@ _CHUNK_CELLS = 20_000_000
 def resampled_metrics(y_true, y_pred, n_classes: int, counts) -> dict[str, np.ndarray]:
     """Accuracy, balanced accuracy and macro-F1 of each resample, all at once.
 
-    ``counts`` (B, n) says how many times each row is drawn in each resample, so per-class
-    counts are one matrix product per quantity. Balanced accuracy averages recall over the
-    classes present in that resample's true labels and macro-F1 averages F1 over the
-    classes present in its true or predicted labels: scikit-learn's definitions, so a
-    resample equal to the data gives scikit-learn's numbers.
+    ``counts`` (B, n) says how many times each row is drawn in each resample; per-class
+    counts are sums over the rows of each class (O(B n), whatever the number of classes).
+    Balanced accuracy averages recall over the classes present in that resample's true
+    labels and macro-F1 averages F1 over the classes present in its true or predicted
+    labels: scikit-learn's definitions, so a resample equal to the data gives
+    scikit-learn's numbers.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.float32)
-    hit = (y_true == y_pred).astype(np.float32)
-    true_onehot = np.eye(n_classes, dtype=np.float32)[y_true]
-    support = counts @ true_onehot
-    predicted = counts @ np.eye(n_classes, dtype=np.float32)[y_pred]
-    correct = counts @ (true_onehot * hit[:, None])
+    hit = y_true == y_pred
+    support = _class_sums(counts, y_true, n_classes)
+    predicted = _class_sums(counts, y_pred, n_classes)
+    correct = _class_sums(counts[:, hit], y_true[hit], n_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(support > 0, correct / support, np.nan)
         involved = (support + predicted) > 0
         f1 = np.where(involved, 2 * correct / (support + predicted), np.nan)
-    return {"accuracy": (counts @ hit) / counts.sum(axis=1),
+        accuracy = counts[:, hit].sum(axis=1) / counts.sum(axis=1)
+    return {"accuracy": accuracy,
             "balanced_accuracy": np.nanmean(recall, axis=1),
             "macro_f1": np.nanmean(f1, axis=1)}
+
+
+def _class_sums(counts, labels, n_classes) -> np.ndarray:
+    """(B, n_classes): the sum of ``counts`` over the rows of each class."""
+    out = np.zeros((counts.shape[0], n_classes), dtype=np.float32)
+    if len(labels) == 0:
+        return out
+    order = np.argsort(labels, kind="stable")
+    present, starts = np.unique(labels[order], return_index=True)
+    out[:, present] = np.add.reduceat(counts[:, order], starts, axis=1)
+    return out
 
 
 def bootstrap_intervals(y_true, y_pred, n_classes: int, *, n_resamples: int = N_RESAMPLES,
@@ -83,33 +97,48 @@ def _bootstrap(y_true, y_pred, n_classes, n_resamples, seed) -> dict[str, np.nda
     n = len(y_true)
     if n == 0:
         raise ValueError("no evaluation rows to resample")
+    parts = [resampled_metrics(y_true, y_pred, n_classes, counts)
+             for counts in _resample_counts(n, n_resamples, seed)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in METRICS}
+
+
+def _resample_counts(n, n_resamples, seed):
+    """Chunks of (B, n) draw counts: B resamples of n rows with replacement, seeded."""
     rng = np.random.default_rng(seed)
     chunk = max(1, _CHUNK_CELLS // n)
-    parts = []
     for start in range(0, n_resamples, chunk):
         size = min(chunk, n_resamples - start)
         drawn = rng.integers(0, n, size=(size, n)) + (np.arange(size) * n)[:, None]
-        counts = np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n)
-        parts.append(resampled_metrics(y_true, y_pred, n_classes, counts))
-    return {name: np.concatenate([p[name] for p in parts]) for name in METRICS}
+        yield np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n)
 
 
 def repeated_interval(per_repeat: list[tuple], n_classes: int, *,
                       n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
                       seed: int = 0) -> dict[str, list]:
-    """Interval of the mean over repeats: each resample redraws every repeat's evaluation
-    images (with replacement) and averages the repeats' metrics.
+    """Interval of the mean over repeats, by a paired bootstrap over images.
 
-    ``per_repeat``: one ``(y_true, y_pred)`` pair per repeat. The spread between repeats
-    (training variation) is reported separately as a standard deviation.
+    ``per_repeat``: one ``(rows, y_true, y_pred)`` per repeat, ``rows`` identifying the
+    images evaluated (an image may be evaluated in several repeats). Each resample draws
+    the distinct images once, with replacement, and gives every repeat's copy of an image
+    the same weight, so repeats that share images do not pass for independent evidence.
+    The spread between repeats (training variation) is reported separately.
     """
-    stacks = [_bootstrap(y_true, y_pred, n_classes, n_resamples, seed + i)
-              for i, (y_true, y_pred) in enumerate(per_repeat)]
+    images = np.unique(np.concatenate([np.asarray(rows) for rows, _, _ in per_repeat]))
+    positions = [np.searchsorted(images, rows) for rows, _, _ in per_repeat]
+    means = {name: [] for name in METRICS}
+    for counts in _resample_counts(len(images), n_resamples, seed):
+        scores = [resampled_metrics(y_true, y_pred, n_classes, counts[:, where])
+                  for where, (_, y_true, y_pred) in zip(positions, per_repeat)]
+        for name in METRICS:
+            with warnings.catch_warnings():  # a repeat none of whose images was drawn
+                warnings.simplefilter("ignore", RuntimeWarning)
+                means[name].append(np.nanmean([s[name] for s in scores], axis=0))
     tail = 100 * (1 - confidence) / 2
     out = {}
     for name in METRICS:
-        mean = np.mean([s[name] for s in stacks], axis=0)
-        out[name] = [float(np.percentile(mean, tail)), float(np.percentile(mean, 100 - tail))]
+        values = np.concatenate(means[name])
+        out[name] = [float(np.nanpercentile(values, tail)),
+                     float(np.nanpercentile(values, 100 - tail))]
     return out
 
 

@@ -355,3 +355,17 @@ def test_dogcat_export_fp32_and_int8_parity(tmp_path):
     int8 = check_export(export_model(model, "onnx", precision="int8").path, model, data)
     assert int8.passed, int8.line()
     assert int8.agreement >= INT8_MIN_AGREEMENT
+
+
+def test_a_calibrated_model_is_refused_with_one_line():
+    from sklearn.datasets import make_blobs
+
+    from featx.classifiers import fit_classifier
+    from featx.deploy import linear_head
+
+    X, y = make_blobs(n_samples=60, centers=3, n_features=8, random_state=0)
+    fit = fit_classifier("svm", X, y, tune=False, n_jobs=1, calibrate="sigmoid")
+    with pytest.raises(UsageError, match="a calibrated svm model cannot be exported as one "
+                                         "graph") as caught:
+        linear_head(fit.estimator, "svm")
+    assert "\n" not in str(caught.value)

@@ -275,7 +275,7 @@ def test_predict_rows_of_a_finetuned_model_say_why_a_file_was_skipped(good_run, 
 
 
 def test_finetune_row_matches_compare_schema(good_run):
-    from featx.reports import finetune_row
+    from featx.reports import NOT_SERIALISED, finetune_row
 
     result, _ = good_run
     row = finetune_row(result, "toy_cnn", "random")
@@ -291,7 +291,10 @@ def test_finetune_row_matches_compare_schema(good_run):
     assert np.array(row["confusion_matrix"]).sum() == 4
     assert row["best_params"]["unfreeze"] == 4 and row["fit_seconds"] > 0
     assert finetune_row(result, split="val")["accuracy"] == result.val_accuracy
-    json.dumps(row)
+    low, high = row["intervals"]["accuracy"]  # its rows were kept: intervals, ECE, McNemar
+    assert low <= row["accuracy"] <= high and 0 <= row["ece"] <= 1
+    assert len(row["eval_rows"]["y_pred"]) == row["n_eval"]
+    json.dumps({k: v for k, v in row.items() if k not in NOT_SERIALISED})
 
 
 # ----- data --------------------------------------------------------------------------

@@ -189,9 +189,9 @@ def test_depth_tune_picks_a_grid_depth_and_the_tree_is_refitted_on_every_feature
     from sklearn.model_selection import StratifiedKFold
 
     folds = StratifiedKFold(3, shuffle=True, random_state=0)
-    params, score = depth_tune(CLASSIFIERS["tree"], make_classifier("tree"), X, y, folds, 1,
-                               "accuracy")
-    assert set(params) == {"clf__max_depth"} and 0 < score <= 1
+    params, score, not_converged = depth_tune(CLASSIFIERS["tree"], make_classifier("tree"), X,
+                                              y, folds, 1, "accuracy")
+    assert set(params) == {"clf__max_depth"} and 0 < score <= 1 and not_converged == 0
 
 
 # ----- repeats -----------------------------------------------------------------------
@@ -225,6 +225,13 @@ def test_repeats_never_train_on_an_evaluation_row(layout, train_per_class):
         draws.add(tuple(sorted(evaluated)) if layout == "pool" else tuple(repeat.folds[0][1]))
     assert len(draws) > 1  # each repeat draws anew
     assert plan.protocol == ("kfold" if layout == "split" else "resplit")
+
+
+def test_a_too_small_class_is_reported_once_not_once_per_repeat(caplog):
+    paths, labels = _pool((12, 12, 3))
+    plan_repeats(paths, labels, np.arange(len(labels)), repeats=4, layout="pool",
+                 eval_fraction=0.25, train_per_class=5, class_names=["a", "b", "tiny"])
+    assert caplog.text.count("class 'tiny' has 3 images for 5 train per class") == 1
 
 
 def test_kfold_repeats_fall_back_to_the_folds_the_smallest_class_allows(caplog):
@@ -271,7 +278,8 @@ def test_race_tune_stops_clearly_worse_candidates_after_one_fold(monkeypatch):
     monkeypatch.setattr(classifiers, "_held_out_hits",
                         lambda *a: fits.append(a[1]) or real(*a))
     folds = StratifiedKFold(3, shuffle=True, random_state=0)
-    params, score = race_tune(spec, make_classifier("tree"), X, y, folds, 1, "accuracy")
+    params, score, not_converged = race_tune(spec, make_classifier("tree"), X, y, folds, 1,
+                                             "accuracy")
     assert params == {"clf__max_depth": 12}  # depth 1 cannot tell 3 classes apart
     assert len(fits) == 2  # both on the first fold; the race is then decided
     assert 0.5 < score <= 1
@@ -287,3 +295,34 @@ def test_race_keeps_close_candidates_to_the_end():
     assert _still_racing([0, 1], {0: a, 1: b}) == [0, 1]
     c = rng.random(200) < 0.5  # far behind
     assert _still_racing([0, 2], {0: a, 2: c}) == [0]
+
+
+def test_repeats_that_share_images_do_not_narrow_the_interval():
+    rng = np.random.default_rng(0)
+    rows = np.arange(150)
+    y_true = rng.integers(0, 3, 150)
+    y_pred = np.where(rng.random(150) < 0.8, y_true, (y_true + 1) % 3)
+    single = uncertainty.bootstrap_intervals(y_true, y_pred, 3, seed=0)["accuracy"]
+    # k-fold repeats evaluate the same images: five identical repeats are one repeat
+    repeated = uncertainty.repeated_interval([(rows, y_true, y_pred)] * 5, 3,
+                                             seed=0)["accuracy"]
+    assert (repeated[1] - repeated[0]) == pytest.approx(single[1] - single[0], rel=0.15)
+
+
+def test_rows_scored_on_other_images_are_not_tested_against_the_best():
+    rows = compare([_features()], ["softmax", "tree"], cv=3, n_jobs=1)
+    rows[1]["eval_rows"] = {**rows[1]["eval_rows"],
+                            "paths": np.array([f"other/{p}" for p in rows[1]["eval_rows"]["paths"]])}
+    significance(rows)
+    assert [r.get("vs_best", "untested") for r in rows].count(None) == 1  # the best
+    assert ["vs_best" in r for r in rows].count(False) == 1  # no images in common: no test
+
+
+def test_min_score_is_refused_when_a_class_is_named_unknown():
+    from featx.api import _check_unknown_free
+    from featx.errors import UsageError
+
+    _check_unknown_free(["cat", "dog"], 0.9, "m.joblib")
+    _check_unknown_free(["unknown", "dog"], None, "m.joblib")
+    with pytest.raises(UsageError, match="a class is named 'unknown'"):
+        _check_unknown_free(["unknown", "dog"], 0.9, "m.joblib")

@@ -807,8 +807,9 @@ def demo(data, report_dir, cache_dir, backbone):
     outcome = run_compare(data, ("all",), backbones=(backbone,), report_dir=report_dir,
                           cache_dir=cache_dir, progress=False)
     for r in sorted(outcome["results"], key=lambda r: -r["accuracy"]):
-        click.echo(f"  {r['clf']:<9} val accuracy {r['accuracy']:.4f}  macro-F1 "
-                   f"{r['macro_f1']:.4f}  fit {r['fit_seconds']:.2f} s")
+        low, high = r["intervals"]["accuracy"]
+        click.echo(f"  {r['clf']:<9} val accuracy {r['accuracy']:.4f} (95% {low:.3f}-"
+                   f"{high:.3f})  macro-F1 {r['macro_f1']:.4f}  fit {r['fit_seconds']:.2f} s")
     click.echo(f"report: {outcome['report']}")
 
 

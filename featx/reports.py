@@ -462,7 +462,8 @@ def _confusion_title(r) -> str:
 # ----- the report ----------------------------------------------------------------------
 
 def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
-                         notes: list[str] | None = None, repeated: list[dict] | None = None) -> dict:
+                         notes: list[str] | None = None,
+                         repeated: list[dict] | None = None) -> dict:
     """Write report.md, report.json and the PNGs of a compare run into ``report_dir``.
 
     Parameters

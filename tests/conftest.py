@@ -101,7 +101,8 @@ def register_toy(monkeypatch):
 class ArrayFeatures:
     """The slice of featx's Features that classifiers.compare needs, over in-memory arrays."""
 
-    def __init__(self, X, y, split, class_names, backbone="toy", weights="random", root="/data/toy"):
+    def __init__(self, X, y, split, class_names, backbone="toy", weights="random",
+                 root="/data/toy"):
         self.X, self.labels, self.split = X, np.asarray(y), np.asarray(split)
         self.view = np.zeros(len(self.labels), dtype=np.int16)
         self.class_names = list(class_names)

@@ -187,3 +187,13 @@ def test_predict_min_score_says_unknown_with_the_best_guess_beside(dataset, tmp_
     table = list(csv.DictReader(io.StringIO(result.stdout)))
     assert list(table[0])[:4] == ["path", "label", "score", "best_guess"]
     assert all(r["label"] == r["best_guess"] for r in table)  # P=0 answers everything
+
+
+@pytest.mark.e2e
+def test_demo_on_a_folder_prints_every_classifier_with_its_interval(dataset, tmp_path):
+    result = invoke("demo", dataset, "--report-dir", tmp_path / "r", "--cache-dir",
+                    tmp_path / "cache")
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "val accuracy" in line]
+    assert len(lines) == 5 and all("(95% " in line for line in lines)
+    assert (tmp_path / "r" / "report.md").exists()

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import featx
 
-ORDER = ["errors", "_json", "options", "sample_data", "data", "cache", "uncertainty", "resampling", "classifiers",
-         "augment", "backbones", "persist", "cache_export", "pipeline", "onnx_export",
-         "reconcile", "reports", "runtimes", "views",
+ORDER = ["errors", "_json", "options", "sample_data", "data", "cache", "uncertainty",
+         "resampling", "classifiers", "augment", "backbones", "persist", "cache_export",
+         "pipeline", "onnx_export", "reconcile", "reports", "runtimes", "views",
          "extraction", "inference", "finetuning", "deploy", "api", "cli", "__main__"]
 PACKAGE = Path(featx.__file__).parent
 

@@ -311,8 +311,8 @@ def test_repeats_that_share_images_do_not_narrow_the_interval():
 
 def test_rows_scored_on_other_images_are_not_tested_against_the_best():
     rows = compare([_features()], ["softmax", "tree"], cv=3, n_jobs=1)
-    rows[1]["eval_rows"] = {**rows[1]["eval_rows"],
-                            "paths": np.array([f"other/{p}" for p in rows[1]["eval_rows"]["paths"]])}
+    moved = np.array([f"other/{p}" for p in rows[1]["eval_rows"]["paths"]])
+    rows[1]["eval_rows"] = {**rows[1]["eval_rows"], "paths": moved}
     significance(rows)
     assert [r.get("vs_best", "untested") for r in rows].count(None) == 1  # the best
     assert ["vs_best" in r for r in rows].count(False) == 1  # no images in common: no test

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from featx import uncertainty
 from featx.errors import DataError, UsageError
 from featx.options import usable_cores
 
@@ -618,6 +619,10 @@ def evaluate(estimator, X, y, class_names, *, blas_threads: int | None = 1) -> d
         started = time.perf_counter()
         pred = estimator.predict(X)
         predict_seconds = time.perf_counter() - started
+    return _timed_metrics(y, pred, class_names, predict_seconds)
+
+
+def _timed_metrics(y, pred, class_names, predict_seconds) -> dict:
     return {**classification_metrics(y, pred, class_names),
             "predict_seconds": predict_seconds,
             "predict_ms_per_image": 1000.0 * predict_seconds / len(y)}
@@ -763,9 +768,7 @@ def fit_and_score(name, X_train, y_train, X_eval, y_eval, class_names, fit_optio
             predicted = fit.estimator.classes_[np.argmax(probabilities, axis=1)]
             confidence = probabilities.max(axis=1)
         seconds = time.perf_counter() - started
-    scores = {**classification_metrics(y_eval, predicted, class_names),
-              "predict_seconds": seconds, "predict_ms_per_image": 1000.0 * seconds / len(y_eval)}
-    return fit, scores, predicted, confidence
+    return fit, _timed_metrics(y_eval, predicted, class_names, seconds), predicted, confidence
 
 
 def predict_probabilities(estimator, X):
@@ -781,8 +784,6 @@ def predict_probabilities(estimator, X):
 def uncertainty_summary(y_true, y_pred, confidence, n_classes, seed=0) -> dict:
     """The trust fields of a compare row: ``intervals`` (95% bootstrap, per metric),
     ``ece``, ``reliability`` and ``coverage`` (None without probabilities)."""
-    from featx import uncertainty
-
     out = {"intervals": uncertainty.bootstrap_intervals(y_true, y_pred, n_classes, seed=seed),
            "interval_resamples": uncertainty.N_RESAMPLES,
            "ece": None, "reliability": None, "coverage": None}
@@ -794,23 +795,24 @@ def uncertainty_summary(y_true, y_pred, confidence, n_classes, seed=0) -> dict:
     return out
 
 
-def significance(results, alpha: float | None = None) -> None:
+def ranking_key(row):
+    """How compare rows are ordered (the report's order): accuracy, then the faster fit."""
+    return -row["accuracy"], row["fit_seconds"]
+
+
+def significance(results, alpha: float = uncertainty.ALPHA) -> None:
     """Mark each row against the best one (highest accuracy, then fastest fit, as the report
     sorts): exact McNemar test on the evaluation images both were scored on,
-    Holm-corrected over the comparisons at ``alpha`` (default ``uncertainty.ALPHA``).
+    Holm-corrected over the comparisons at ``alpha``.
 
     Sets ``vs_best`` on every row that has ``eval_rows`` and shares images with the best:
     None for the best itself, else ``p_value``, ``significant``, ``best_only`` /
     ``this_only`` (images only one got right) and ``n`` (images compared).
     """
-    from featx import uncertainty
-
-    alpha = uncertainty.ALPHA if alpha is None else alpha
-
     scored = [r for r in results if r.get("eval_rows") is not None]
     if len(scored) < 2:
         return
-    best = min(scored, key=lambda r: (-r["accuracy"], r["fit_seconds"]))  # the report's order
+    best = min(scored, key=ranking_key)
     best_correct = _correct_by_path(best)
     tests = []
     for row in scored:
@@ -842,8 +844,6 @@ def compare_repeated(features, clfs, plan, *, tune=True, class_weight=None, cv=5
     :func:`featx.uncertainty.repeated_interval`): dicts over accuracy, balanced accuracy
     and macro-F1.
     """
-    from featx import uncertainty
-
     clfs = check_names(clfs)
     n_classes = len(features.class_names)
     outcomes = {name: [] for name in clfs}  # per repeat: (rows, y_true, y_pred)

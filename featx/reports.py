@@ -19,7 +19,8 @@ import numpy as np
 
 from featx._json import json_default
 from featx.errors import UsageError
-from featx.uncertainty import ALPHA, CALIBRATION_BINS
+from featx.classifiers import ranking_key
+from featx.uncertainty import ALPHA, CALIBRATION_BINS, coverage_points
 
 REQUIRED_KEYS = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
                  "macro_f1", "fit_seconds")
@@ -86,7 +87,7 @@ def format_params(params) -> str:
 
 
 def _sorted(results):
-    return sorted(results, key=lambda r: (-r["accuracy"], r["fit_seconds"]))
+    return sorted(results, key=ranking_key)
 
 
 def _slug(text) -> str:
@@ -230,8 +231,7 @@ def _calibration_section(ordered, files) -> list[str]:
         return []
     lines = ["## Calibration", "",
              f"Expected calibration error (ECE, {CALIBRATION_BINS} equal-width bins of the top "
-             "probability; "
-             "0 = the probabilities mean what they say). Models without probabilities (an "
+             "probability; 0 = the probabilities mean what they say). Models without probabilities (an "
              "uncalibrated svm gives decision values) show \"-\"; `--calibrate` gives them "
              "probabilities.", "", "| classifier | backbone | calibration | ECE |",
              "|---|---|---|---:|"]
@@ -431,14 +431,9 @@ def plot_coverage(results, path) -> Path:
     ax = fig.subplots()
     for r in results:
         rows = r["eval_rows"]
-        order = np.argsort(-np.asarray(rows["confidence"]), kind="stable")
-        confidence = np.asarray(rows["confidence"])[order]
-        correct = (np.asarray(rows["y_true"]) == np.asarray(rows["y_pred"]))[order]
-        # one point per distinct threshold: images with equal scores are answered together
-        ends = np.flatnonzero(np.append(confidence[1:] != confidence[:-1], True))
-        answered = ends + 1
-        ax.plot(answered / len(correct), np.cumsum(correct)[ends] / answered, marker=".",
-                label=_series_label(r))
+        coverage, accuracy = coverage_points(
+            rows["confidence"], np.asarray(rows["y_true"]) == np.asarray(rows["y_pred"]))
+        ax.plot(coverage, accuracy, marker=".", label=_series_label(r))
     ax.set_xlabel("coverage (share of images answered)")
     ax.set_ylabel("accuracy on the answered images")
     ax.set_title("abstaining below a minimum score")
@@ -449,7 +444,7 @@ def plot_coverage(results, path) -> Path:
 
 
 def _series_label(r) -> str:
-    label = r["clf"] if "/" in r["clf"] else f"{r['clf']}/{r['backbone']}"
+    label = f"{r['clf']}/{r['backbone']}"
     return label + (f" ({r['calibration']})" if r.get("calibration") else "")
 
 

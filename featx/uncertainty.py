@@ -87,19 +87,11 @@ def bootstrap_intervals(y_true, y_pred, n_classes: int, *, n_resamples: int = N_
     dict
         ``{metric: [low, high]}`` for :data:`METRICS`.
     """
-    samples = _bootstrap(y_true, y_pred, n_classes, n_resamples, seed)
-    tail = 100 * (1 - confidence) / 2
-    return {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-            for name, values in samples.items()}
-
-
-def _bootstrap(y_true, y_pred, n_classes, n_resamples, seed) -> dict[str, np.ndarray]:
-    n = len(y_true)
-    if n == 0:
+    if len(y_true) == 0:
         raise ValueError("no evaluation rows to resample")
-    parts = [resampled_metrics(y_true, y_pred, n_classes, counts)
-             for counts in _resample_counts(n, n_resamples, seed)]
-    return {name: np.concatenate([p[name] for p in parts]) for name in METRICS}
+    one_repeat = (np.arange(len(y_true)), y_true, y_pred)
+    return repeated_interval([one_repeat], n_classes, n_resamples=n_resamples,
+                             confidence=confidence, seed=seed)
 
 
 def _resample_counts(n, n_resamples, seed):
@@ -115,7 +107,8 @@ def _resample_counts(n, n_resamples, seed):
 def repeated_interval(per_repeat: list[tuple], n_classes: int, *,
                       n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
                       seed: int = 0) -> dict[str, list]:
-    """Interval of the mean over repeats, by a paired bootstrap over images.
+    """Interval of the mean over repeats, by a paired bootstrap over images (with one
+    repeat, :func:`bootstrap_intervals`).
 
     ``per_repeat``: one ``(rows, y_true, y_pred)`` per repeat, ``rows`` identifying the
     images evaluated (an image may be evaluated in several repeats). Each resample draws
@@ -207,6 +200,17 @@ def expected_calibration_error(confidence, correct, n_bins: int = CALIBRATION_BI
 
 
 # ----- abstention --------------------------------------------------------------------
+
+def coverage_points(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
+    """The whole coverage curve: (coverage, accuracy on the answered images) at every
+    distinct score, highest first (images with equal scores are answered together)."""
+    order = np.argsort(-np.asarray(confidence, dtype=float), kind="stable")
+    ranked = np.asarray(confidence, dtype=float)[order]
+    hits = np.cumsum(np.asarray(correct, dtype=bool)[order])
+    ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
+    answered = ends + 1
+    return answered / len(ranked), hits[ends] / answered
+
 
 def coverage_curve(confidence, correct, thresholds=COVERAGE_THRESHOLDS) -> list[dict]:
     """Answering only when the top score is at least t: ``threshold``, ``coverage`` (share

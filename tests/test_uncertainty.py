@@ -326,3 +326,10 @@ def test_min_score_is_refused_when_a_class_is_named_unknown():
     _check_unknown_free(["unknown", "dog"], None, "m.joblib")
     with pytest.raises(UsageError, match="a class is named 'unknown'"):
         _check_unknown_free(["unknown", "dog"], 0.9, "m.joblib")
+
+
+def test_coverage_points_answer_equal_scores_together():
+    coverage, accuracy = uncertainty.coverage_points([0.9, 0.6, 0.9, 0.3],
+                                                     [True, False, False, True])
+    assert coverage.tolist() == [0.5, 0.75, 1.0]
+    assert accuracy.tolist() == [0.5, 1 / 3, 0.5]

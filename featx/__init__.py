@@ -15,8 +15,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "extract": "featx.extraction",
-    "Features": "featx.extraction",
-    "ExtractStats": "featx.extraction",
+    "Features": "featx.features",
+    "CombinedFeatures": "featx.features",
+    "ExtractStats": "featx.features",
     "ExtractOptions": "featx.options",
     "SplitOptions": "featx.options",
     "create_backbone": "featx.backbones",

@@ -909,6 +909,9 @@ def result_dict(name, features, fit: FitResult, scores: dict, split: str, seed: 
         # probe's full cost is known even when this run reused the cache
         "extract_seconds": getattr(features, "extraction_seconds", None)
         if getattr(features, "extraction_seconds", None) else getattr(stats, "seconds", None),
+        "extract_parts": extraction_costs(features),
+        "dim": getattr(features, "dim", None),
+        "flip_average": bool(getattr(features, "flip_average", False)),
         "tuned": fit.tuned,
         "cv_splits": fit.cv_splits,
         "cv_score": fit.cv_score,
@@ -921,6 +924,17 @@ def result_dict(name, features, fit: FitResult, scores: dict, split: str, seed: 
         "calibration": fit.calibration,
         "estimator": fit.estimator,
     }
+
+
+def extraction_costs(features) -> list[dict]:
+    """What computing each part's cached rows cost: [{"backbone", "seconds"}], one entry
+    per backbone of a combination (seconds None where the cache did not record it)."""
+    costs = []
+    for part in getattr(features, "parts", [features]):
+        seconds = getattr(part, "extraction_seconds", None) or None
+        costs.append({"backbone": part.backbone,
+                      "seconds": None if seconds is None else float(seconds)})
+    return costs
 
 
 # ----- scoring new rows -----------------------------------------------------------------

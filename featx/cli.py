@@ -72,7 +72,8 @@ def backbone_options(multiple: bool = False, feature_layer: bool = True):
             click.option("-b", "--backbone", "backbone", multiple=multiple,
                          default=(DEFAULTS.backbone,) if multiple else DEFAULTS.backbone,
                          show_default=True, envvar="FEATX_BACKBONE",
-                         help="Backbone name (see `featx backbones`)."
+                         help="Backbone name (see `featx backbones`); A+B[+C] puts several "
+                              "backbones' embeddings side by side."
                          + (" Repeat to compare several." if multiple else "")),
             click.option("--weights", default=DEFAULTS.weights, show_default=True,
                          help="'imagenet', a local weights file, or 'random' "
@@ -84,6 +85,9 @@ def backbone_options(multiple: bool = False, feature_layer: bool = True):
                              help="Layer whose output is the embedding [default: penultimate]."),
                 click.option("--pooling", type=click.Choice(POOLINGS), default=None,
                              help="How a feature map becomes a vector [default: avg]."),
+                click.option("--flip-average", is_flag=True, default=DEFAULTS.flip_average,
+                             help="Embed each image and its mirror image and cache the mean "
+                                  "(twice the extraction time, its own cache key)."),
             ]
         options.append(click.option(
             "--input-size", type=click.IntRange(32, 1024), default=None,
@@ -260,8 +264,13 @@ def extract(data, json_, augment, **kw):
         "runtime": stats.runtime or None,
         "precision": features.precision,
         "reused": stats.reused,
+        "flip_average": features.flip_average,
         "failed": [{"path": p, "reason": r} for p, r in stats.failed],
     }
+    if len(features.parts) > 1:
+        result["parts"] = [{"backbone": p.backbone, "cache": str(p.cache_path), "dim": p.dim,
+                            "n_extracted": p.stats.n_extracted,
+                            "seconds": round(p.stats.seconds, 3)} for p in features.parts]
     for path, reason in stats.failed:
         click.echo(f"featx: skipped {path}: {reason}", err=True)
     if json_:
@@ -271,6 +280,9 @@ def extract(data, json_, augment, **kw):
     click.echo(f"backbone:  {result['backbone']} (weights: {result['weights_id']}), dim {result['dim']}")
     click.echo(f"images:    {stats.n_images} in {len(features.class_names)} classes "
                f"({', '.join(f'{k} {v}' for k, v in result['splits'].items() if v)})")
+    for part in result.get("parts", []):
+        click.echo(f"  part:    {part['backbone']}, dim {part['dim']}: {part['n_extracted']} "
+                   f"extracted in {part['seconds']:.1f} s; {part['cache']}")
     if stats.runtime:
         click.echo(f"runtime:   {stats.runtime}")
     click.echo(f"extracted: {stats.n_extracted} in {stats.seconds:.1f} s"
@@ -640,7 +652,7 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
         featx compare photos/ --report-dir reports/ --json
     """
     from featx.api import compare as run_compare
-    from featx.reports import vs_best_text
+    from featx.reports import extraction_cell, vs_best_text
 
     finetune_options = None
     if finetune:
@@ -656,26 +668,33 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
     if json_:
         keys = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
                 "macro_f1", "intervals", "vs_best", "ece", "calibration", "fit_seconds",
-                "predict_seconds", "augmented_views", "best_params", "runtime", "precision")
+                "predict_seconds", "extract_seconds", "extract_parts", "flip_average",
+                "augmented_views", "best_params", "runtime", "precision")
         emit_json({"report": outcome["report"],
                    "results": [{k: r.get(k) for k in keys} for r in results],
                    "repeated": outcome["repeated"]})
         return
-    click.echo(f"{'classifier':<10} {'backbone':<20} {'split':<5} {'accuracy':>8} "
-               f"{'95% interval':>15} {'vs best':>16} {'macro-F1':>8} {'fit s':>7}")
+    width = max([20] + [len(_backbone_label(r)) for r in results])
+    click.echo(f"{'classifier':<10} {'backbone':<{width}} {'split':<5} {'accuracy':>8} "
+               f"{'95% interval':>15} {'vs best':>16} {'macro-F1':>8} {'extract s':>13} "
+               f"{'fit s':>7}")
     for r in sorted(results, key=lambda r: -r["accuracy"]):
         low, high = (r.get("intervals") or {}).get("accuracy", (None, None))
         interval = f"{low:.3f}-{high:.3f}" if low is not None else "-"
-        click.echo(f"{r['clf']:<10} {r['backbone']:<20} {r['split']:<5} {r['accuracy']:>8.4f} "
-                   f"{interval:>15} {vs_best_text(r):>16} {r['macro_f1']:>8.4f} "
-                   f"{r['fit_seconds']:>7.2f}")
+        click.echo(f"{r['clf']:<10} {_backbone_label(r):<{width}} {r['split']:<5} "
+                   f"{r['accuracy']:>8.4f} {interval:>15} {vs_best_text(r):>16} "
+                   f"{r['macro_f1']:>8.4f} {extraction_cell(r):>13} {r['fit_seconds']:>7.2f}")
     for r in outcome["repeated"] or []:
-        click.echo(f"{r['clf']:<10} {r['backbone']:<20} x{r['repeats']:<4} "
+        click.echo(f"{r['clf']:<10} {r['backbone']:<{width}} x{r['repeats']:<4} "
                    f"{r['mean']['accuracy']:>8.4f} +/- {r['std']['accuracy']:.4f} "
                    f"(interval {r['interval']['accuracy'][0]:.3f}-"
                    f"{r['interval']['accuracy'][1]:.3f})")
     click.echo(f"report: {outcome['report']}")
 
+
+
+def _backbone_label(row) -> str:
+    return row["backbone"] + (" flip-avg" if row.get("flip_average") else "")
 
 
 def _unfreeze_value(ctx, param, value):

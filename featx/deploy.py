@@ -184,11 +184,23 @@ def load_source(model_path) -> Source:
     from featx.persist import load_model
 
     estimator, metadata = load_model(path)
+    _check_exportable(path, metadata)
     head = linear_head(estimator, metadata.get("clf") or "unnamed")
     net = model_backbone(metadata)
     classes = [metadata["classes"][int(c)] for c in estimator.classes_]
     return Source(path, "classifier", net.feature_model(), head, classes, head.output,
                   metadata, net)
+
+
+def _check_exportable(path, metadata) -> None:
+    """UsageError for features one graph of stock layers does not reproduce yet."""
+    if metadata.get("parts"):
+        raise UsageError(f"{path}: a model on combined backbones ({metadata['backbone']}) "
+                         "cannot be exported yet (each part has its own input size); use "
+                         "`featx predict`, or export a model fitted on one backbone")
+    if metadata["cache_key"].get("flip_average"):
+        raise UsageError(f"{path}: a model on flip-averaged features cannot be exported yet; "
+                         "use `featx predict`, or fit without --flip-average to export")
 
 
 def _keras():

@@ -18,118 +18,20 @@ import numpy as np
 from featx import data as featx_data
 from featx import reconcile
 from featx.cache import CacheLock, CacheSession, FeatureCache, cache_path_for
-from featx.errors import DataError
+from featx.errors import DataError, FeatxError
+from featx.features import CombinedFeatures, ExtractStats, Features
 from featx.options import ExtractOptions
-from featx.pipeline import CacheWriter, ImageReader, run_pipeline
+from featx.pipeline import CacheWriter, FlipAveraging, ImageReader, run_pipeline
 
 log = logging.getLogger(__name__)
-
-# ----- results ---------------------------------------------------------------------
-@dataclasses.dataclass
-class ExtractStats:
-    n_images: int = 0
-    n_failed: int = 0
-    n_ignored: int = 0
-    n_extracted: int = 0  # images that went through the model in this run
-    n_copied: int = 0  # rows reused from identical content under another path
-    n_augmented: int = 0  # augmented views computed in this run
-    seconds: float = 0.0
-    model_seconds: float = 0.0  # the reader -> model -> writer pipeline, wall time
-    first_batch_seconds: float = 0.0  # of which the first batch (model tracing included)
-    first_batch_images: int = 0
-    images_per_second: float = 0.0
-    reused: bool = False
-    runtime: str = ""  # which runtime computed this run's rows ("" when none did)
-    failed: list = dataclasses.field(default_factory=list)
-    ignored: list = dataclasses.field(default_factory=list)
-
-
-class Features:
-    """Cached embeddings of one dataset under one backbone; embeddings are read lazily."""
-
-    def __init__(self, cache_path, stats: ExtractStats | None = None):
-        self.cache_path = Path(cache_path)
-        with FeatureCache.open(self.cache_path) as cache:
-            rows = cache.rows()
-            self.class_names = cache.json_attr("class_names", [])
-            self.backbone = cache.attr("backbone")
-            self.weights = cache.attr("weights")
-            self.weights_id = cache.attr("weights_id")
-            self.key = cache.key
-            self.dim = cache.dim
-            self.root = Path(cache.attr("root"))
-            self.split_params = cache.json_attr("split_params", {})
-            self.layout = cache.attr("layout", "pool")  # "split": given train/val folders
-            self.preprocessing = cache.json_attr("preprocessing", {})
-            self.extraction_seconds = float(cache.attr("extraction_seconds", 0.0))
-            self.runtimes = cache.json_attr("runtimes", [])
-            failed = cache.failed()
-        self.paths = rows["paths"]
-        self.labels = rows["labels"]
-        self.split = rows["split"]
-        self.view = rows["view"]
-        self.sha256 = rows["sha256"]
-        self.stats = stats or ExtractStats(
-            n_images=int((self.view == 0).sum()), n_failed=len(failed),
-            failed=[(p, r) for p, _, r in failed], reused=True)
-
-    @classmethod
-    def open(cls, cache_path) -> "Features":
-        return cls(cache_path)
-
-    def __len__(self):
-        return int((self.view == 0).sum())
-
-    def __repr__(self):
-        counts = {s: int(((self.split == s) & (self.view == 0)).sum()) for s in ("train", "val", "test")}
-        return (f"Features({self.backbone}, weights={self.weights}, dim={self.dim}, "
-                f"classes={len(self.class_names)}, splits={counts})")
-
-    @property
-    def precision(self) -> str:
-        return self.key.get("precision", "fp32")
-
-    def provenance(self) -> str:
-        """Which runtime(s) and precision computed the cached rows, for reports."""
-        ran = self.stats.runtime or ", ".join(self.runtimes) or "unrecorded runtime"
-        return f"{ran}; cached rows {self.precision}"
-
-    def has_split(self, split: str) -> bool:
-        return bool(((self.split == split) & (self.view == 0)).any())
-
-    def indices(self, split: str, views: bool = False) -> np.ndarray:
-        """Row indices of ``split``; ``views=True`` adds augmented views of those images."""
-        mask = self.split == split
-        if not views:
-            mask &= self.view == 0
-        return np.flatnonzero(mask)
-
-    def arrays(self, split: str, views: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(X, y) of one split, in cache row order."""
-        return self.take(self.indices(split, views))
-
-    def take(self, idx) -> tuple[np.ndarray, np.ndarray]:
-        """(X, y) of the rows ``idx`` (cache row indices, any order)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        with FeatureCache.open(self.cache_path) as cache:
-            return cache.embeddings(idx), self.labels[idx]
-
-    def require_views(self) -> None:
-        """Raise DataError unless the cache holds augmented views (``extract --augment``)."""
-        if not (self.view > 0).any():
-            raise DataError(f"{self.cache_path}: no augmented views cached; "
-                            "run `featx extract --augment K` first")
-
-    def groups(self, split: str, views: bool = False) -> np.ndarray:
-        """Content hash per row of ``split``: cross-validation keeps an image and its views
-        in one fold."""
-        return self.sha256[self.indices(split, views)]
-
 
 # ----- orchestration ---------------------------------------------------------------
 # key fields that say how the rows were computed rather than which backbone computed them
 RUN_KEY_FIELDS = ("compute_dtype", "precision", "quantization", "calibration",
-                  "int8_model_sha256")
+                  "int8_model_sha256", "flip_average")
+# flip-averaged rows (the mean of an image's and its mirror image's embeddings) are other
+# rows: this joins their key
+FLIP_KEY = {"flip_average": True}
 # int8 rows never share a cache with fp32 rows: this joins the key (and names the file);
 # the int8 model's SHA-256 and the calibration sample's identity join it too, once known.
 INT8_KEY = {"precision": "int8"}
@@ -145,12 +47,63 @@ def extract(data_dir, options: ExtractOptions | None = None, *, augment=0,
     its own cache key), split and cache folder. ``augment`` caches that many augmented views
     of every training image. ``mapper`` replaces the runtime with a ready mapper (tests,
     custom runtimes). Returns a :class:`Features` whose ``stats`` say what this run did.
+
+    A combined backbone name (``"efficientnet_lite0+efficientnet_lite2"``) extracts each
+    part into its own cache (reusing what is cached) and returns their
+    :class:`~featx.features.CombinedFeatures`. ``flip_average=True`` caches the mean of the
+    embeddings of each image (or augmented view) and of its mirror image, under its own key.
     """
+    options = ExtractOptions.create(options, **values)
+    if len(options.backbone_parts) > 1:
+        return _extract_combined(data_dir, options, augment, augment_options, mapper)
+    return _extract_one(data_dir, options, augment, augment_options, mapper)
+
+
+def _extract_combined(data_dir, options, augment, augment_options, mapper):
+    """Each part of a combined backbone extracted on its own, then aligned side by side.
+
+    Every part's backbone is created first, so an unknown name or weights that are not
+    available offline fail before any image is embedded; an error names its part.
+    """
+    from featx.backbones import create_backbone
+
+    name, parts = options.backbone, options.backbone_parts
+    if mapper is not None:
+        raise DataError(f"{name}: a ready mapper embeds for one backbone; extract the parts "
+                        "one at a time")
+    for part in parts:
+        with _naming_part(name, part):
+            create_backbone(part, options.weights, layer=options.layer, pooling=options.pooling,
+                            input_size=options.input_size, seed=options.seed,
+                            reduced_decode=options.reduced_decode)
+    extracted = []
+    for part in parts:
+        with _naming_part(name, part):
+            extracted.append(_extract_one(data_dir, dataclasses.replace(options, backbone=part),
+                                          augment, augment_options, None))
+    return CombinedFeatures(extracted)
+
+
+class _naming_part:
+    """Re-raises a featx error with the combined name and the part it came from."""
+
+    def __init__(self, name, part):
+        self.prefix = f"{name}: part {part}: "
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, FeatxError) and not str(error).startswith(self.prefix):
+            error.args = (self.prefix + str(error),) + error.args[1:]
+        return False
+
+
+def _extract_one(data_dir, options, augment, augment_options, mapper) -> Features:
     from featx.backbones import create_backbone
     from featx.runtimes import choose_runtime, configure_devices
 
     started = time.perf_counter()
-    options = ExtractOptions.create(options, **values)
     net = create_backbone(options.backbone, options.weights, layer=options.layer,
                           pooling=options.pooling, input_size=options.input_size,
                           seed=options.seed, reduced_decode=options.reduced_decode)
@@ -162,6 +115,8 @@ def extract(data_dir, options: ExtractOptions | None = None, *, augment=0,
     key = {**net.key(), "compute_dtype": "mixed_float16"} if fp16 else net.key()
     if options.precision == "int8":
         key = {**key, **INT8_KEY}
+    if options.flip_average:
+        key = {**key, **FLIP_KEY}
     cache_path = cache_path_for(options.cache_dir, data_dir, net.cfg.name, net.weights, key)
     run = _Run(net, options, Path(data_dir), cache_path, device, mapper)
     try:
@@ -191,7 +146,7 @@ class _Run:
         self.stats = ExtractStats()
         self.mapper = _OnDemand(mapper, lambda: open_mapper(
             net, options.runtime, options.precision, self._device(), self._store(),
-            self._batch_size(), self.int8_model))
+            self._batch_size(), self.int8_model), flip_average=options.flip_average)
 
     def _device(self) -> str:
         from featx.runtimes import detect_device
@@ -294,13 +249,17 @@ class _Run:
 class _OnDemand:
     """Builds the runtime the first time it is needed (a warm cache never builds one)."""
 
-    def __init__(self, given, build):
+    def __init__(self, given, build, flip_average=False):
         self.built = given
         self._build = build
+        self.flip_average = flip_average
+        if given is not None and flip_average:
+            self.built = FlipAveraging(given)
 
     def __call__(self):
         if self.built is None:
-            self.built = self._build()
+            built = self._build()
+            self.built = FlipAveraging(built) if self.flip_average else built
         return self.built
 
 

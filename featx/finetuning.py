@@ -610,6 +610,9 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
     seed = run.seed
     unfreeze = _check_recipe(warmup_epochs, epochs, unfreeze, dropout)
     augmenting = _augment_options(augment)
+    if len(run.backbone_parts) > 1:
+        raise UsageError(f"fine-tuning trains one backbone; {run.backbone!r} combines "
+                         f"{len(run.backbone_parts)} (pick one of them)")
     net = create_backbone(run.backbone, run.weights, input_size=run.input_size, seed=seed)
     if net.weights == "random":
         log.warning("RANDOM backbone weights: fine-tuning from scratch-initialised weights "

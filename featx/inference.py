@@ -80,20 +80,47 @@ def embed_files(net, files, batch_size=32, *, mapper=None):
     return writer.embeddings, writer.errors
 
 
+def model_parts(metadata: dict) -> list[dict]:
+    """The feature sources of a saved classifier: one per part of a combined backbone, else
+    the metadata itself (each has backbone, weights, cache_key, cache, preprocessing...)."""
+    return list(metadata.get("parts") or [metadata])
+
+
 def embeddings_for(metadata: dict, files, dim: int, runtime: str, batch_size: int):
-    """(X, errors, source per file) for a saved model: the row of its cache where a file's
-    content is cached (train/predict parity), else embedded as :func:`model_mapper` does."""
+    """(X, errors, source per file) for a saved model: each part's embeddings side by side
+    (:func:`part_embeddings`); a file that fails in any part gets that part's error."""
+    parts = model_parts(metadata)
+    hashes = [content_hash(f) for f in files]
+    blocks, errors, sources = [], [""] * len(files), [[] for _ in files]
+    for part in parts:
+        part_dim = part.get("dim", dim) if len(parts) > 1 else dim
+        X, part_errors, part_sources = part_embeddings(part, files, hashes, part_dim, runtime,
+                                                       batch_size)
+        blocks.append(X)
+        for i, (error, source) in enumerate(zip(part_errors, part_sources)):
+            errors[i] = errors[i] or error
+            sources[i].append(source)
+    sources = [" + ".join(dict.fromkeys(s)) for s in sources]
+    return np.concatenate(blocks, axis=1), errors, sources
+
+
+def part_embeddings(source: dict, files, hashes, dim: int, runtime: str, batch_size: int):
+    """(X, errors, source per file) for one backbone of a saved model: the row of its cache
+    where a file's content is cached (train/predict parity), else embedded as
+    :func:`model_mapper` does (flip-averaged when the model's features were)."""
+    from featx.pipeline import FlipAveraging
     from featx.reconcile import cached_embeddings
     from featx.runtimes import describe
 
-    hashes = [content_hash(f) for f in files]
-    cached = cached_embeddings(metadata.get("cache", ""), metadata.get("cache_key"), hashes)
+    cached = cached_embeddings(source.get("cache", ""), source.get("cache_key"), hashes)
     todo = [i for i, h in enumerate(hashes) if h not in cached]
     X = np.zeros((len(files), dim), np.float32)
     errors, sources = [""] * len(files), ["cache"] * len(files)
     if todo:
-        net = model_backbone(metadata)
-        mapper = model_mapper(metadata, net, runtime, batch_size)
+        net = model_backbone(source)
+        mapper = model_mapper(source, net, runtime, batch_size)
+        if source["cache_key"].get("flip_average"):
+            mapper = FlipAveraging(mapper)
         X[todo], new_errors = embed_files(net, [files[i] for i in todo], batch_size,
                                           mapper=mapper)
         embedded_by = describe(mapper)

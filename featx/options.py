@@ -52,6 +52,7 @@ class ExtractOptions:
     runtime: str = "auto"  # "auto" | "onnx" | "keras"
     precision: str = "fp32"  # "fp32" | "int8"
     reduced_decode: bool = False
+    flip_average: bool = False  # embed each image and its mirror image; store the mean
     progress: bool = True
     split: SplitOptions = SplitOptions()
 
@@ -79,6 +80,26 @@ class ExtractOptions:
     @property
     def seed(self) -> int:
         return self.split.seed
+
+    @property
+    def backbone_parts(self) -> tuple[str, ...]:
+        """The backbones whose embeddings are concatenated (one for a plain name)."""
+        return backbone_parts(self.backbone)
+
+
+COMBINE = "+"  # "efficientnet_lite0+efficientnet_lite2": the parts' embeddings side by side
+
+
+def backbone_parts(name: str) -> tuple[str, ...]:
+    """The parts of a combined backbone name; UsageError for an empty or repeated part."""
+    parts = tuple(part.strip() for part in str(name).split(COMBINE))
+    if not all(parts):
+        raise UsageError(f"backbone {name!r}: an empty part; combine names as A+B[+C]")
+    repeated = sorted({p for p in parts if parts.count(p) > 1})
+    if repeated:
+        raise UsageError(f"backbone {name!r}: {', '.join(repeated)} appears twice; a combination "
+                         "of a backbone with itself adds no information")
+    return parts
 
 
 def reject_unknown(values: dict, valid, what: str = "option") -> None:

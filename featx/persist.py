@@ -161,19 +161,10 @@ def save_model(estimator, out_dir, name: str, metadata: dict) -> Path:
     return artifact
 
 
-def classifier_metadata(features, clf, result, options, metrics, predictions, *, n_train,
-                        use_augmented) -> dict:
-    """What a saved classifier records (its sidecar, with :func:`save_model`'s fields):
-    enough to rebuild its features (:mod:`featx.inference` reads it) and to audit it.
-
-    ``features``: the :class:`featx.extraction.Features` it was fitted on; ``result``: the
-    :class:`featx.classifiers.FitResult`; ``options``: the
-    :class:`featx.options.ExtractOptions`; ``predictions``: split -> {path: class index}.
-    """
+def feature_source(features, options) -> dict:
+    """What rebuilds one backbone's features of a saved classifier (``featx.inference``
+    reads it): backbone, weights, options, cache key, cache file, preprocessing, dim."""
     return {
-        "kind": "featx-classifier",
-        "clf": clf,
-        "classes": list(features.class_names),
         "backbone": features.backbone,
         "weights": features.weights,
         "weights_id": features.weights_id,
@@ -184,6 +175,32 @@ def classifier_metadata(features, clf, result, options, metrics, predictions, *,
         "cache_key": features.key,
         "cache": str(features.cache_path),
         "preprocessing": features.preprocessing,
+        "dim": int(features.dim),
+    }
+
+
+def classifier_metadata(features, clf, result, options, metrics, predictions, *, n_train,
+                        use_augmented) -> dict:
+    """What a saved classifier records (its sidecar, with :func:`save_model`'s fields):
+    enough to rebuild its features (:mod:`featx.inference` reads it) and to audit it.
+
+    ``features``: the :class:`featx.extraction.Features` it was fitted on; ``result``: the
+    :class:`featx.classifiers.FitResult`; ``options``: the
+    :class:`featx.options.ExtractOptions`; ``predictions``: split -> {path: class index}.
+    """
+    parts = list(getattr(features, "parts", [features]))
+    if len(parts) == 1:
+        source = feature_source(features, options)
+    else:  # a combined backbone: what rebuilds each part's features
+        source = {"backbone": features.backbone, "weights": features.weights,
+                  "weights_id": features.weights_id, "cache_key": features.key,
+                  "preprocessing": features.preprocessing, "dim": int(features.dim),
+                  "parts": [feature_source(part, options) for part in parts]}
+    return {
+        "kind": "featx-classifier",
+        "clf": clf,
+        "classes": list(features.class_names),
+        **source,
         "data_root": str(features.root),
         "split_params": features.split_params,
         "n_train": int(n_train),

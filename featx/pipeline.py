@@ -121,6 +121,26 @@ def decoded(batch: dict) -> np.ndarray:
     return np.array([not e for e in batch["error"]], dtype=bool)
 
 
+# ----- mappers ---------------------------------------------------------------------
+class FlipAveraging:
+    """A mapper whose embedding of an image is the mean of ``mapper``'s embeddings of the
+    image and of its horizontal mirror image (twice the model calls, one batch shape)."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        plain = np.asarray(self.mapper(images), dtype=np.float32)
+        mirrored = np.asarray(self.mapper(np.ascontiguousarray(images[:, :, ::-1])),
+                              dtype=np.float32)
+        return (plain + mirrored) / np.float32(2)
+
+    def __getattr__(self, name):  # runtime, precision, dim...: the wrapped mapper's
+        if name == "mapper":
+            raise AttributeError(name)
+        return getattr(self.mapper, name)
+
+
 # ----- writers ---------------------------------------------------------------------
 class ArrayWriter:
     """Collects embeddings in memory: ``embeddings`` (n, dim) and ``errors`` (n,)."""

@@ -61,9 +61,10 @@ def test_report_files_and_numbers(results, tmp_path):
             assert cell == f"{r[metric]:.4f} ({low:.3f}-{high:.3f})"
         assert row[6] == "best" if r["vs_best"] is None else row[6].endswith(
             f"(p={r['vs_best']['p_value']:.3g})")
-        assert row[9] == f"{r['fit_seconds']:.2f}"
-        assert row[10] == f"{r['predict_ms_per_image']:.3f}"
-        assert row[11] == format_params(r["best_params"])
+        assert row[9] == "-"  # in-memory features record no extraction cost
+        assert row[10] == f"{r['fit_seconds']:.2f}"
+        assert row[11] == f"{r['predict_ms_per_image']:.3f}"
+        assert row[12] == format_params(r["best_params"])
     assert "## Calibration" in markdown and "## Answering only when confident" in markdown
     for name in ("reliability.png", "coverage.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
@@ -93,7 +94,7 @@ def test_random_weights_and_untuned_rows_are_flagged(tmp_path):
     report = write_compare_report(results, {"root": "/data/toy"}, tmp_path)
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.count("RANDOM") >= 2 and "WARNING" in markdown.splitlines()[2]
-    assert table_rows(markdown)[0][11] == "C=1.0 (not tuned)"
+    assert table_rows(markdown)[0][12] == "C=1.0 (not tuned)"
     assert "cross-validation" not in markdown
     assert report["random_weights"] is True
 
@@ -108,7 +109,7 @@ def test_extra_rows_and_file_name_collisions(results, tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert table_rows(markdown)[0][:2] == ["1", "finetune"]
     assert table_rows(markdown)[0][5] == "1.0000"  # no interval without predictions
-    assert table_rows(markdown)[0][10] == "-"  # no predict time given
+    assert table_rows(markdown)[0][11] == "-"  # no predict time given
     assert sorted(report["files"]["confusion"].values()) == [
         "confusion_softmax_toy_imagenet.png", "confusion_softmax_toy_random.png"]
     assert "Per-class metrics" not in markdown  # the best row (finetune) has none

@@ -7,7 +7,7 @@ import featx
 
 ORDER = ["errors", "_json", "options", "sample_data", "data", "cache", "uncertainty",
          "resampling", "classifiers", "augment", "backbones", "persist", "cache_export",
-         "pipeline", "onnx_export", "reconcile", "reports", "runtimes", "views",
+         "pipeline", "onnx_export", "reconcile", "reports", "runtimes", "views", "features",
          "extraction", "inference", "finetuning", "deploy", "api", "cli", "__main__"]
 PACKAGE = Path(featx.__file__).parent
 

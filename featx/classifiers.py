@@ -869,6 +869,8 @@ def compare_repeated(features, clfs, plan, *, tune=True, class_weight=None, cv=5
         values = {m: np.array([r[m] for r in per_repeat]) for m in uncertainty.METRICS}
         summaries.append({
             "clf": name, "backbone": features.backbone, "weights": features.weights,
+            "precision": getattr(features, "precision", "fp32"),
+            "flip_average": bool(getattr(features, "flip_average", False)),
             "protocol": plan.protocol, "description": plan.description,
             "repeats": len(plan.repeats), "per_repeat": per_repeat,
             "mean": {m: float(v.mean()) for m, v in values.items()},

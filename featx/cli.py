@@ -72,8 +72,9 @@ def backbone_options(multiple: bool = False, feature_layer: bool = True):
             click.option("-b", "--backbone", "backbone", multiple=multiple,
                          default=(DEFAULTS.backbone,) if multiple else DEFAULTS.backbone,
                          show_default=True, envvar="FEATX_BACKBONE",
-                         help="Backbone name (see `featx backbones`); A+B[+C] puts several "
-                              "backbones' embeddings side by side."
+                         help="Backbone name (see `featx backbones`)."
+                         + (" A+B[+C] puts several backbones' embeddings side by side."
+                            if feature_layer else "")
                          + (" Repeat to compare several." if multiple else "")),
             click.option("--weights", default=DEFAULTS.weights, show_default=True,
                          help="'imagenet', a local weights file, or 'random' "
@@ -247,7 +248,8 @@ def extract(data, json_, augment, **kw):
     _warn_random(features.weights)
     stats = features.stats
     result = {
-        "cache": str(features.cache_path),
+        "cache": None if features.cache_path is None else str(features.cache_path),
+        "caches": [str(path) for path in features.cache_paths],
         "backbone": features.backbone,
         "weights": features.weights,
         "weights_id": features.weights_id,
@@ -276,7 +278,8 @@ def extract(data, json_, augment, **kw):
     if json_:
         emit_json(result)
         return
-    click.echo(f"cache:     {result['cache']}")
+    if result["cache"]:
+        click.echo(f"cache:     {result['cache']}")
     click.echo(f"backbone:  {result['backbone']} (weights: {result['weights_id']}), dim {result['dim']}")
     click.echo(f"images:    {stats.n_images} in {len(features.class_names)} classes "
                f"({', '.join(f'{k} {v}' for k, v in result['splits'].items() if v)})")
@@ -652,7 +655,7 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
         featx compare photos/ --report-dir reports/ --json
     """
     from featx.api import compare as run_compare
-    from featx.reports import extraction_cell, vs_best_text
+    from featx.reports import backbone_label, extraction_cell, vs_best_text
 
     finetune_options = None
     if finetune:
@@ -674,27 +677,23 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
                    "results": [{k: r.get(k) for k in keys} for r in results],
                    "repeated": outcome["repeated"]})
         return
-    width = max([20] + [len(_backbone_label(r)) for r in results])
+    width = max([20] + [len(backbone_label(r)) for r in results])
     click.echo(f"{'classifier':<10} {'backbone':<{width}} {'split':<5} {'accuracy':>8} "
                f"{'95% interval':>15} {'vs best':>16} {'macro-F1':>8} {'extract s':>13} "
                f"{'fit s':>7}")
     for r in sorted(results, key=lambda r: -r["accuracy"]):
         low, high = (r.get("intervals") or {}).get("accuracy", (None, None))
         interval = f"{low:.3f}-{high:.3f}" if low is not None else "-"
-        click.echo(f"{r['clf']:<10} {_backbone_label(r):<{width}} {r['split']:<5} "
+        click.echo(f"{r['clf']:<10} {backbone_label(r):<{width}} {r['split']:<5} "
                    f"{r['accuracy']:>8.4f} {interval:>15} {vs_best_text(r):>16} "
                    f"{r['macro_f1']:>8.4f} {extraction_cell(r):>13} {r['fit_seconds']:>7.2f}")
     for r in outcome["repeated"] or []:
-        click.echo(f"{r['clf']:<10} {r['backbone']:<{width}} x{r['repeats']:<4} "
+        click.echo(f"{r['clf']:<10} {backbone_label(r):<{width}} x{r['repeats']:<4} "
                    f"{r['mean']['accuracy']:>8.4f} +/- {r['std']['accuracy']:.4f} "
                    f"(interval {r['interval']['accuracy'][0]:.3f}-"
                    f"{r['interval']['accuracy'][1]:.3f})")
     click.echo(f"report: {outcome['report']}")
 
-
-
-def _backbone_label(row) -> str:
-    return row["backbone"] + (" flip-avg" if row.get("flip_average") else "")
 
 
 def _unfreeze_value(ctx, param, value):

@@ -7,6 +7,7 @@ new or changed go through the model; everything else is reused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,7 +19,7 @@ import numpy as np
 from featx import data as featx_data
 from featx import reconcile
 from featx.cache import CacheLock, CacheSession, FeatureCache, cache_path_for
-from featx.errors import DataError, FeatxError
+from featx.errors import DataError, FeatxError, UsageError
 from featx.features import CombinedFeatures, ExtractStats, Features
 from featx.options import ExtractOptions
 from featx.pipeline import CacheWriter, FlipAveraging, ImageReader, run_pipeline
@@ -62,18 +63,25 @@ def extract(data_dir, options: ExtractOptions | None = None, *, augment=0,
 def _extract_combined(data_dir, options, augment, augment_options, mapper):
     """Each part of a combined backbone extracted on its own, then aligned side by side.
 
-    Every part's backbone is created first, so an unknown name or weights that are not
-    available offline fail before any image is embedded; an error names its part.
+    Every part's backbone is created first, so an unknown name or ImageNet weights that are
+    known to be unavailable offline fail before any image is embedded; an error names its
+    part.
     """
     from featx.backbones import create_backbone
 
     name, parts = options.backbone, options.backbone_parts
     if mapper is not None:
-        raise DataError(f"{name}: a ready mapper embeds for one backbone; extract the parts "
-                        "one at a time")
+        raise UsageError(f"{name}: a ready mapper embeds for one backbone; extract the parts "
+                         "one at a time")
+    if options.layer:
+        raise UsageError(f"{name}: --layer names a layer of one backbone; combine the parts' "
+                         "default (penultimate) layers, or extract one backbone")
+    if options.weights not in ("imagenet", "random"):
+        raise UsageError(f"{name}: a weights file belongs to one backbone; combined backbones "
+                         "take --weights imagenet or random")
     for part in parts:
         with _naming_part(name, part):
-            create_backbone(part, options.weights, layer=options.layer, pooling=options.pooling,
+            create_backbone(part, options.weights, pooling=options.pooling,
                             input_size=options.input_size, seed=options.seed,
                             reduced_decode=options.reduced_decode)
     extracted = []
@@ -84,19 +92,14 @@ def _extract_combined(data_dir, options, augment, augment_options, mapper):
     return CombinedFeatures(extracted)
 
 
-class _naming_part:
+@contextlib.contextmanager
+def _naming_part(name, part):
     """Re-raises a featx error with the combined name and the part it came from."""
-
-    def __init__(self, name, part):
-        self.prefix = f"{name}: part {part}: "
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, FeatxError) and not str(error).startswith(self.prefix):
-            error.args = (self.prefix + str(error),) + error.args[1:]
-        return False
+    try:
+        yield
+    except FeatxError as error:
+        error.args = (f"{name}: part {part}: {error}",) + error.args[1:]
+        raise
 
 
 def _extract_one(data_dir, options, augment, augment_options, mapper) -> Features:
@@ -250,16 +253,16 @@ class _OnDemand:
     """Builds the runtime the first time it is needed (a warm cache never builds one)."""
 
     def __init__(self, given, build, flip_average=False):
-        self.built = given
-        self._build = build
         self.flip_average = flip_average
-        if given is not None and flip_average:
-            self.built = FlipAveraging(given)
+        self._build = build
+        self.built = None if given is None else self._wrap(given)
+
+    def _wrap(self, mapper):
+        return FlipAveraging(mapper) if self.flip_average else mapper
 
     def __call__(self):
         if self.built is None:
-            built = self._build()
-            self.built = FlipAveraging(built) if self.flip_average else built
+            self.built = self._wrap(self._build())
         return self.built
 
 

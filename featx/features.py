@@ -76,7 +76,8 @@ class _Rows:
     def require_views(self) -> None:
         """Raise DataError unless the rows include augmented views (``extract --augment``)."""
         if not (self.view > 0).any():
-            raise DataError(f"{self.cache_path}: no augmented views cached; "
+            where = " + ".join(str(p) for p in self.cache_paths)
+            raise DataError(f"{where}: no augmented views cached; "
                             "run `featx extract --augment K` first")
 
     def groups(self, split: str, views: bool = False) -> np.ndarray:
@@ -111,6 +112,7 @@ class Features(_Rows):
         self.view = rows["view"]
         self.sha256 = rows["sha256"]
         self.parts = [self]
+        self.cache_paths = [self.cache_path]
         self.stats = stats or ExtractStats(
             n_images=int((self.view == 0).sum()), n_failed=len(failed),
             failed=[(p, r) for p, _, r in failed], reused=True)
@@ -143,7 +145,8 @@ class CombinedFeatures(_Rows):
     Rows are aligned by content hash and view number, so the parts' caches may list files in
     any order. The first part decides the rows, their labels and their split; an image that
     another part has no row for (it failed there) is left out and listed in
-    ``stats.failed``.
+    ``stats.failed``. An augmented view's row joins each part's own random draw of that view
+    number (the parts crop at other sizes), a fresh augmentation per part.
     """
 
     def __init__(self, parts):
@@ -151,8 +154,9 @@ class CombinedFeatures(_Rows):
         first = self.parts[0]
         for part in self.parts[1:]:
             if list(part.class_names) != list(first.class_names):
-                raise DataError(f"{part.cache_path} and {first.cache_path} list other classes; "
-                                "combine caches of one dataset")
+                raise DataError(f"{part.backbone} and {first.backbone} caches list other "
+                                f"classes ({part.cache_path}, {first.cache_path}); combine "
+                                "caches of one dataset")
         self.backbone = "+".join(p.backbone for p in self.parts)
         self.class_names, self.root = first.class_names, first.root
         self.split_params, self.layout = first.split_params, first.layout
@@ -163,7 +167,8 @@ class CombinedFeatures(_Rows):
         self.dim = sum(p.dim for p in self.parts)
         self.preprocessing = {"parts": [p.preprocessing for p in self.parts]}
         self.extraction_seconds = sum(p.extraction_seconds for p in self.parts)
-        self.cache_path = " + ".join(str(p.cache_path) for p in self.parts)
+        self.cache_path = None  # no file of its own: each part has its cache
+        self.cache_paths = [p.cache_path for p in self.parts]
         self.rows, dropped = _align(self.parts)
         base = self.rows[0]
         self.paths, self.labels = first.paths[base], first.labels[base]
@@ -211,20 +216,27 @@ def _rate(stats) -> float:
 
 
 def _align(parts) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
-    """Row indices per part that line up by (content hash, view), in the first part's row
-    order, and the (path, part name) of the first part's original images that another part
-    lacks."""
+    """Row indices per part that line up, in the first part's row order, and the (path,
+    part name) of the first part's original images that another part lacks.
+
+    A row matches the other part's row of the same content hash and view, preferably under
+    the same path (an image stored twice then keeps one row per path in every part).
+    """
     first = parts[0]
     keep = np.ones(len(first.paths), dtype=bool)
     lookups = []
     for part in parts[1:]:
-        position = {}
-        for i, row in enumerate(zip(part.sha256.tolist(), part.view.tolist())):
-            position.setdefault(row, i)
-        found = np.array([position.get(row, -1) for row in
-                          zip(first.sha256.tolist(), first.view.tolist())], dtype=np.int64)
+        by_path, by_content = {}, {}
+        for i, (path, sha, view) in enumerate(zip(part.paths.tolist(), part.sha256.tolist(),
+                                                  part.view.tolist())):
+            by_path.setdefault((path, sha, view), i)
+            by_content.setdefault((sha, view), i)
+        found = np.array([by_path.get(row, by_content.get(row[1:], -1)) for row in
+                          zip(first.paths.tolist(), first.sha256.tolist(),
+                              first.view.tolist())], dtype=np.int64)
         lookups.append(found)
         keep &= found >= 0
+        _warn_view_differences(first, part, found)
     dropped = []
     for part, found in zip(parts[1:], lookups):
         missing = np.flatnonzero((found < 0) & (first.view == 0))
@@ -233,6 +245,14 @@ def _align(parts) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
     rows = [base] + [found[base] for found in lookups]
     _warn_split_differences(parts, rows)
     return rows, dropped
+
+
+def _warn_view_differences(first, part, found) -> None:
+    views = first.view > 0
+    if (views & (found < 0)).any() or views.sum() != (part.view > 0).sum():
+        log.warning("%s and %s hold different augmented views (%d and %d rows); only views "
+                    "cached in both are combined", first.backbone, part.backbone,
+                    int(views.sum()), int((part.view > 0).sum()))
 
 
 def _warn_split_differences(parts, rows) -> None:

@@ -88,17 +88,21 @@ def model_parts(metadata: dict) -> list[dict]:
 
 def embeddings_for(metadata: dict, files, dim: int, runtime: str, batch_size: int):
     """(X, errors, source per file) for a saved model: each part's embeddings side by side
-    (:func:`part_embeddings`); a file that fails in any part gets that part's error."""
+    (:func:`part_embeddings`); a file that fails in one part is not embedded by the next."""
     parts = model_parts(metadata)
     hashes = [content_hash(f) for f in files]
     blocks, errors, sources = [], [""] * len(files), [[] for _ in files]
     for part in parts:
-        part_dim = part.get("dim", dim) if len(parts) > 1 else dim
-        X, part_errors, part_sources = part_embeddings(part, files, hashes, part_dim, runtime,
-                                                       batch_size)
-        blocks.append(X)
-        for i, (error, source) in enumerate(zip(part_errors, part_sources)):
-            errors[i] = errors[i] or error
+        block = np.zeros((len(files), part.get("dim", dim) if len(parts) > 1 else dim),
+                         np.float32)
+        alive = [i for i, error in enumerate(errors) if not error]
+        X, part_errors, part_sources = part_embeddings(
+            part, [files[i] for i in alive], [hashes[i] for i in alive], block.shape[1],
+            runtime, batch_size)
+        block[alive] = X
+        blocks.append(block)
+        for i, error, source in zip(alive, part_errors, part_sources):
+            errors[i] = error
             sources[i].append(source)
     sources = [" + ".join(dict.fromkeys(s)) for s in sources]
     return np.concatenate(blocks, axis=1), errors, sources

@@ -117,6 +117,12 @@ def _with_interval(r, metric) -> str:
     return text if not interval else f"{text} ({interval[0]:.3f}-{interval[1]:.3f})"
 
 
+def backbone_label(r) -> str:
+    """A row's backbone as the tables show it: "efficientnet_lite0 int8 flip-averaged"."""
+    return (r["backbone"] + (" int8" if r.get("precision") == "int8" else "")
+            + (" flip-averaged" if r.get("flip_average") else ""))
+
+
 def vs_best_text(r) -> str:
     """A row's "vs best" cell: "best", "worse (p=...)", "n.s. (p=...)" or "-" (not tested)."""
     if "vs_best" not in r:
@@ -138,8 +144,7 @@ def _results_table(rows) -> list[str]:
              "|" + "|".join(["---:"] + ["---"] * 4 + ["---:", "---"] + ["---:"] * 5 + ["---"])
              + "|"]
     for rank, r in zip(_ranks(rows), rows):
-        backbone = (r["backbone"] + (" int8" if r.get("precision") == "int8" else "")
-                    + (" flip-averaged" if r.get("flip_average") else ""))
+        backbone = backbone_label(r)
         cells = [rank, r["clf"], backbone, r["weights"], r["split"],
                  _with_interval(r, "accuracy"), vs_best_text(r),
                  _with_interval(r, "balanced_accuracy"), _with_interval(r, "macro_f1"),
@@ -154,10 +159,7 @@ def _results_table(rows) -> list[str]:
 
 def extraction_cell(r) -> str:
     """What computing the row's cached features cost, part by part: "41.2 + 97.5"."""
-    parts = r.get("extract_parts")
-    if not parts:
-        return _num(r.get("extract_seconds"), 1)
-    return " + ".join(_num(p["seconds"], 1) for p in parts)
+    return " + ".join(_num(p["seconds"], 1) for p in r.get("extract_parts") or []) or "-"
 
 
 def _per_class_table(result) -> list[str]:
@@ -287,7 +289,7 @@ def _repeated_section(repeated) -> list[str]:
         def stat(m):
             return f"{r['mean'][m]:.4f} +/- {r['std'][m]:.4f}"
         low, high = r["interval"]["accuracy"]
-        lines.append(f"| {_md(r['clf'])} | {_md(r['backbone'])} | {r['repeats']} | "
+        lines.append(f"| {_md(r['clf'])} | {_md(backbone_label(r))} | {r['repeats']} | "
                      f"{stat('accuracy')} | {low:.3f}-{high:.3f} | {stat('balanced_accuracy')} "
                      f"| {stat('macro_f1')} | {r['min']['accuracy']:.4f}-"
                      f"{r['max']['accuracy']:.4f} |")

@@ -114,6 +114,7 @@ def test_embeddings_in_any_index_order(path):
     data = make_cache(path, 10)
     with FeatureCache.open(path) as cache:
         np.testing.assert_array_equal(cache.embeddings([7, 2, 9, 0]), data[[7, 2, 9, 0]])
+        np.testing.assert_array_equal(cache.embeddings([3, 1, 3, 3]), data[[3, 1, 3, 3]])
         assert cache.embeddings([]).shape == (0, DIM)
         rows = cache.rows()
     assert rows["paths"].dtype == object and rows["paths"][3] == "img_003.png"

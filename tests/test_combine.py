@@ -13,7 +13,7 @@ from featx import api
 from featx.cli import cli
 from featx.errors import DataError, UsageError
 from featx.extraction import extract
-from featx.features import CombinedFeatures, ExtractStats, Features
+from featx.features import CombinedFeatures, ExtractStats
 from featx.options import backbone_parts
 from featx.pipeline import FlipAveraging
 
@@ -154,15 +154,43 @@ def test_cached_parts_are_reused_with_zero_forward_passes(toys, image_folder, ca
     np.testing.assert_array_equal(X[:, :alone.dim], Xa)
 
 
-def test_a_file_that_failed_in_one_part_is_reported_by_extract(toys, image_folder,
-                                                                cache_dir):
-    first = run(image_folder, cache_dir, backbone="toy_cnn")
-    (image_folder / "cat" / "cat_001.png").write_bytes(b"not an image")
-    wide = run(image_folder, cache_dir, backbone="toy_wide")  # fails there only
-    assert wide.stats.n_failed == 1
-    combined = CombinedFeatures([Features.open(first.cache_path), wide])
-    assert "cat/cat_001.png" not in set(combined.paths)
-    assert [p for p, _ in combined.stats.failed] == ["cat/cat_001.png"]
+def test_a_file_that_fails_in_one_part_only_is_left_out_and_reported(toys, image_folder,
+                                                                     cache_dir, monkeypatch):
+    import featx.pipeline
+    from featx.data import load_for_model
+    from featx.errors import ImageDecodeError
+
+    def failing_at_48(path, size, *args, **kw):  # toy_wide's input size only
+        if size == 48 and str(path).endswith("cat_001.png"):
+            raise ImageDecodeError(path, "planted failure")
+        return load_for_model(path, size, *args, **kw)
+
+    monkeypatch.setattr(featx.pipeline.featx_data, "load_for_model", failing_at_48)
+    result = CliRunner().invoke(cli, [
+        "extract", str(image_folder), "-b", PAIR, "--weights", "random", "--runtime", "keras",
+        "--cache-dir", str(cache_dir), "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output.strip().splitlines()[-1])
+    assert out["n_images"] == 11 and out["n_failed"] == 1
+    [failed] = out["failed"]
+    assert failed["path"] == "cat/cat_001.png"
+    assert failed["reason"].startswith("toy_wide: ") and "planted failure" in failed["reason"]
+    assert "skipped cat/cat_001.png: toy_wide:" in result.output
+    assert out["cache"] is None and len(out["caches"]) == 2
+    assert [p["backbone"] for p in out["parts"]] == ["toy_cnn", "toy_wide"]
+    combined = run(image_folder, cache_dir)
+    assert "cat/cat_001.png" not in set(combined.paths) and len(combined) == 11
+    assert combined.parts[0].stats.n_failed == 0  # toy_cnn kept its row
+
+
+def test_an_image_stored_twice_keeps_a_row_per_path(toys, image_folder, cache_dir):
+    (image_folder / "dog" / "copy.png").write_bytes((image_folder / "cat" / "cat_000.png")
+                                                   .read_bytes())
+    combined = run(image_folder, cache_dir)
+    assert len(combined) == 13
+    X, _ = combined.take(np.arange(len(combined.paths)))  # repeated cache rows are readable
+    same = [list(combined.paths).index(p) for p in ("cat/cat_000.png", "dog/copy.png")]
+    np.testing.assert_array_equal(X[same[0]], X[same[1]])
 
 
 def test_unknown_or_unavailable_part_fails_before_any_extraction(toys, image_folder,
@@ -178,6 +206,18 @@ def test_unknown_or_unavailable_part_fails_before_any_extraction(toys, image_fol
     assert not cache_dir.exists() or not list(cache_dir.rglob("*.h5"))  # nothing extracted
     result = CliRunner().invoke(cli, ["extract", str(image_folder), "-b", "toy_cnn+toy_cnn"])
     assert result.exit_code == 2 and "toy_cnn appears twice" in result.output
+    with pytest.raises(UsageError, match="--layer names a layer of one backbone"):
+        run(image_folder, cache_dir, layer="conv1")
+    with pytest.raises(UsageError, match="a weights file belongs to one backbone"):
+        extract(image_folder, backbone=PAIR, weights=str(image_folder / "cat" / "cat_000.png"),
+                cache_dir=cache_dir)
+    with pytest.raises(UsageError, match="appears twice"):  # the second name, before any work
+        api.compare(image_folder, ("logistic",), backbones=("toy_cnn", "toy_cnn+toy_cnn"),
+                    weights="random", cache_dir=cache_dir)
+    with pytest.raises(UsageError, match="--finetune fine-tunes the first backbone"):
+        api.compare(image_folder, ("logistic",), backbones=(PAIR,), finetune={},
+                    weights="random", cache_dir=cache_dir)
+    assert not list(cache_dir.rglob("*.h5"))
 
 
 # ----- fit -> predict ----------------------------------------------------------------------
@@ -203,6 +243,25 @@ def test_combined_model_round_trips_fit_predict_with_each_parts_preprocessing(
             str(data / p): label for p, label in expected.items()}
     for a, b in zip(cached, embedded):
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+
+def test_flip_averaged_model_predicts_uncached_files_as_it_was_trained(toys, tmp_path,
+                                                                       cache_dir):
+    data = make_dataset(tmp_path / "data", per_class=10)
+    outcome = api.fit(data, "logistic", backbone="toy_cnn", flip_average=True,
+                      weights="random", cache_dir=cache_dir, runtime="keras", progress=False,
+                      batch_size=4, out=tmp_path / "models", tune=False)
+    assert Path(outcome["model"]).name == "logistic-toy_cnn-flip-data.joblib"
+    files = sorted(data.rglob("*.png"))
+    cached = api.predict(outcome["model"], files, runtime="keras")
+    assert {r["embedded_by"] for r in cached} == {"cache"}
+    Path(outcome["cache"]).unlink()
+    embedded = api.predict(outcome["model"], files, runtime="keras")
+    assert all(r["embedded_by"].startswith("keras") for r in embedded)
+    for a, b in zip(cached, embedded):  # a plain (not flip-averaged) embedding would differ
+        assert a["label"] == b["label"]
+        assert [t["score"] for t in a["top"]] == pytest.approx([t["score"] for t in b["top"]],
+                                                               abs=1e-4)
 
 
 def test_combined_models_refuse_export(toys, tmp_path, cache_dir):

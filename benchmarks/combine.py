@@ -162,7 +162,7 @@ def main(argv=None):
             rows.append(row)
             print(f"{name} {backbone}{' flip' if flip else ''}: {row['accuracy']:.4f} "
                   f"({row['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
-        timing = timing_rounds(data, rows, work / name, args.extract_runs)
+        timing = timing_rounds(data, rows, work / "timing" / name, args.extract_runs)
         results[name] = {"rows": rows, "extraction": timing}
         print_table(name, rows)
         print_timing(name, timing)

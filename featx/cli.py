@@ -820,7 +820,7 @@ def demo(data, report_dir, cache_dir, backbone):
     stats = features.stats
     click.echo(f"extract: {stats.n_images} images, {stats.n_extracted} through "
                f"{features.backbone} ({features.weights_id}) in {stats.seconds:.1f} s, "
-               f"{stats.n_failed} failed; cache {features.cache_path}")
+               f"{stats.n_failed} failed; cache {' + '.join(map(str, features.cache_paths))}")
     click.echo(f"runtime: {features.provenance()}")
     outcome = run_compare(data, ("all",), backbones=(backbone,), report_dir=report_dir,
                           cache_dir=cache_dir, progress=False)

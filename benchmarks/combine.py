@@ -72,6 +72,8 @@ def run_config(data, backbone, flip, cache_dir, report_dir, repeats) -> dict:
         "repeated_mean": repeated and repeated["mean"]["accuracy"],
         "repeated_std": repeated and repeated["std"]["accuracy"],
         "repeated_balanced_mean": repeated and repeated["mean"]["balanced_accuracy"],
+        "repeated_per_repeat": repeated and [r["accuracy"] for r in repeated["per_repeat"]],
+        "repeated_interval": repeated and repeated["interval"]["accuracy"],
         "extract_parts": row["extract_parts"],
         "extract_seconds": sum(p["seconds"] or 0.0 for p in row["extract_parts"]),
         "fit_seconds": row["fit_seconds"], "best_params": row["best_params"],

@@ -327,6 +327,9 @@ def main():
     parser.add_argument("--skip-probe", action="store_true", help="skip the linear probe")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if "+" in args.backbone:
+        parser.error("one backbone at a time (a combination costs the sum of its parts; "
+                     "benchmarks/combine.py measures combinations)")
     if not args.data:
         parser.error("--data is required (or set FEATX_DOGCAT)")
     args.data = str(Path(args.data).resolve())

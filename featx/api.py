@@ -184,7 +184,7 @@ def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tu
     import dataclasses
 
     from featx.classifiers import check_names, compare as compare_features, significance
-    from featx.extraction import extract
+    from featx.extraction import check_backbone, extract
     from featx.reports import dataset_summary, write_compare_report
 
     options = ExtractOptions.create(options, **values)
@@ -193,8 +193,8 @@ def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tu
         raise UsageError("--repeats re-draws splits of the original images; use it without "
                          "--augmented")
     backbones = tuple(backbones or (options.backbone,))
-    for backbone in backbones:  # a bad name fails before any extraction
-        backbone_parts(backbone)
+    for backbone in backbones:  # a bad name or option fails before any extraction
+        check_backbone(dataclasses.replace(options, backbone=backbone))
     if finetune is not None and len(backbone_parts(backbones[0])) > 1:
         raise UsageError(f"--finetune fine-tunes the first backbone, and {backbones[0]!r} "
                          "combines several; name a single backbone first")

@@ -506,6 +506,14 @@ def list_caches(cache_dir) -> list[dict]:
     return out
 
 
+def key_variant(key: dict) -> str:
+    """How a cache's rows differ from plain fp32 embeddings: "", "int8", "flip-averaged"..."""
+    return ", ".join(name for name, on in (("int8", key.get("precision") == "int8"),
+                                           ("flip-averaged", key.get("flip_average")),
+                                           ("float16 compute", key.get("compute_dtype")))
+                     if on)
+
+
 def summary(cache: FeatureCache) -> dict:
     rows = cache.rows()
     views = rows["view"]
@@ -523,6 +531,7 @@ def summary(cache: FeatureCache) -> dict:
         "splits": {name: int((splits == name).sum()) for name in ("train", "val", "test")},
         "class_names": cache.json_attr("class_names", []),
         "key": cache.key,
+        "variant": key_variant(cache.key),
         "featx_version": cache.attr("featx_version"),
         "created": cache.attr("created"),
         "updated": cache.attr("updated"),

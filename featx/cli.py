@@ -288,7 +288,9 @@ def extract(data, json_, augment, **kw):
                    f"extracted in {part['seconds']:.1f} s; {part['cache']}")
     if stats.runtime:
         click.echo(f"runtime:   {stats.runtime}")
-    click.echo(f"extracted: {stats.n_extracted} in {stats.seconds:.1f} s"
+    what = f"{stats.n_extracted} embeddings ({len(features.parts)} parts)" if \
+        len(features.parts) > 1 else str(stats.n_extracted)
+    click.echo(f"extracted: {what} in {stats.seconds:.1f} s"
                + (f" ({stats.images_per_second:.1f} images/s)" if stats.n_extracted else
                   " (everything reused from the cache)"))
     if stats.n_failed:
@@ -355,7 +357,8 @@ def cache_ls(cache_dir, json_):
         if "error" in r:
             click.echo(f"{r['cache']}  INVALID: {r['error']}")
             continue
-        click.echo(f"{r['cache']}\n    {r['root']}  {r['backbone']} ({r['weights']})  "
+        variant = f", {r['variant']}" if r.get("variant") else ""
+        click.echo(f"{r['cache']}\n    {r['root']}  {r['backbone']} ({r['weights']}{variant})  "
                    f"{r['n_images']} images x {r['dim']}  failed {r['n_failed']}  "
                    f"{r['size_bytes'] / 1e6:.1f} MB  updated {r['updated']}")
 
@@ -381,10 +384,11 @@ def cache_info(path, json_):
     if json_:
         emit_json(info)
         return
-    for name in ("cache", "root", "backbone", "weights_id", "dim", "n_images", "n_augmented",
+    for name in ("cache", "root", "backbone", "weights_id", "variant", "dim", "n_images",
+                 "n_augmented",
                  "splits", "class_names", "split_params", "preprocessing", "featx_version",
                  "created", "updated"):
-        click.echo(f"{name + ':':<15} {info[name]}")
+        click.echo(f"{name + ':':<15} {info[name] if info[name] != '' else '-'}")
     click.echo(f"{'failed:':<15} {len(info['failed'])}")
     for row in info["failed"]:
         click.echo(f"    {row['path']}: {row['reason']}")

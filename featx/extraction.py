@@ -61,35 +61,38 @@ def extract(data_dir, options: ExtractOptions | None = None, *, augment=0,
 
 
 def _extract_combined(data_dir, options, augment, augment_options, mapper):
-    """Each part of a combined backbone extracted on its own, then aligned side by side.
-
-    Every part's backbone is created first, so an unknown name or ImageNet weights that are
-    known to be unavailable offline fail before any image is embedded; an error names its
-    part.
-    """
-    from featx.backbones import create_backbone
-
+    """Each part of a combined backbone extracted on its own, then aligned side by side."""
     name, parts = options.backbone, options.backbone_parts
     if mapper is not None:
         raise UsageError(f"{name}: a ready mapper embeds for one backbone; extract the parts "
                          "one at a time")
-    if options.layer:
-        raise UsageError(f"{name}: --layer names a layer of one backbone; combine the parts' "
-                         "default (penultimate) layers, or extract one backbone")
-    if options.weights not in ("imagenet", "random"):
-        raise UsageError(f"{name}: a weights file belongs to one backbone; combined backbones "
-                         "take --weights imagenet or random")
-    for part in parts:
-        with _naming_part(name, part):
-            create_backbone(part, options.weights, pooling=options.pooling,
-                            input_size=options.input_size, seed=options.seed,
-                            reduced_decode=options.reduced_decode)
+    check_backbone(options)
     extracted = []
     for part in parts:
         with _naming_part(name, part):
             extracted.append(_extract_one(data_dir, dataclasses.replace(options, backbone=part),
                                           augment, augment_options, None))
     return CombinedFeatures(extracted)
+
+
+def check_backbone(options: ExtractOptions) -> None:
+    """Create every part's backbone (cheap: nothing is built), so that an unknown name,
+    weights known to be unavailable offline, or an option a combination cannot take fail
+    before any image is embedded; an error names its part."""
+    from featx.backbones import create_backbone
+
+    name, parts = options.backbone, options.backbone_parts
+    if len(parts) > 1 and options.layer:
+        raise UsageError(f"{name}: --layer names a layer of one backbone; combine the parts' "
+                         "default (penultimate) layers, or extract one backbone")
+    if len(parts) > 1 and options.weights not in ("imagenet", "random"):
+        raise UsageError(f"{name}: a weights file belongs to one backbone; combined backbones "
+                         "take --weights imagenet or random")
+    for part in parts:
+        with _naming_part(name, part) if len(parts) > 1 else contextlib.nullcontext():
+            create_backbone(part, options.weights, layer=options.layer, pooling=options.pooling,
+                            input_size=options.input_size, seed=options.seed,
+                            reduced_decode=options.reduced_decode)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import numpy as np
 
 from featx.cache import FeatureCache
 from featx.errors import DataError
+from featx.options import COMBINE
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,10 @@ class CombinedFeatures(_Rows):
                 raise DataError(f"{part.backbone} and {first.backbone} caches list other "
                                 f"classes ({part.cache_path}, {first.cache_path}); combine "
                                 "caches of one dataset")
-        self.backbone = "+".join(p.backbone for p in self.parts)
+        self.backbone = COMBINE.join(p.backbone for p in self.parts)
         self.class_names, self.root = first.class_names, first.root
         self.split_params, self.layout = first.split_params, first.layout
-        weights = sorted({p.weights for p in self.parts})
-        self.weights = weights[0] if len(weights) == 1 else "+".join(p.weights for p in self.parts)
+        self.weights = COMBINE.join(dict.fromkeys(p.weights for p in self.parts))
         self.weights_id = " + ".join(p.weights_id for p in self.parts)
         self.key = {"parts": [p.key for p in self.parts], "flip_average": first.flip_average}
         self.dim = sum(p.dim for p in self.parts)

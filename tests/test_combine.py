@@ -211,9 +211,12 @@ def test_unknown_or_unavailable_part_fails_before_any_extraction(toys, image_fol
     with pytest.raises(UsageError, match="a weights file belongs to one backbone"):
         extract(image_folder, backbone=PAIR, weights=str(image_folder / "cat" / "cat_000.png"),
                 cache_dir=cache_dir)
-    with pytest.raises(UsageError, match="appears twice"):  # the second name, before any work
-        api.compare(image_folder, ("logistic",), backbones=("toy_cnn", "toy_cnn+toy_cnn"),
-                    weights="random", cache_dir=cache_dir)
+    for later, error in (("toy_cnn+toy_cnn", "appears twice"), ("nope", "nope"),
+                         (PAIR, "--layer")):  # a later backbone's fault, found before any work
+        with pytest.raises(UsageError, match=error):
+            api.compare(image_folder, ("logistic",), backbones=("toy_cnn", later),
+                        weights="random", cache_dir=cache_dir,
+                        layer="conv1" if later == PAIR else None)
     with pytest.raises(UsageError, match="--finetune fine-tunes the first backbone"):
         api.compare(image_folder, ("logistic",), backbones=(PAIR,), finetune={},
                     weights="random", cache_dir=cache_dir)
@@ -222,7 +225,7 @@ def test_unknown_or_unavailable_part_fails_before_any_extraction(toys, image_fol
 
 # ----- fit -> predict ----------------------------------------------------------------------
 def test_combined_model_round_trips_fit_predict_with_each_parts_preprocessing(
-        toys, tmp_path, cache_dir):
+        toys, tmp_path, cache_dir, model_calls):
     data = make_dataset(tmp_path / "data", per_class=10)
     outcome = api.fit(data, "logistic", backbone=PAIR, weights="random", cache_dir=cache_dir,
                       runtime="keras", progress=False, batch_size=4, out=tmp_path / "models",
@@ -236,8 +239,10 @@ def test_combined_model_round_trips_fit_predict_with_each_parts_preprocessing(
     assert {r["embedded_by"] for r in cached} == {"cache"}
     for part in sidecar["parts"]:  # no cache left: each part embeds the files again
         Path(part["cache"]).unlink()
+    model_calls.clear()
     embedded = api.predict(outcome["model"], files, runtime="keras")
     assert all(r["embedded_by"].startswith("keras") for r in embedded)
+    assert model_calls == {32: len(files), 48: len(files)}  # each part at its own size
     for rows in (cached, embedded):
         assert {r["path"]: r["label"] for r in rows} == {
             str(data / p): label for p, label in expected.items()}
@@ -338,6 +343,21 @@ def test_compare_cli_shows_each_parts_extraction_cost(toys, tmp_path, cache_dir)
     assert "extraction s" in report
     seconds = [f"{p['seconds']:.1f}" for p in pair["extract_parts"]]
     assert f"| {seconds[0]} + {seconds[1]} |" in report
+
+
+def test_compare_on_a_combination_with_views_and_repeats(toys, tmp_path, cache_dir):
+    data = make_dataset(tmp_path / "data", per_class=8)
+    run(data, cache_dir, augment=1)
+    both = api.compare(data, ("logistic",), backbones=(PAIR,), augmented="both", tune=False,
+                       weights="random", cache_dir=cache_dir, runtime="keras",
+                       progress=False, report_dir=tmp_path / "r1")
+    plain, with_views = both["results"]
+    assert with_views["clf"] == "logistic+aug"
+    assert with_views["n_train"] == 2 * plain["n_train"]  # every training image and its view
+    repeated = api.compare(data, ("logistic",), backbones=(PAIR,), repeats=2, tune=False,
+                           weights="random", cache_dir=cache_dir, runtime="keras",
+                           progress=False, report_dir=tmp_path / "r2")["repeated"]
+    assert repeated[0]["backbone"] == PAIR and repeated[0]["repeats"] == 2
 
 
 def test_finetune_refuses_a_combined_backbone(tmp_path):

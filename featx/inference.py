@@ -59,14 +59,17 @@ def model_int8(metadata: dict, net):
 
 
 def model_mapper(metadata: dict, net, runtime: str, batch_size: int):
-    """The runtime that reproduces the model's training features (int8 only by its model)."""
+    """The runtime that reproduces the model's training features (int8 only by its model;
+    flip-averaged when they were)."""
+    from featx.pipeline import FlipAveraging
     from featx.runtimes import choose_runtime, detect_device, open_mapper
 
     precision = metadata["cache_key"].get("precision", "fp32")
     choose_runtime(runtime, precision)
     int8_model = model_int8(metadata, net) if precision == "int8" else None
-    return open_mapper(net, runtime, precision, detect_device(runtime), model_store(metadata),
-                       batch_size, int8_model)
+    mapper = open_mapper(net, runtime, precision, detect_device(runtime),
+                         model_store(metadata), batch_size, int8_model)
+    return FlipAveraging(mapper) if metadata["cache_key"].get("flip_average") else mapper
 
 
 def embed_files(net, files, batch_size=32, *, mapper=None):
@@ -93,8 +96,7 @@ def embeddings_for(metadata: dict, files, dim: int, runtime: str, batch_size: in
     hashes = [content_hash(f) for f in files]
     blocks, errors, sources = [], [""] * len(files), [[] for _ in files]
     for part in parts:
-        block = np.zeros((len(files), part.get("dim", dim) if len(parts) > 1 else dim),
-                         np.float32)
+        block = np.zeros((len(files), part.get("dim", dim)), np.float32)
         alive = [i for i, error in enumerate(errors) if not error]
         X, part_errors, part_sources = part_embeddings(
             part, [files[i] for i in alive], [hashes[i] for i in alive], block.shape[1],
@@ -111,8 +113,7 @@ def embeddings_for(metadata: dict, files, dim: int, runtime: str, batch_size: in
 def part_embeddings(source: dict, files, hashes, dim: int, runtime: str, batch_size: int):
     """(X, errors, source per file) for one backbone of a saved model: the row of its cache
     where a file's content is cached (train/predict parity), else embedded as
-    :func:`model_mapper` does (flip-averaged when the model's features were)."""
-    from featx.pipeline import FlipAveraging
+    :func:`model_mapper` does."""
     from featx.reconcile import cached_embeddings
     from featx.runtimes import describe
 
@@ -123,8 +124,6 @@ def part_embeddings(source: dict, files, hashes, dim: int, runtime: str, batch_s
     if todo:
         net = model_backbone(source)
         mapper = model_mapper(source, net, runtime, batch_size)
-        if source["cache_key"].get("flip_average"):
-            mapper = FlipAveraging(mapper)
         X[todo], new_errors = embed_files(net, [files[i] for i in todo], batch_size,
                                           mapper=mapper)
         embedded_by = describe(mapper)

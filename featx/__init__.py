@@ -26,6 +26,8 @@ _LAZY = {
     "fit": "featx.api",
     "predict": "featx.api",
     "compare": "featx.api",
+    "audit": "featx.api",
+    "AuditOptions": "featx.options",
     "finetune": "featx.finetuning",
 }
 

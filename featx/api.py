@@ -1,4 +1,5 @@
-"""High-level API over the cache: fit, predict and compare. The CLI wraps these functions.
+"""High-level API over the cache: fit, predict, compare, export and audit. The CLI wraps
+these functions.
 
 Each function orchestrates: the options object (:mod:`featx.options`), extraction, the
 classifiers, persistence and reports each live in their own module.
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import DataError, UsageError
-from featx.options import ExtractOptions, backbone_parts
+from featx.options import AuditOptions, ExtractOptions, backbone_parts
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
                     f"-{features.root.name}")
     metadata = classifier_metadata(features, clf, result, options, metrics, predictions,
                                    n_train=len(y_train), use_augmented=use_augmented)
+    metadata["n_excluded"] = features.stats.n_excluded
     path = save_model(result.estimator, out, name, metadata)
     outcome = {
         "model": str(path),
@@ -75,6 +77,7 @@ def fit(data_dir, clf="svm", *, tune=True, class_weight=None, out="models", name
         "best_params": result.best_params,
         "calibration": result.calibration,
         "extract_reused": features.stats.reused,
+        "n_excluded": features.stats.n_excluded,
         "runtime": features.provenance(),
         "precision": features.precision,
         "cache": None if features.cache_path is None else str(features.cache_path),
@@ -163,6 +166,55 @@ def export(model_path, format="onnx", *, precision="fp32", out=None, check=None,
     if check is not None:
         outcome["parity"] = check_export(exported.path, model_path, check,
                                          batch_size=batch_size).as_dict()
+    return outcome
+
+
+# ----- audit -------------------------------------------------------------------------
+def audit(data_dir, *, report_dir="reports/audit", write_exclude=None, audit_options=None,
+          options: ExtractOptions | None = None, **values) -> dict:
+    """Find near-duplicates, leakage across splits, likely label errors and outliers in the
+    cached embeddings of ``data_dir`` (extracting first what the cache lacks); write the
+    report (:mod:`featx.audit_report`) and, with ``write_exclude``, the exclude list.
+
+    ``audit_options``: a :class:`featx.options.AuditOptions` (default: its defaults, seeded
+    by ``options.seed``). Returns a dict with ``report``, ``files``, ``counts``,
+    ``skipped``, ``n_images``, ``n_extracted`` and, with ``write_exclude``,
+    ``exclude_file`` and ``n_exclude``.
+    """
+    import time
+
+    from featx.audit import audit_rows
+    from featx.audit_report import (audit_findings, exclude_entries, summary_counts,
+                                    write_audit_report)
+    from featx.data import write_exclude_file
+    from featx.extraction import extract
+
+    started = time.perf_counter()
+    options = ExtractOptions.create(options, **values)
+    audit_options = audit_options or AuditOptions(seed=options.seed)
+    features = extract(data_dir, options)
+    rows = np.flatnonzero(features.view == 0)
+    if len(rows) < 2:
+        raise DataError(f"{data_dir}: {len(rows)} cached image(s); an audit needs two or more")
+    X, labels = features.take(rows)
+    paths, splits = features.paths[rows], features.split[rows]
+    found = audit_rows(X, labels, splits, features.sha256[rows], len(features.class_names),
+                       audit_options)
+    findings = audit_findings(found, paths, labels, splits, features.class_names)
+    dataset = {"root": str(features.root), "n_images": len(rows),
+               "class_names": list(features.class_names), "backbone": features.backbone,
+               "weights_id": features.weights_id, "provenance": features.provenance(),
+               "n_excluded": features.stats.n_excluded,
+               "n_extracted": features.stats.n_extracted}
+    files = write_audit_report(found, findings, dataset, report_dir, labels=labels)
+    outcome = {"report": files["markdown"], "files": files,
+               "counts": summary_counts(found.counts), "skipped": found.skipped,
+               "n_images": len(rows), "n_extracted": features.stats.n_extracted}
+    if write_exclude is not None:
+        entries = exclude_entries(findings)
+        outcome["exclude_file"] = str(write_exclude_file(write_exclude, entries))
+        outcome["n_exclude"] = len(entries)
+    outcome["seconds"] = round(time.perf_counter() - started, 3)
     return outcome
 
 

@@ -201,7 +201,11 @@ class FeatureCache(_CacheReader):
         out = np.empty((indices.size, self.dim), dtype=np.float32)
         if indices.size:  # h5py fancy indexing wants increasing, distinct indices
             unique, inverse = np.unique(indices, return_inverse=True)
-            out[:] = data[unique][inverse]
+            first, last = int(unique[0]), int(unique[-1])
+            if last - first + 1 == unique.size:  # a run of rows: one slice, not a point list
+                out[:] = data[first:last + 1][inverse]
+            else:
+                out[:] = data[unique][inverse]
         return out
 
     def row_range(self, start: int, stop: int) -> tuple[dict, np.ndarray]:

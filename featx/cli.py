@@ -18,9 +18,11 @@ import click
 from featx import __version__
 from featx._json import json_default
 from featx.errors import FeatxError
-from featx.options import POOLINGS, PRECISIONS, RUNTIMES, ExtractOptions
+from featx.options import (AUDIT_MAPS, POOLINGS, PRECISIONS, RUNTIMES, AuditOptions,
+                           ExtractOptions)
 
-DEFAULTS = ExtractOptions()  # the click defaults come from the options object
+DEFAULTS = ExtractOptions()  # the click defaults come from the options objects
+AUDIT_DEFAULTS = AuditOptions()
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 log = logging.getLogger("featx")
@@ -112,6 +114,11 @@ def split_options(func):
                      help="Seed of the split (and of anything random)."),
         click.option("--train-per-class", type=click.IntRange(1), default=None,
                      help="Few-shot protocol: K training images per class, the rest for val."),
+        click.option("--exclude", type=click.Path(dir_okay=False), default=None,
+                     metavar="FILE",
+                     help="Leave out the images FILE lists (one path per line, relative to "
+                          "DATA; `featx audit --write-exclude` writes one). Other images "
+                          "keep their split; cached rows are kept."),
     ]):
         func = option(func)
     return func
@@ -256,6 +263,7 @@ def extract(data, json_, augment, **kw):
         "n_images": stats.n_images,
         "n_failed": stats.n_failed,
         "n_ignored": stats.n_ignored,
+        "n_excluded": stats.n_excluded,
         "n_extracted": stats.n_extracted,
         "n_augmented": stats.n_augmented,
         "dim": features.dim,
@@ -282,7 +290,8 @@ def extract(data, json_, augment, **kw):
         click.echo(f"cache:     {result['cache']}")
     click.echo(f"backbone:  {result['backbone']} (weights: {result['weights_id']}), dim {result['dim']}")
     click.echo(f"images:    {stats.n_images} in {len(features.class_names)} classes "
-               f"({', '.join(f'{k} {v}' for k, v in result['splits'].items() if v)})")
+               f"({', '.join(f'{k} {v}' for k, v in result['splits'].items() if v)})"
+               + (f"; {stats.n_excluded} excluded" if stats.n_excluded else ""))
     for part in result.get("parts", []):
         click.echo(f"  part:    {part['backbone']}, dim {part['dim']}: {part['n_extracted']} "
                    f"extracted in {part['seconds']:.1f} s; {part['cache']}")
@@ -698,6 +707,72 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
                    f"{r['interval']['accuracy'][1]:.3f})")
     click.echo(f"report: {outcome['report']}")
 
+
+
+@cli.command()
+@click.argument("data", type=click.Path())
+@click.option("--report-dir", type=click.Path(file_okay=False), default="reports/audit",
+              show_default=True, help="Where audit.md, audit.json and the PNGs go.")
+@click.option("--top", type=click.IntRange(1), default=AUDIT_DEFAULTS.top, show_default=True,
+              help="Longest list per finding type.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True),
+              default=AUDIT_DEFAULTS.threshold, show_default=True,
+              help="Cosine similarity from which two images are near-duplicates.")
+@click.option("--folds", type=click.IntRange(2), default=AUDIT_DEFAULTS.folds,
+              show_default=True,
+              help="Folds of the out-of-fold label check.")
+@click.option("--neighbours", type=click.IntRange(1), default=AUDIT_DEFAULTS.neighbours,
+              show_default=True,
+              help="Same-class neighbours of the outlier score.")
+@click.option("--map", "map_", type=click.Choice(AUDIT_MAPS), default=AUDIT_DEFAULTS.map,
+              show_default=True, help="2-D map: auto = t-SNE up to 5000 images, else PCA.")
+@click.option("--write-exclude", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE", help="Write the flagged paths to FILE (reason as a comment), "
+                                   "for --exclude FILE on extract, fit, compare, finetune.")
+@backbone_options()
+@split_options
+@cache_options()
+@engine_options
+@json_option
+@handle_errors
+def audit(data, json_, report_dir, top, threshold, folds, neighbours, map_, write_exclude,
+          **kw):
+    """Find near-duplicates, leakage across splits, likely label errors and outliers.
+
+    Works on the cached embeddings (with a warm cache no image goes through the model) and
+    writes audit.md, audit.json, a contact sheet per finding type and a map of the
+    embeddings to --report-dir.
+
+    Example:
+
+        featx audit photos/ --write-exclude exclude.txt
+        featx compare photos/ --exclude exclude.txt
+    """
+    from featx.api import audit as run_audit
+
+    options = _options(kw)
+    audit_options = AuditOptions(threshold=threshold, folds=folds, neighbours=neighbours,
+                                 top=top, map=map_, seed=options.seed)
+    outcome = run_audit(data, report_dir=report_dir, write_exclude=write_exclude,
+                        audit_options=audit_options, options=options)
+    _warn_random(options.weights)
+    for line in outcome["skipped"]:
+        click.echo(f"featx: {line}", err=True)
+    if json_:
+        emit_json({k: outcome.get(k) for k in ("report", "counts", "n_images", "n_extracted",
+                                               "exclude_file", "n_exclude", "skipped",
+                                               "seconds")})
+        return
+    counts = outcome["counts"]
+    click.echo(f"audited {outcome['n_images']} images ({outcome['n_extracted']} embedded now)")
+    click.echo(f"  near-duplicate groups: {counts['duplicates_across_splits']} across splits, "
+               f"{counts['duplicates_conflicting_labels']} with conflicting labels, "
+               f"{counts['duplicates_same_class']} in one class")
+    click.echo(f"  likely label errors:   {counts['label_errors']}")
+    click.echo(f"  outliers:              {counts['outliers']}")
+    if "exclude_file" in outcome:
+        click.echo(f"exclude list: {outcome['exclude_file']} ({outcome['n_exclude']} paths)")
+    click.echo(f"report: {outcome['report']}")
 
 
 def _unfreeze_value(ctx, param, value):

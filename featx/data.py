@@ -11,6 +11,7 @@ Two layouts are recognised (see :func:`discover`)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -74,6 +75,13 @@ class Manifest:
         """Number of images per class, in ``split`` or overall; int64 of length n_classes."""
         labels = self.labels if split is None else self.labels[self.splits == split]
         return np.bincount(labels, minlength=len(self.class_names)).astype(np.int64)
+
+    def without(self, excluded) -> "Manifest":
+        """The manifest less the files whose relative paths are in ``excluded``; every other
+        file keeps its split, so runs with and without an exclude list stay comparable."""
+        keep = np.array([p not in excluded for p in self.paths], dtype=bool)
+        return dataclasses.replace(self, paths=[p for p, k in zip(self.paths, keep) if k],
+                                   labels=self.labels[keep], splits=self.splits[keep])
 
 
 # ----- discovery -------------------------------------------------------------------
@@ -405,6 +413,58 @@ def _fill_deficits(out, new, targets, kept_splits):
         split = max(SPLITS, key=lambda s: targets[s] - counts[s])  # first of ties wins
         out[i] = split
         counts[split] += 1
+
+
+# ----- exclude lists ---------------------------------------------------------------
+def read_exclude_file(path, root) -> set[str]:
+    """The files an exclude list names, as POSIX paths relative to ``root``.
+
+    One path per line, relative to ``root`` (as ``featx audit --write-exclude`` writes
+    them) or absolute; ``#`` at the start of a line or after a space starts a comment;
+    blank lines are skipped. A listed path that is not under ``root`` is kept as given
+    (it then matches nothing, and the caller reports how many matched).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: exclude file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read exclude file ({exc})") from None
+    root = Path(root).resolve()
+    listed = set()
+    for line in text.splitlines():
+        entry = _strip_comment(line)
+        if not entry:
+            continue
+        item = Path(entry)
+        if item.is_absolute():
+            try:
+                entry = item.resolve().relative_to(root).as_posix()
+            except ValueError:
+                pass
+        listed.add(PurePath(entry).as_posix())
+    return listed
+
+
+def _strip_comment(line: str) -> str:
+    if line.lstrip().startswith("#"):
+        return ""
+    cut = line.find(" #")
+    return (line if cut < 0 else line[:cut]).strip()
+
+
+def write_exclude_file(path, entries) -> Path:
+    """Write ``entries`` ((relative path, reason) pairs) as an exclude list, one path per
+    line with its reason as a comment; written to a temporary name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# featx exclude list: one path per line, relative to the data folder; "
+             "pass it as --exclude FILE"]
+    lines += [f"{rel}  # {reason}" for rel, reason in entries]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 # ----- hashing ---------------------------------------------------------------------

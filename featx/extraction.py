@@ -137,7 +137,7 @@ def _extract_one(data_dir, options, augment, augment_options, mapper) -> Feature
 
             keras.mixed_precision.set_global_policy("float32")
     run.stats.seconds = time.perf_counter() - started
-    return Features(cache_path, run.stats)
+    return Features(cache_path, run.stats, exclude=run.excluded)
 
 
 class _Run:
@@ -150,6 +150,7 @@ class _Run:
         self.device = device
         self.int8_model = None
         self.stats = ExtractStats()
+        self.excluded = frozenset()  # relative paths the exclude list names
         self.mapper = _OnDemand(mapper, lambda: open_mapper(
             net, options.runtime, options.precision, self._device(), self._store(),
             self._batch_size(), self.int8_model), flip_average=options.flip_average)
@@ -183,6 +184,8 @@ class _Run:
             manifest = reconcile.discover(self.root, self.options.split, state)
         current = reconcile.file_columns(manifest, state)
         plan = reconcile.plan(state, current)
+        if self.options.exclude:
+            self.excluded, plan = _excluding(self.options.exclude, manifest, plan)
         stats = self.stats
         stats.n_ignored, stats.ignored = len(manifest.ignored), list(manifest.ignored)
         net = self.net
@@ -214,9 +217,10 @@ class _Run:
             cache.set_attrs(**attrs)
         finally:
             cache.close()
-        stats.failed = [(p, r) for p, _, r in failed]
-        stats.n_failed = len(failed)
-        stats.n_images = len(manifest.paths) - stats.n_failed
+        stats.failed = [(p, r) for p, _, r in failed if p not in self.excluded]
+        stats.n_failed = len(stats.failed)
+        stats.n_excluded = sum(p in self.excluded for p in manifest.paths)
+        stats.n_images = len(manifest.paths) - stats.n_failed - stats.n_excluded
         stats.reused = stats.n_extracted == 0 and stats.n_augmented == 0
         if stats.model_seconds > 0:
             stats.images_per_second = stats.n_extracted / stats.model_seconds
@@ -250,6 +254,21 @@ class _Run:
             cache, self.net, self.root, k, augment_options, self.options.seed,
             self.options.batch_size or 32, self.options.progress, mapper=self.mapper)
         return cache, (time.perf_counter() - started) if self.stats.n_augmented else 0.0
+
+
+def _excluding(exclude_file, manifest, plan):
+    """The listed paths, and the plan without them: an excluded file is never embedded,
+    while its cached row stays (a run without the list reuses it)."""
+    listed = featx_data.read_exclude_file(exclude_file, manifest.root)
+    excluded = frozenset(listed.intersection(manifest.paths))
+    if len(excluded) < len(listed):
+        missing = sorted(listed - excluded)
+        log.warning("%s: %d of its %d paths are not images of %s (first: %s)", exclude_file,
+                    len(missing), len(listed), manifest.root, missing[0])
+    dropped = np.array([manifest.paths[i] in excluded for i in range(len(manifest.paths))])
+    return excluded, dataclasses.replace(
+        plan, extract=plan.extract[~dropped[plan.extract]],
+        copy_from={i: row for i, row in plan.copy_from.items() if not dropped[i]})
 
 
 class _OnDemand:

@@ -35,6 +35,7 @@ class ExtractStats:
     first_batch_seconds: float = 0.0  # of which the first batch (model tracing included)
     first_batch_images: int = 0
     images_per_second: float = 0.0
+    n_excluded: int = 0  # images of the folder left out by an exclude list
     reused: bool = False
     runtime: str = ""  # which runtime computed this run's rows ("" when none did)
     failed: list = dataclasses.field(default_factory=list)
@@ -88,9 +89,13 @@ class _Rows:
 
 
 class Features(_Rows):
-    """Cached embeddings of one dataset under one backbone; embeddings are read lazily."""
+    """Cached embeddings of one dataset under one backbone; embeddings are read lazily.
 
-    def __init__(self, cache_path, stats: ExtractStats | None = None):
+    ``exclude``: relative paths whose rows (and augmented views) are left out; the cache
+    keeps them, so a run without the exclude list reuses them.
+    """
+
+    def __init__(self, cache_path, stats: ExtractStats | None = None, exclude=frozenset()):
         self.cache_path = Path(cache_path)
         with FeatureCache.open(self.cache_path) as cache:
             rows = cache.rows()
@@ -107,16 +112,21 @@ class Features(_Rows):
             self.extraction_seconds = float(cache.attr("extraction_seconds", 0.0))
             self.runtimes = cache.json_attr("runtimes", [])
             failed = cache.failed()
-        self.paths = rows["paths"]
-        self.labels = rows["labels"]
-        self.split = rows["split"]
-        self.view = rows["view"]
-        self.sha256 = rows["sha256"]
+        # cache row of each of our rows: take() reads through it
+        self._cache_rows = np.flatnonzero([p not in exclude for p in rows["paths"]])
+        self.paths = rows["paths"][self._cache_rows]
+        self.labels = rows["labels"][self._cache_rows]
+        self.split = rows["split"][self._cache_rows]
+        self.view = rows["view"][self._cache_rows]
+        self.sha256 = rows["sha256"][self._cache_rows]
         self.parts = [self]
         self.cache_paths = [self.cache_path]
-        self.stats = stats or ExtractStats(
-            n_images=int((self.view == 0).sum()), n_failed=len(failed),
-            failed=[(p, r) for p, _, r in failed], reused=True)
+        if stats is None:
+            failed = [(p, r) for p, _, r in failed if p not in exclude]
+            excluded = int(((rows["view"] == 0) & ~np.isin(rows["paths"], self.paths)).sum())
+            stats = ExtractStats(n_images=int((self.view == 0).sum()), n_failed=len(failed),
+                                 failed=failed, n_excluded=excluded, reused=True)
+        self.stats = stats
 
     @classmethod
     def open(cls, cache_path) -> "Features":
@@ -136,7 +146,7 @@ class Features(_Rows):
         """(X, y) of the rows ``idx`` (cache row indices, any order)."""
         idx = np.asarray(idx, dtype=np.int64)
         with FeatureCache.open(self.cache_path) as cache:
-            return cache.embeddings(idx), self.labels[idx]
+            return cache.embeddings(self._cache_rows[idx]), self.labels[idx]
 
 
 class CombinedFeatures(_Rows):
@@ -203,7 +213,7 @@ class CombinedFeatures(_Rows):
             n_augmented=sum(s.n_augmented for s in stats),
             seconds=sum(s.seconds for s in stats),
             model_seconds=sum(s.model_seconds for s in stats),
-            images_per_second=_rate(stats),
+            images_per_second=_rate(stats), n_excluded=stats[0].n_excluded,
             reused=all(s.reused for s in stats),
             runtime="; ".join(s.runtime for s in stats if s.runtime),
             failed=sorted(failed.items()), ignored=stats[0].ignored)

@@ -113,6 +113,8 @@ class FinetuneResult:
         Split -> ``paths`` (relative, decodable images only), ``y_true``, ``y_pred`` and
         ``confidence`` (top probability) arrays: what the compare report's intervals and
         paired tests need. Left out of :meth:`to_dict`.
+    n_excluded : int
+        Images of the folder that ``exclude`` (an exclude list) left out.
     """
 
     model_path: Path
@@ -141,6 +143,7 @@ class FinetuneResult:
     recipe: dict
     history: dict
     eval_rows: dict = dataclasses.field(default_factory=dict)
+    n_excluded: int = 0  # images of the folder an exclude list left out
 
     def to_dict(self) -> dict:
         """JSON-serialisable summary (paths as strings, history and eval rows left out)."""
@@ -549,7 +552,7 @@ def _split_indices(manifest, split):
 
 # The options of :class:`featx.options.ExtractOptions` fine-tuning uses: it trains on decoded
 # images, so layer, pooling, runtime and the other extraction options do not apply.
-FINETUNE_OPTIONS = ("backbone", "weights", "input_size", "cache_dir", "progress",
+FINETUNE_OPTIONS = ("backbone", "weights", "input_size", "cache_dir", "progress", "exclude",
                     *SplitOptions.names())
 
 
@@ -602,6 +605,7 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
     """
     from featx.augment import build_augmentation
     from featx.backbones import create_backbone
+    from featx.data import read_exclude_file
     from featx.reconcile import resolve_split
 
     started = time.perf_counter()
@@ -619,6 +623,9 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
                     "is for tests only")
     manifest, split_source = resolve_split(data_dir, net, cache_dir=run.cache_dir,
                                            split=run.split)
+    n_files = len(manifest)
+    if run.exclude:
+        manifest = manifest.without(read_exclude_file(run.exclude, manifest.root))
     if not (manifest.splits == "val").any():
         raise UsageError("fine-tuning needs a validation split (val_fraction > 0 or a val/ "
                          "folder): it chooses the epoch to keep")
@@ -670,7 +677,8 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
         trainable_params=counts, trainable_weights=n_weights, split_source=split_source,
         split_counts={s: int((manifest.splits == s).sum()) for s in ("train", "val", "test")},
         recipe=recipe, history=history,
-        eval_rows={split: rows for split, (_, rows) in evaluated.items()})
+        eval_rows={split: rows for split, (_, rows) in evaluated.items()},
+        n_excluded=n_files - len(manifest))
     result.seconds = time.perf_counter() - started
     save_keras_model(inference_model, result.model_path, _metadata(result, net, manifest))
     paths["checkpoint"].unlink(missing_ok=True)

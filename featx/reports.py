@@ -63,6 +63,7 @@ def dataset_summary(features, splits=("train", "val", "test")) -> dict:
         "class_names": [str(c) for c in features.class_names],
         "counts": counts,
         "split_sizes": {name: int(sum(c)) for name, c in counts.items()},
+        "excluded": int(getattr(getattr(features, "stats", None), "n_excluded", 0)),
     }
 
 
@@ -188,6 +189,9 @@ def _dataset_section(dataset) -> list[str]:
     sizes = dataset.get("split_sizes") or {s: sum(c) for s, c in counts.items()}
     if sizes:
         lines += ["Split sizes: " + ", ".join(f"{s} {n}" for s, n in sizes.items()), ""]
+    if dataset.get("excluded"):
+        lines += [f"Excluded: {dataset['excluded']} images left out by `--exclude` "
+                  "(every other image kept its split).", ""]
     return lines
 
 
@@ -517,7 +521,8 @@ def write_compare_report(results: list[dict], dataset: dict, report_dir, *,
         - anything else JSON-serialisable is copied to report.json as is.
     dataset : dict
         ``root``, ``class_names``, optional ``counts`` ({split: [count per class]}) and
-        ``split_sizes`` ({split: n}); :func:`dataset_summary` builds it from Features.
+        ``split_sizes`` ({split: n}), ``excluded`` (images left out by an exclude list);
+        :func:`dataset_summary` builds it from Features.
     report_dir : str or Path
         Created if missing; files in it with the same names are overwritten.
     notes : list of str, optional

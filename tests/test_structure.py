@@ -6,9 +6,9 @@ from pathlib import Path
 import featx
 
 ORDER = ["errors", "_json", "options", "sample_data", "data", "cache", "uncertainty",
-         "resampling", "classifiers", "augment", "backbones", "persist", "cache_export",
-         "pipeline", "onnx_export", "reconcile", "reports", "runtimes", "views", "features",
-         "extraction", "inference", "finetuning", "deploy", "api", "cli", "__main__"]
+         "resampling", "audit", "classifiers", "augment", "backbones", "persist",
+         "cache_export", "pipeline", "onnx_export", "reconcile", "reports", "audit_report",
+         "runtimes", "views", "features", "extraction", "inference", "finetuning", "deploy", "api", "cli", "__main__"]
 PACKAGE = Path(featx.__file__).parent
 
 

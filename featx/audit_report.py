@@ -1,0 +1,317 @@
+"""What `featx audit` writes: audit.md, audit.json, a contact sheet per finding type, the
+embedding map, and the exclude list a user acts on.
+
+:func:`audit_findings` turns an :class:`featx.audit.Audit` (row indices) into findings
+that name files, classes and splits; everything else here reads those findings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from featx._json import json_default
+from featx.audit import THRESHOLD_EVIDENCE
+
+log = logging.getLogger(__name__)
+
+SHEETS = {"duplicates": "duplicates.png", "label_errors": "label_errors.png",
+          "outliers": "outliers.png"}
+MAP_FILE = "map.png"
+THUMB = 160  # thumbnail side in pixels
+COLUMNS = 6
+
+
+# ----- findings that name files ---------------------------------------------------------
+def audit_findings(audit, paths, labels, splits, class_names) -> dict:
+    """The audit's lists with paths, class names and splits in place of row indices."""
+    def image(i):
+        return {"path": str(paths[i]), "label": class_names[labels[i]], "split": str(splits[i])}
+
+    duplicates = []
+    for group in audit.duplicates:
+        members = [image(i) for i in group["members"]]
+        duplicates.append({"kind": group["kind"], "exact": group["exact"],
+                           "conflicting_labels": group["conflicting_labels"],
+                           "similarity": round(group["similarity"], 4), "members": members,
+                           "exclude": _copies_to_drop(members, group["conflicting_labels"])})
+    label_errors = [{**image(f["index"]), "suggested": class_names[f["suggested"]],
+                     "p_given": round(f["p_given"], 4), "p_suggested": round(f["p_suggested"], 4),
+                     "probabilities": {class_names[c]: round(p, 4)
+                                       for c, p in f["probabilities"].items()}}
+                    for f in audit.label_errors]
+    outliers = [{**image(f["index"]), "distance": round(f["distance"], 4), "z": round(f["z"], 2)}
+                for f in audit.outliers]
+    return {"duplicates": duplicates, "label_errors": label_errors, "outliers": outliers}
+
+
+def _copies_to_drop(members, conflicting) -> list[str]:
+    """Which copies of a duplicate group to leave out: all of them when their labels
+    disagree (no way to tell which is right), else all but one, a training copy kept."""
+    if conflicting:
+        return [m["path"] for m in members]
+    keep = next((m for m in members if m["split"] == "train"), members[0])
+    return [m["path"] for m in members if m is not keep]
+
+
+def exclude_entries(findings) -> list[tuple[str, str]]:
+    """(path, reason) of every flagged file, once each (reasons joined)."""
+    reasons = {}
+    for group in findings["duplicates"]:
+        kept = [m["path"] for m in group["members"] if m["path"] not in group["exclude"]]
+        for path in group["exclude"]:
+            what = (f"near-duplicate, {group['kind']}, cosine {group['similarity']:.3f}; "
+                    + (f"copy of {kept[0]} kept" if kept else "labels disagree, all left out"))
+            reasons.setdefault(path, []).append(what)
+    for f in findings["label_errors"]:
+        reasons.setdefault(f["path"], []).append(
+            f"likely label error: labelled {f['label']}, looks like {f['suggested']} "
+            f"(p {f['p_given']:.3f} vs {f['p_suggested']:.3f})")
+    for f in findings["outliers"]:
+        reasons.setdefault(f["path"], []).append(
+            f"outlier in class {f['label']} (z {f['z']:.1f})")
+    return [(path, "; ".join(why)) for path, why in reasons.items()]
+
+
+# ----- the report ---------------------------------------------------------------------
+def write_audit_report(audit, findings, dataset: dict, report_dir, *, labels) -> dict:
+    """Write audit.json, audit.md, the contact sheets and the map into ``report_dir``.
+
+    ``dataset``: ``root``, ``n_images``, ``class_names``, ``backbone``, ``weights_id``,
+    ``provenance``, ``n_excluded``. ``labels``: class index per row (for the map).
+    Returns the written files by name.
+    """
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(dataset["root"])
+    files = {}
+    for name, file in SHEETS.items():
+        cells = _sheet_cells(name, findings[name])
+        if cells:
+            files[name] = str(contact_sheet(cells, root, report_dir / file,
+                                            _sheet_title(name, dataset)))
+    if audit.coords is not None:
+        files["map"] = str(embedding_map_png(audit, labels, dataset["class_names"],
+                                             report_dir / MAP_FILE))
+    summary = audit_json(audit, findings, dataset, files)
+    files["json"] = str(report_dir / "audit.json")
+    files["markdown"] = str(report_dir / "audit.md")
+    summary["files"] = files
+    Path(files["json"]).write_text(json.dumps(summary, indent=2, default=json_default))
+    Path(files["markdown"]).write_text(audit_markdown(summary))
+    return files
+
+
+def audit_json(audit, findings, dataset, files) -> dict:
+    options = audit.options
+    return {
+        "dataset": dataset,
+        "options": {"threshold": options.threshold, "folds": options.folds,
+                    "neighbours": options.neighbours, "outlier_z": options.outlier_z,
+                    "top": options.top, "map": audit.map_method, "seed": options.seed},
+        "threshold": {"cosine": options.threshold, "evidence": THRESHOLD_EVIDENCE,
+                      "nearest_similarity": audit.nearest},
+        "counts": audit.counts,
+        **findings,
+        "skipped": audit.skipped,
+        "seconds": {k: round(v, 3) for k, v in audit.seconds.items()},
+        "files": files,
+    }
+
+
+def audit_markdown(summary) -> str:
+    data, counts, opts = summary["dataset"], summary["counts"], summary["options"]
+    nearest = summary["threshold"]["nearest_similarity"]
+    lines = [
+        "# Data audit", "",
+        f"Data: `{data['root']}`: {data['n_images']} images, {len(data['class_names'])} "
+        f"classes" + (f" ({data['n_excluded']} left out by --exclude)"
+                      if data.get("n_excluded") else "") + ".",
+        f"Embeddings: {data['backbone']} (`{data['weights_id']}`), {data['provenance']}; "
+        "no image went through a model for this report beyond what the cache lacked.", "",
+        "| finding | found | listed |", "|---|---:|---:|",
+        f"| near-duplicate groups across splits (leakage) | {counts['across splits']} | |",
+        f"| near-duplicate groups with conflicting labels | {counts['conflicting labels']} | |",
+        f"| near-duplicate groups in one class | {counts['same class']} | |",
+        f"| near-duplicate groups, all | {counts['duplicate_groups']} | "
+        f"{len(summary['duplicates'])} |",
+        f"| likely label errors | {counts['label_errors']} | {len(summary['label_errors'])} |",
+        f"| outliers | {counts['outliers']} | {len(summary['outliers'])} |", "",
+    ]
+    lines += [f"- {line}" for line in summary["skipped"]] + ([""] if summary["skipped"] else [])
+    lines += _duplicates_section(summary, opts, nearest)
+    lines += _label_errors_section(summary, opts)
+    lines += _outliers_section(summary, opts)
+    if "map" in summary["files"]:
+        lines += ["## Map of the embeddings", "",
+                  f"{opts['map'].upper()} of the normalised embeddings, coloured by class; "
+                  "flagged images are marked.", "", f"![map]({MAP_FILE})", ""]
+    lines += ["## Acting on it", "",
+              "Write the listed files to an exclude list, read it, then rerun without them "
+              "(every other image keeps its split):", "", "```",
+              f"featx audit {data['root']} --write-exclude exclude.txt",
+              f"featx compare {data['root']} --exclude exclude.txt", "```", ""]
+    return "\n".join(lines)
+
+
+def _duplicates_section(summary, opts, nearest) -> list[str]:
+    lines = ["## Near-duplicates", "",
+             f"Two images are near-duplicates when the cosine similarity of their embeddings "
+             f"is at least **{opts['threshold']}** ({summary['threshold']['evidence']}). "
+             "Exact copies (one content hash) are included. "]
+    if nearest:
+        lines[-1] += (f"On this data each image's most similar other image has cosine "
+                      f"{nearest['median']:.3f} (median), {nearest['p99']:.3f} (99th "
+                      f"percentile); {100 * nearest['share_at_threshold']:.1f}% of the images "
+                      "reach the threshold.")
+    lines += ["", "Groups *across splits* put one picture in training and in evaluation: "
+              "they inflate every score. Leave out copies marked *drop*.", ""]
+    if not summary["duplicates"]:
+        return lines + ["None found.", ""]
+    lines += [f"![duplicates]({SHEETS['duplicates']})", "",
+              "| # | kind | cosine | images (label, split) | drop |", "|---:|---|---:|---|---|"]
+    for n, g in enumerate(summary["duplicates"], 1):
+        kind = g["kind"] + (", exact copies" if g["exact"] else "")
+        if g["conflicting_labels"] and g["kind"] != "conflicting labels":
+            kind += ", conflicting labels"
+        images = "<br>".join(f"`{m['path']}` ({m['label']}, {m['split']})" for m in g["members"])
+        drop = "<br>".join(f"`{p}`" for p in g["exclude"])
+        lines.append(f"| {n} | {kind} | {g['similarity']:.3f} | {images} | {drop} |")
+    return lines + [""]
+
+
+def _label_errors_section(summary, opts) -> list[str]:
+    lines = ["## Likely label errors", "",
+             f"Out-of-fold probabilities ({opts['folds']}-fold stratified, seed {opts['seed']}; "
+             "standardised embeddings, logistic regression): no image is scored by a model "
+             "that saw it. Listed: images another class gets more probability than their own, "
+             "lowest probability of the given label first.", ""]
+    if not summary["label_errors"]:
+        return lines + ["None found.", ""]
+    lines += [f"![label errors]({SHEETS['label_errors']})", "",
+              "| # | image | split | labelled | suggested | p(labelled) | p(suggested) |",
+              "|---:|---|---|---|---|---:|---:|"]
+    for n, f in enumerate(summary["label_errors"], 1):
+        lines.append(f"| {n} | `{f['path']}` | {f['split']} | {f['label']} | {f['suggested']} "
+                     f"| {f['p_given']:.3f} | {f['p_suggested']:.3f} |")
+    return lines + [""]
+
+
+def _outliers_section(summary, opts) -> list[str]:
+    lines = ["## Outliers", "",
+             f"Mean cosine distance to the {opts['neighbours']} nearest images of the same "
+             f"class, as a robust z-score within the class (median, MAD); listed from z "
+             f"{opts['outlier_z']}. Often corrupt, off-topic or mislabelled images.", ""]
+    if not summary["outliers"]:
+        return lines + ["None found.", ""]
+    lines += [f"![outliers]({SHEETS['outliers']})", "",
+              "| # | image | class | split | distance | z |", "|---:|---|---|---|---:|---:|"]
+    for n, f in enumerate(summary["outliers"], 1):
+        lines.append(f"| {n} | `{f['path']}` | {f['label']} | {f['split']} | "
+                     f"{f['distance']:.3f} | {f['z']:.1f} |")
+    return lines + [""]
+
+
+# ----- pictures --------------------------------------------------------------------------
+def _sheet_title(name, dataset) -> str:
+    what = {"duplicates": "near-duplicate groups (one per row)",
+            "label_errors": "likely label errors", "outliers": "outliers"}[name]
+    return f"{what}: {Path(dataset['root']).name}, {dataset['backbone']}"
+
+
+def _sheet_cells(name, items) -> list[list[tuple[str, str]]]:
+    """Rows of (relative path, caption) for one finding type."""
+    if name == "duplicates":
+        return [[(m["path"], f"{_short(m['path'])}\n{m['label']}, {m['split']}"
+                  + ("\ndrop" if m["path"] in g["exclude"] else "\nkeep"))
+                 for m in g["members"][:COLUMNS]] for g in items]
+    if name == "label_errors":
+        cells = [(f["path"], f"{_short(f['path'])}\nlabelled {f['label']} "
+                  f"({f['p_given']:.2f})\nlooks {f['suggested']} ({f['p_suggested']:.2f})")
+                 for f in items]
+    else:
+        cells = [(f["path"], f"{_short(f['path'])}\n{f['label']}, {f['split']}\n"
+                  f"z {f['z']:.1f}") for f in items]
+    return [cells[i:i + COLUMNS] for i in range(0, len(cells), COLUMNS)]
+
+
+def _short(path: str, width: int = 26) -> str:
+    return path if len(path) <= width else "..." + path[-(width - 3):]
+
+
+def thumbnail(path) -> np.ndarray:
+    """The image as RGB, its longer side ``THUMB`` pixels; grey when it cannot be read."""
+    import cv2
+
+    from featx.data import read_image
+    from featx.errors import ImageDecodeError
+
+    try:
+        image = read_image(path)
+    except ImageDecodeError:
+        return np.full((THUMB, THUMB, 3), 128, np.uint8)
+    scale = THUMB / max(image.shape[:2])
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def contact_sheet(rows, root, out_png, title) -> Path:
+    """A grid of thumbnails (one list of (path, caption) per row) with a caption under each."""
+    from matplotlib.figure import Figure
+
+    columns = max(len(row) for row in rows)
+    fig = Figure(figsize=(2.1 * columns, 2.5 * len(rows) + 0.4))
+    fig.suptitle(title, fontsize=10)
+    for r, row in enumerate(rows):
+        for c, (path, caption) in enumerate(row):
+            ax = fig.add_subplot(len(rows), columns, r * columns + c + 1)
+            ax.imshow(thumbnail(Path(root) / path))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(caption, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    return Path(out_png)
+
+
+def embedding_map_png(audit, labels, class_names, out_png) -> Path:
+    """The 2-D map coloured by class, flagged images marked by finding type."""
+    from matplotlib.figure import Figure
+
+    coords, labels = audit.coords, np.asarray(labels)
+    fig = Figure(figsize=(8, 7))
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = "tab10" if len(class_names) <= 10 else "tab20" if len(class_names) <= 20 else "turbo"
+    ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap=cmap, s=6, alpha=0.6,
+               vmin=0, vmax=max(1, len(class_names) - 1))
+    marks = [("duplicates", [i for g in audit.duplicates for i in g["members"]], "x", "black"),
+             ("label errors", [f["index"] for f in audit.label_errors], "o", "red"),
+             ("outliers", [f["index"] for f in audit.outliers], "^", "magenta")]
+    for name, rows, marker, color in marks:
+        if rows:
+            ax.scatter(coords[rows, 0], coords[rows, 1], marker=marker, s=40,
+                       facecolors="none" if marker != "x" else color, edgecolors=color
+                       if marker != "x" else None, label=f"{name} ({len(rows)})")
+    if len(class_names) <= 20:
+        for c, name in enumerate(class_names):
+            ax.scatter([], [], color=ax.collections[0].cmap(ax.collections[0].norm(c)), s=12,
+                       label=str(name))
+    ax.legend(fontsize=7, loc="best", markerscale=1.2)
+    ax.set_title(f"{audit.map_method.upper()} of the embeddings; flagged images marked")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    return Path(out_png)
+
+
+def summary_counts(counts) -> dict:
+    """The per-type counts `featx audit --json` prints."""
+    return {"duplicates_across_splits": counts["across splits"],
+            "duplicates_conflicting_labels": counts["conflicting labels"],
+            "duplicates_same_class": counts["same class"],
+            "label_errors": counts["label_errors"], "outliers": counts["outliers"]}
+

@@ -7,7 +7,7 @@ into another split) and 1% labels moved to another class. Each size runs in a fr
 process, --repeats times, so that the peak resident memory (ru_maxrss) is that size's own
 ("+workers": the proportional set size of the process and its joblib workers, sampled
 every 0.1 s, so that memory-mapped inputs the workers share count once);
-the table gives min / median / max seconds of the whole audit (`featx.audit.audit_rows`:
+the table gives min / median / max seconds of the whole audit (`featx.audit_checks.audit_rows`:
 near-duplicates, out-of-fold label check, outliers, 2-D map with the default `--map auto`:
 t-SNE up to 5000 rows, PCA beyond) and the median of each check. Making the data is not
 timed. Recall says how many planted faults the audit found (duplicates: planted pairs in
@@ -121,14 +121,15 @@ def tree_rss(root: int) -> int:
 
 def one_size(n: int, seed: int) -> dict:
     """One cold run at one size (called in a fresh process)."""
-    from featx.audit import audit_rows
+    from featx.audit_checks import audit_rows
     from featx.options import AuditOptions
 
     X, labels, splits, sha, pairs, moved = synthetic(n, seed)
     embeddings_mb = X.nbytes / 2**20
     with TreeMemory() as memory:
         started = time.perf_counter()
-        audit = audit_rows(X, labels, splits, sha, CLASSES, AuditOptions(top=n, seed=seed))
+        audit = audit_rows(X, labels, splits, sha, [f"class{c}" for c in range(CLASSES)],
+                           AuditOptions(seed=seed))
         total = time.perf_counter() - started
     group_of = {i: k for k, g in enumerate(audit.duplicates) for i in g["members"]}
     found_pairs = sum(a in group_of and group_of.get(a) == group_of.get(b) for a, b in pairs)

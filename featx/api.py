@@ -177,16 +177,18 @@ def audit(data_dir, *, report_dir="reports/audit", write_exclude=None, audit_opt
     report (:mod:`featx.audit_report`) and, with ``write_exclude``, the exclude list.
 
     ``audit_options``: a :class:`featx.options.AuditOptions` (default: its defaults, seeded
-    by ``options.seed``). Returns a dict with ``report``, ``files``, ``counts``,
+    by ``options.seed``). The report lists the first ``top`` findings of each type; the
+    exclude list holds every flagged file, and the files ``options.exclude`` already left
+    out. Returns a dict with ``report``, ``files``, ``counts``,
     ``skipped``, ``n_images``, ``n_extracted`` and, with ``write_exclude``,
     ``exclude_file`` and ``n_exclude``.
     """
     import time
 
-    from featx.audit import audit_rows
+    from featx.audit_checks import audit_rows
     from featx.audit_report import (audit_findings, exclude_entries, summary_counts,
                                     write_audit_report)
-    from featx.data import write_exclude_file
+    from featx.data import read_exclude_file, write_exclude_file
     from featx.extraction import extract
 
     started = time.perf_counter()
@@ -198,7 +200,7 @@ def audit(data_dir, *, report_dir="reports/audit", write_exclude=None, audit_opt
         raise DataError(f"{data_dir}: {len(rows)} cached image(s); an audit needs two or more")
     X, labels = features.take(rows)
     paths, splits = features.paths[rows], features.split[rows]
-    found = audit_rows(X, labels, splits, features.sha256[rows], len(features.class_names),
+    found = audit_rows(X, labels, splits, features.sha256[rows], features.class_names,
                        audit_options)
     findings = audit_findings(found, paths, labels, splits, features.class_names)
     dataset = {"root": str(features.root), "n_images": len(rows),
@@ -212,6 +214,10 @@ def audit(data_dir, *, report_dir="reports/audit", write_exclude=None, audit_opt
                "n_images": len(rows), "n_extracted": features.stats.n_extracted}
     if write_exclude is not None:
         entries = exclude_entries(findings)
+        if options.exclude:  # the files this audit ran without stay out
+            listed = {path for path, _ in entries}
+            entries += [(path, f"listed in {options.exclude}") for path in
+                        sorted(read_exclude_file(options.exclude, features.root) - listed)]
         outcome["exclude_file"] = str(write_exclude_file(write_exclude, entries))
         outcome["n_exclude"] = len(entries)
     outcome["seconds"] = round(time.perf_counter() - started, 3)

@@ -1,22 +1,20 @@
 """What `featx audit` writes: audit.md, audit.json, a contact sheet per finding type, the
 embedding map, and the exclude list a user acts on.
 
-:func:`audit_findings` turns an :class:`featx.audit.Audit` (row indices) into findings
+:func:`audit_findings` turns an :class:`featx.audit_checks.Audit` (row indices) into findings
 that name files, classes and splits; everything else here reads those findings.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import shlex
 from pathlib import Path
 
 import numpy as np
 
 from featx._json import json_default
-from featx.audit import THRESHOLD_EVIDENCE
-
-log = logging.getLogger(__name__)
+from featx.audit_checks import THRESHOLD_EVIDENCE
 
 SHEETS = {"duplicates": "duplicates.png", "label_errors": "label_errors.png",
           "outliers": "outliers.png"}
@@ -78,7 +76,8 @@ def exclude_entries(findings) -> list[tuple[str, str]]:
 
 # ----- the report ---------------------------------------------------------------------
 def write_audit_report(audit, findings, dataset: dict, report_dir, *, labels) -> dict:
-    """Write audit.json, audit.md, the contact sheets and the map into ``report_dir``.
+    """Write audit.json, audit.md, the contact sheets and the map into ``report_dir``;
+    each list holds the first ``audit.options.top`` findings.
 
     ``dataset``: ``root``, ``n_images``, ``class_names``, ``backbone``, ``weights_id``,
     ``provenance``, ``n_excluded``. ``labels``: class index per row (for the map).
@@ -86,6 +85,10 @@ def write_audit_report(audit, findings, dataset: dict, report_dir, *, labels) ->
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*SHEETS.values(), MAP_FILE]:  # pictures of an earlier audit
+        (report_dir / stale).unlink(missing_ok=True)
+    top = audit.options.top
+    findings = {name: items[:top] for name, items in findings.items()}
     root = Path(dataset["root"])
     files = {}
     for name, file in SHEETS.items():
@@ -95,7 +98,7 @@ def write_audit_report(audit, findings, dataset: dict, report_dir, *, labels) ->
                                             _sheet_title(name, dataset)))
     if audit.coords is not None:
         files["map"] = str(embedding_map_png(audit, labels, dataset["class_names"],
-                                             report_dir / MAP_FILE))
+                                             report_dir / MAP_FILE, top))
     summary = audit_json(audit, findings, dataset, files)
     files["json"] = str(report_dir / "audit.json")
     files["markdown"] = str(report_dir / "audit.md")
@@ -134,7 +137,8 @@ def audit_markdown(summary) -> str:
         "no image went through a model for this report beyond what the cache lacked.", "",
         "| finding | found | listed |", "|---|---:|---:|",
         f"| near-duplicate groups across splits (leakage) | {counts['across splits']} | |",
-        f"| near-duplicate groups with conflicting labels | {counts['conflicting labels']} | |",
+        f"| near-duplicate groups with conflicting labels (some may be across splits too) | "
+        f"{counts['conflicting_labels_any']} | |",
         f"| near-duplicate groups in one class | {counts['same class']} | |",
         f"| near-duplicate groups, all | {counts['duplicate_groups']} | "
         f"{len(summary['duplicates'])} |",
@@ -149,11 +153,13 @@ def audit_markdown(summary) -> str:
         lines += ["## Map of the embeddings", "",
                   f"{opts['map'].upper()} of the normalised embeddings, coloured by class; "
                   "flagged images are marked.", "", f"![map]({MAP_FILE})", ""]
+    root, backbone = shlex.quote(data["root"]), shlex.quote(data["backbone"])
     lines += ["## Acting on it", "",
-              "Write the listed files to an exclude list, read it, then rerun without them "
-              "(every other image keeps its split):", "", "```",
-              f"featx audit {data['root']} --write-exclude exclude.txt",
-              f"featx compare {data['root']} --exclude exclude.txt", "```", ""]
+              "Write every flagged file (not only the listed ones) to an exclude list, read "
+              "and edit it, then rerun without them (every other image keeps its split; add "
+              "the options this audit ran with, such as --cache-dir):", "", "```",
+              f"featx audit {root} -b {backbone} --write-exclude exclude.txt",
+              f"featx compare {root} -b {backbone} --exclude exclude.txt", "```", ""]
     return "\n".join(lines)
 
 
@@ -226,8 +232,11 @@ def _sheet_cells(name, items) -> list[list[tuple[str, str]]]:
     """Rows of (relative path, caption) for one finding type."""
     if name == "duplicates":
         return [[(m["path"], f"{_short(m['path'])}\n{m['label']}, {m['split']}"
-                  + ("\ndrop" if m["path"] in g["exclude"] else "\nkeep"))
-                 for m in g["members"][:COLUMNS]] for g in items]
+                  + ("\ndrop" if m["path"] in g["exclude"] else "\nkeep")
+                  + f", cos {g['similarity']:.3f}"
+                  + (f" (+{len(g['members']) - COLUMNS} more)" if k == COLUMNS - 1
+                     and len(g["members"]) > COLUMNS else ""))
+                 for k, m in enumerate(g["members"][:COLUMNS])] for g in items]
     if name == "label_errors":
         cells = [(f["path"], f"{_short(f['path'])}\nlabelled {f['label']} "
                   f"({f['p_given']:.2f})\nlooks {f['suggested']} ({f['p_suggested']:.2f})")
@@ -277,8 +286,8 @@ def contact_sheet(rows, root, out_png, title) -> Path:
     return Path(out_png)
 
 
-def embedding_map_png(audit, labels, class_names, out_png) -> Path:
-    """The 2-D map coloured by class, flagged images marked by finding type."""
+def embedding_map_png(audit, labels, class_names, out_png, top) -> Path:
+    """The 2-D map coloured by class, the ``top`` findings of each type marked."""
     from matplotlib.figure import Figure
 
     coords, labels = audit.coords, np.asarray(labels)
@@ -287,9 +296,10 @@ def embedding_map_png(audit, labels, class_names, out_png) -> Path:
     cmap = "tab10" if len(class_names) <= 10 else "tab20" if len(class_names) <= 20 else "turbo"
     ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap=cmap, s=6, alpha=0.6,
                vmin=0, vmax=max(1, len(class_names) - 1))
-    marks = [("duplicates", [i for g in audit.duplicates for i in g["members"]], "x", "black"),
-             ("label errors", [f["index"] for f in audit.label_errors], "o", "red"),
-             ("outliers", [f["index"] for f in audit.outliers], "^", "magenta")]
+    marks = [("duplicates", [i for g in audit.duplicates[:top] for i in g["members"]], "x",
+              "black"),
+             ("label errors", [f["index"] for f in audit.label_errors[:top]], "o", "red"),
+             ("outliers", [f["index"] for f in audit.outliers[:top]], "^", "magenta")]
     for name, rows, marker, color in marks:
         if rows:
             ax.scatter(coords[rows, 0], coords[rows, 1], marker=marker, s=40,
@@ -299,7 +309,8 @@ def embedding_map_png(audit, labels, class_names, out_png) -> Path:
         for c, name in enumerate(class_names):
             ax.scatter([], [], color=ax.collections[0].cmap(ax.collections[0].norm(c)), s=12,
                        label=str(name))
-    ax.legend(fontsize=7, loc="best", markerscale=1.2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best", markerscale=1.2)
     ax.set_title(f"{audit.map_method.upper()} of the embeddings; flagged images marked")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -311,7 +322,7 @@ def embedding_map_png(audit, labels, class_names, out_png) -> Path:
 def summary_counts(counts) -> dict:
     """The per-type counts `featx audit --json` prints."""
     return {"duplicates_across_splits": counts["across splits"],
-            "duplicates_conflicting_labels": counts["conflicting labels"],
+            "duplicates_conflicting_labels": counts["conflicting_labels_any"],
             "duplicates_same_class": counts["same class"],
             "label_errors": counts["label_errors"], "outliers": counts["outliers"]}
 

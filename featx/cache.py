@@ -202,8 +202,8 @@ class FeatureCache(_CacheReader):
         if indices.size:  # h5py fancy indexing wants increasing, distinct indices
             unique, inverse = np.unique(indices, return_inverse=True)
             first, last = int(unique[0]), int(unique[-1])
-            if last - first + 1 == unique.size:  # a run of rows: one slice, not a point list
-                out[:] = data[first:last + 1][inverse]
+            if last - first + 1 <= 2 * unique.size:  # dense: one slice beats a point list
+                out[:] = data[first:last + 1][unique - first][inverse]
             else:
                 out[:] = data[unique][inverse]
         return out

@@ -258,17 +258,27 @@ class _Run:
 
 def _excluding(exclude_file, manifest, plan):
     """The listed paths, and the plan without them: an excluded file is never embedded,
-    while its cached row stays (a run without the list reuses it)."""
+    while its cached row stays (a run without the list reuses it); a class the list leaves
+    without training images is warned about."""
     listed = featx_data.read_exclude_file(exclude_file, manifest.root)
     excluded = frozenset(listed.intersection(manifest.paths))
     if len(excluded) < len(listed):
         missing = sorted(listed - excluded)
         log.warning("%s: %d of its %d paths are not images of %s (first: %s)", exclude_file,
                     len(missing), len(listed), manifest.root, missing[0])
-    dropped = np.array([manifest.paths[i] in excluded for i in range(len(manifest.paths))])
-    return excluded, dataclasses.replace(
-        plan, extract=plan.extract[~dropped[plan.extract]],
-        copy_from={i: row for i, row in plan.copy_from.items() if not dropped[i]})
+    dropped = np.array([path in excluded for path in manifest.paths], dtype=bool)
+    _warn_emptied_classes(manifest, dropped, exclude_file)
+    # a moved file's row is still copied (free), so a run without the list need not embed it
+    return excluded, dataclasses.replace(plan, extract=plan.extract[~dropped[plan.extract]])
+
+
+def _warn_emptied_classes(manifest, dropped, exclude_file) -> None:
+    train = np.asarray(manifest.splits) == "train"
+    before = set(manifest.labels[train].tolist())
+    after = set(manifest.labels[train & ~dropped].tolist())
+    for label in sorted(before - after):
+        log.warning("%s leaves class %r without training images; it cannot be learned",
+                    exclude_file, manifest.class_names[label])
 
 
 class _OnDemand:

@@ -143,7 +143,7 @@ class Features(_Rows):
         return f"{ran}; cached rows {self.precision}{flip}"
 
     def take(self, idx) -> tuple[np.ndarray, np.ndarray]:
-        """(X, y) of the rows ``idx`` (cache row indices, any order)."""
+        """(X, y) of the rows ``idx`` (indices into this object's rows, any order)."""
         idx = np.asarray(idx, dtype=np.int64)
         with FeatureCache.open(self.cache_path) as cache:
             return cache.embeddings(self._cache_rows[idx]), self.labels[idx]

@@ -100,7 +100,7 @@ AUDIT_MAPS = ("auto", "tsne", "pca")
 
 @dataclasses.dataclass(frozen=True)
 class AuditOptions:
-    """How `featx audit` looks for faults (:mod:`featx.audit`); the CLI's defaults."""
+    """How `featx audit` looks for faults (:mod:`featx.audit_checks`); the CLI's defaults."""
 
     threshold: float = DUPLICATE_THRESHOLD  # near-duplicate cosine similarity
     folds: int = 5  # out-of-fold label check

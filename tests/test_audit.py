@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY, dogcat_path, make_dataset, write_image
-from featx import audit as featx_audit
+from featx import audit_checks as featx_audit
 from featx.api import audit, compare, fit
 from featx.audit_report import audit_findings, exclude_entries
 from featx.cli import cli
@@ -52,7 +52,9 @@ def test_duplicate_groups_kinds_and_exact_copies():
     splits = np.array(["train", "val", "train", "train", "train", "train", "train"])
     sha = np.array(["a", "a", "b", "c", "d", "e", "f"])
     pairs = (np.array([0, 2, 4]), np.array([1, 3, 5]), np.array([1.0, 0.95, 0.93]))
-    groups = featx_audit.duplicate_groups(pairs, 7, labels, splits, sha)
+    component = featx_audit.duplicate_components(pairs, 7)
+    assert len(set(component.tolist())) == 4  # three pairs and one image alone
+    groups = featx_audit.duplicate_groups(pairs, component, labels, splits, sha)
     assert [(g["members"], g["kind"], g["exact"]) for g in groups] == [
         ([0, 1], "across splits", True),
         ([2, 3], "conflicting labels", False),
@@ -65,7 +67,7 @@ def test_label_issues_rank_flipped_labels_first():
     flipped = rng.choice(len(labels), 10, replace=False)
     noisy = labels.copy()
     noisy[flipped] = (labels[flipped] + 1) % 4
-    found, skipped = featx_audit.label_issues(X, noisy, 4, folds=5, seed=0)
+    found, skipped = featx_audit.label_issues(X, noisy, list("abcd"), folds=5, seed=0)
     top = [f["index"] for f in found[:20]]
     assert len(set(top) & set(flipped.tolist())) >= 9
     assert skipped == []
@@ -78,11 +80,25 @@ def test_label_issues_say_what_they_skip():
     X, labels = clusters(n_classes=3, per_class=20)
     labels = labels.copy()
     labels[:17] = 2  # class 0 keeps 3 images
-    found, skipped = featx_audit.label_issues(X, labels, 3, folds=5)
-    assert len(skipped) == 1 and "fewer than 5 images" in skipped[0]
+    found, skipped = featx_audit.label_issues(X, labels, ["cat", "dog", "fox"], folds=5)
+    assert len(skipped) == 1 and "fewer than 5 images ('cat')" in skipped[0]
     assert all(f["label"] != 0 for f in found)
-    found, skipped = featx_audit.label_issues(X, np.zeros(len(X), int), 1, folds=5)
-    assert found == [] and "need two or more" in skipped[-1]
+    found, skipped = featx_audit.label_issues(X, np.zeros(len(X), int), ["cat"], folds=5)
+    assert found == [] and len(skipped) == 1 and "need two or more" in skipped[0]
+
+
+def test_label_issues_keep_near_duplicates_in_one_fold():
+    X, labels = clusters(n_classes=2, per_class=30)
+    groups = np.arange(len(labels))
+    groups[[0, 1, 2]] = 0  # one group of three
+    cv = featx_audit._folds(labels, groups, 5, seed=0)
+    fold = cv.test_fold
+    assert fold[0] == fold[1] == fold[2]
+    assert sorted(np.bincount(fold).tolist())[0] >= 10  # still about a fifth each
+    component = np.r_[np.zeros(25, int), np.ones(3, int), np.arange(2, 12)]
+    groups = featx_audit.fold_groups(component)
+    assert len(set(groups[:25].tolist())) == 25  # a chain of 25 look-alikes: split freely
+    assert len(set(groups[25:28].tolist())) == 1
 
 
 def test_outliers_flag_far_images_of_their_class():
@@ -90,16 +106,38 @@ def test_outliers_flag_far_images_of_their_class():
     rng = np.random.default_rng(5)
     planted = [3, 45, 90]
     X[planted] = rng.normal(size=(3, X.shape[1])) * 3
-    found, skipped = featx_audit.outliers(featx_audit.normalized(X), labels, neighbours=5)
+    found, skipped = featx_audit.outliers(featx_audit.normalized(X), labels, list("abc"),
+                                          neighbours=5)
     assert set(planted) <= {f["index"] for f in found[:6]}
     assert skipped == []
 
 
-def test_audit_rows_survives_one_class_and_bounds_lists():
+def test_outliers_of_a_class_of_copies_are_not_every_image():
+    Z = featx_audit.normalized(np.tile(np.eye(4, dtype=np.float32)[:1], (12, 1)))
+    Z[11] = featx_audit.normalized(np.ones((1, 4), np.float32))
+    Z[10] = featx_audit.normalized(np.array([[1.0, 1e-3, 0, 0]], np.float32))  # a hair off
+    found, skipped = featx_audit.outliers(Z, np.zeros(12, int), ["a"], neighbours=3)
+    assert [f["index"] for f in found] == [11]
+    found, skipped = featx_audit.outliers(Z[:4], np.zeros(4, int), ["tiny"])
+    assert found == [] and "fewer than 5 images ('tiny')" in skipped[0]
+
+
+def test_audit_rows_reports_non_finite_embeddings():
+    X, labels = clusters(n_classes=2, per_class=20)
+    X[3, 5] = np.nan
+    result = featx_audit.audit_rows(X, labels, np.array(["train"] * 40),
+                                    np.arange(40).astype(str), ["a", "b"],
+                                    AuditOptions(map="pca"))
+    assert any("1 rows hold NaN or inf" in line for line in result.skipped)
+    assert 3 in {f["index"] for f in result.outliers}
+
+
+def test_audit_rows_survives_one_class():
     X, _ = clusters(n_classes=1, per_class=30)
     X[1] = X[0]
     result = featx_audit.audit_rows(X, np.zeros(30, int), np.array(["train"] * 30),
-                                    np.arange(30).astype(str), 1, AuditOptions(top=1, map="pca"))
+                                    np.arange(30).astype(str), ["cat"],
+                                    AuditOptions(top=1, map="pca"))
     assert result.label_errors == [] and any("label errors" in s for s in result.skipped)
     assert result.counts["same class"] == 1 and len(result.duplicates) == 1
     assert result.coords.shape == (30, 2) and result.map_method == "pca"
@@ -259,6 +297,38 @@ def test_finetune_leaves_out_excluded_images(tmp_path):
     assert result.n_excluded == 2 and sum(result.split_counts.values()) == 14
 
 
+def test_write_exclude_keeps_what_exclude_left_out(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=10)
+    exclude = write_exclude_file(tmp_path / "x.txt", [("cat/cat_001.png", "by hand")])
+    out = audit(data, report_dir=tmp_path / "r", write_exclude=exclude, exclude=exclude,
+                cache_dir=tmp_path / "cache", progress=False, **TINY)
+    listed = read_exclude_file(exclude, data)
+    assert "cat/cat_001.png" in listed and out["n_exclude"] == len(listed)
+    assert "listed in" in exclude.read_text()
+
+
+def test_audit_of_a_tiny_folder_says_what_it_skipped(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=2)
+    out = audit(data, report_dir=tmp_path / "r", cache_dir=tmp_path / "cache",
+                progress=False, **TINY)
+    assert out["n_images"] == 4
+    assert [line.split(":")[0] for line in out["skipped"]] == ["label errors", "outliers"]
+    text = (tmp_path / "r" / "audit.md").read_text()
+    assert "label errors: skipped" in text and (tmp_path / "r" / "audit.json").is_file()
+
+
+def test_map_of_many_classes_without_findings(tmp_path):
+    from featx.audit_report import embedding_map_png
+
+    X, labels = clusters(n_classes=25, per_class=4)
+    result = featx_audit.Audit(options=AuditOptions(), duplicates=[], label_errors=[],
+                               outliers=[], counts={}, nearest={}, skipped=[],
+                               coords=X[:, :2], map_method="pca", seconds={})
+    path = embedding_map_png(result, labels, [f"c{i}" for i in range(25)],
+                             tmp_path / "map.png", top=20)
+    assert path.stat().st_size > 1000
+
+
 def test_audit_bad_exclude_file_is_one_line(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=4)
     result = CliRunner().invoke(cli, ["audit", str(data), *TINY_ARGS, "--exclude",
@@ -268,6 +338,10 @@ def test_audit_bad_exclude_file_is_one_line(tmp_path):
 
 
 # ----- real photos and real weights --------------------------------------------------------
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
 def plant_faults(source: Path, root: Path, per_class=200):
     """A train/val copy of dogcat with known faults; returns what was planted."""
     import cv2
@@ -286,19 +360,19 @@ def plant_faults(source: Path, root: Path, per_class=200):
         target = root / "train" / other / f.name
         shutil.move(f, target)
         planted["moved"].append(target.relative_to(root).as_posix())
-    vals = sorted((root / "val" / "cat").glob("*.jpg")) + sorted((root / "val" / "dog").glob("*.jpg"))
+    vals = sorted(root.glob("val/*/*.jpg"))
     big = [f for f in vals if min(cv2.imread(str(f)).shape[:2]) >= 250]
     for f in big[:5]:  # an exact copy in train
         copy = root / "train" / f.parent.name / f"copy_{f.name}"
         shutil.copy(f, copy)
-        planted["exact"].append((f.relative_to(root).as_posix(), copy.relative_to(root).as_posix()))
+        planted["exact"].append((_rel(f, root), _rel(copy, root)))
     for k, f in enumerate(big[5:10]):  # re-encoded, or resized, in train
         image = cv2.imread(str(f))
         if k % 2:
             image = cv2.resize(image, None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA)
         copy = root / "train" / f.parent.name / f"re_{f.stem}.jpg"
         cv2.imwrite(str(copy), image, [cv2.IMWRITE_JPEG_QUALITY, 60 if k % 2 == 0 else 85])
-        planted["resized"].append((f.relative_to(root).as_posix(), copy.relative_to(root).as_posix()))
+        planted["resized"].append((_rel(f, root), _rel(copy, root)))
     for k, name in enumerate(("cat", "dog", "cat")):
         noise = rng.integers(0, 256, size=(240, 320, 3), dtype=np.uint8)
         path = root / "train" / name / f"noise_{k}.png"
@@ -322,12 +396,12 @@ def test_audit_finds_planted_faults_in_real_photos(tmp_path, monkeypatch):
     flagged = [f["path"] for f in report["label_errors"][:20]]
     assert len(set(flagged) & set(planted["moved"])) >= 9, flagged
 
-    groups = {frozenset(m["path"] for m in g["members"]): g for g in report["duplicates"]}
+    groups = [({m["path"] for m in g["members"]}, g) for g in report["duplicates"]]
     for pair in planted["exact"] + planted["resized"]:
-        group = next((g for members, g in groups.items() if set(pair) <= members), None)
+        group = next((g for members, g in groups if set(pair) <= members), None)
         assert group is not None, pair
         assert group["kind"] == "across splits", (pair, group["kind"])
-    assert all(groups[frozenset(p)]["exact"] for p in planted["exact"] if frozenset(p) in groups)
+        assert group["exact"] == (pair in planted["exact"]), pair
 
     outliers = {f["path"] for f in report["outliers"]}
     assert set(planted["noise"]) <= outliers, report["outliers"]

@@ -6,9 +6,10 @@ from pathlib import Path
 import featx
 
 ORDER = ["errors", "_json", "options", "sample_data", "data", "cache", "uncertainty",
-         "resampling", "audit", "classifiers", "augment", "backbones", "persist",
+         "resampling", "audit_checks", "classifiers", "augment", "backbones", "persist",
          "cache_export", "pipeline", "onnx_export", "reconcile", "reports", "audit_report",
-         "runtimes", "views", "features", "extraction", "inference", "finetuning", "deploy", "api", "cli", "__main__"]
+         "runtimes", "views", "features", "extraction", "inference", "finetuning", "deploy",
+         "api", "cli", "__main__"]
 PACKAGE = Path(featx.__file__).parent
 
 

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from featx.options import AuditOptions
+from featx.options import AuditOptions, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -61,45 +61,47 @@ class Audit:
 
 
 # ----- the whole audit -------------------------------------------------------------
-def audit_rows(X, labels, splits, sha256, n_classes: int,
+def audit_rows(X, labels, splits, sha256, class_names,
                options: AuditOptions | None = None) -> Audit:
     """Run every check on embeddings ``X`` (n, d) with their labels, splits and hashes.
 
     A float32 ``X`` is scaled to unit rows in place (one copy of the embeddings in memory,
-    not two); every check reads the unit rows.
+    not two); every check reads the unit rows. A row holding NaN or inf is set to zero (far
+    from everything, so it shows as an outlier) and a line in ``skipped`` says so.
     """
     options = options or AuditOptions()
     labels = np.asarray(labels, dtype=np.int64)
-    seconds = {}
-    started = time.perf_counter()
-    Z = normalized(X, out=X if X.dtype == np.float32 else None)
-    seconds["normalize"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    pairs, nearest = near_duplicates(Z, options.threshold)
-    groups = duplicate_groups(pairs, len(Z), labels, splits, sha256)
-    seconds["duplicates"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    errors, skipped = label_issues(Z, labels, n_classes, folds=options.folds, seed=options.seed)
-    seconds["label_errors"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    found, outlier_skips = outliers(Z, labels, neighbours=options.neighbours,
-                                    z_from=options.outlier_z)
-    skipped += outlier_skips
-    seconds["outliers"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    coords, method = embedding_map(Z, options.map, options.seed)
-    seconds["map"] = time.perf_counter() - started
-
+    seconds, skipped = {}, []
+    broken = ~np.isfinite(X).all(axis=1)
+    if broken.any():
+        X[broken] = 0.0
+        skipped.append(f"embeddings: {int(broken.sum())} rows hold NaN or inf; audited as "
+                       "zero vectors (extract them again)")
+    Z = _timed(seconds, "normalize", normalized, X, out=X if X.dtype == np.float32 else None)
+    pairs, nearest = _timed(seconds, "duplicates", near_duplicates, Z, options.threshold)
+    component = duplicate_components(pairs, len(Z))
+    groups = duplicate_groups(pairs, component, labels, splits, sha256)
+    errors, skip = _timed(seconds, "label_errors", label_issues, Z, labels, class_names,
+                          folds=options.folds, seed=options.seed,
+                          groups=fold_groups(component))
+    skipped += skip
+    found, skip = _timed(seconds, "outliers", outliers, Z, labels, class_names,
+                         neighbours=options.neighbours, z_from=options.outlier_z)
+    skipped += skip
+    coords, method = _timed(seconds, "map", embedding_map, Z, options.map, options.seed)
     counts = {kind: sum(g["kind"] == kind for g in groups) for kind in KINDS}
-    counts.update(duplicate_groups=len(groups), label_errors=len(errors), outliers=len(found))
-    return Audit(options=options, duplicates=groups[:options.top],
-                 label_errors=errors[:options.top], outliers=found[:options.top],
+    counts.update(duplicate_groups=len(groups), label_errors=len(errors), outliers=len(found),
+                  conflicting_labels_any=sum(g["conflicting_labels"] for g in groups))
+    return Audit(options=options, duplicates=groups, label_errors=errors, outliers=found,
                  counts=counts, nearest=_distribution(nearest, options.threshold),
                  skipped=skipped, coords=coords, map_method=method, seconds=seconds)
+
+
+def _timed(seconds: dict, name: str, func, *args, **kwargs):
+    started = time.perf_counter()
+    result = func(*args, **kwargs)
+    seconds[name] = time.perf_counter() - started
+    return result
 
 
 def normalized(X, out=None) -> np.ndarray:
@@ -138,21 +140,28 @@ def near_duplicates(Z, threshold: float, block_bytes: int = BLOCK_BYTES):
     return (np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)), nearest
 
 
-def duplicate_groups(pairs, n: int, labels, splits, sha256) -> list[dict]:
-    """Near-duplicate pairs joined into groups (connected components), most serious first.
+def duplicate_components(pairs, n: int) -> np.ndarray:
+    """Group number of every row: rows joined by near-duplicate pairs share one (connected
+    components); a row with no near-duplicate is alone in its group."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j, _ = pairs
+    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def duplicate_groups(pairs, component, labels, splits, sha256) -> list[dict]:
+    """Near-duplicate pairs joined into groups (``component``: from
+    :func:`duplicate_components`), most serious first.
 
     A group's ``kind`` is "across splits" when its images sit in more than one split (the
     same picture is trained on and evaluated on), else "conflicting labels" when they carry
     more than one label, else "same class". ``exact``: every member has one content hash.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     i, j, sim = pairs
     if not len(i):
         return []
-    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
     splits, sha256 = np.asarray(splits), np.asarray(sha256)
     best = {}
     for a, s in zip(component[i].tolist(), sim.tolist()):
@@ -196,42 +205,38 @@ def _distribution(nearest, threshold) -> dict:
 LABEL_MODEL_C = 0.1  # inverse L2 strength of the out-of-fold logistic regression
 
 
-def label_issues(X, labels, n_classes: int, *, folds: int = 5, seed: int = 42):
+def label_issues(X, labels, class_names, *, folds: int = 5, seed: int = 42, groups=None):
     """Images whose given label the other images disagree with, most doubtful first.
 
     Out-of-fold probabilities come from ``StandardScaler -> LogisticRegression`` fitted on
     the other folds of a stratified, seeded K-fold, so no image is scored by a model that
-    saw it. An image is flagged when another class gets more probability than its own;
-    the list is ranked by the probability its own label gets (lowest first).
+    saw it; rows of one ``groups`` value (near-duplicates) share a fold, so a copy cannot
+    vouch for its twin's label. An image is flagged when another class gets more
+    probability than its own; the list is ranked by the probability its own label gets
+    (lowest first).
 
-    Classes with fewer than ``folds`` images are left out of this check (one line in the
-    returned ``skipped`` says so); fewer than two classes left skips it.
+    Classes with fewer than ``folds`` images are left out of this check; fewer than two
+    classes left skips it. Either way one line in the returned ``skipped`` says so.
     Returns ``(findings, skipped)``.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx.options import usable_cores
-
-    counts = np.bincount(labels, minlength=n_classes)
-    small = [c for c in range(n_classes) if 0 < counts[c] < folds]
-    present = [c for c in range(n_classes) if counts[c] >= folds]
-    skipped = []
-    if small:
-        skipped.append(f"label errors: left out {len(small)} class(es) with fewer than {folds} "
-                       f"images (class index {', '.join(map(str, small[:10]))}"
-                       f"{', ...' if len(small) > 10 else ''}): out-of-fold predictions need "
-                       f"{folds} images per class (--folds)")
+    counts = np.bincount(labels, minlength=len(class_names))
+    present = [c for c in range(len(class_names)) if counts[c] >= folds]
+    small = [class_names[c] for c in range(len(class_names)) if 0 < counts[c] < folds]
+    note = (f"{len(small)} class(es) with fewer than {folds} images ({_names(small)}); "
+            f"out-of-fold predictions need {folds} per class (--folds)") if small else ""
     if len(present) < 2:
-        skipped.append(f"label errors: skipped: {len(present)} class(es) with at least {folds} "
-                       "images; out-of-fold predictions need two or more")
-        return [], skipped
+        return [], [f"label errors: skipped: {len(present)} class(es) with at least {folds} "
+                    "images (--folds); out-of-fold predictions need two or more"
+                    + (f"; fewer: {_names(small)}" if small else "")]
     rows = np.flatnonzero(np.isin(labels, present))
     y = labels[rows]
     model = make_pipeline(StandardScaler(), LogisticRegression(C=LABEL_MODEL_C, max_iter=500))
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    cv = _folds(y, None if groups is None else np.asarray(groups)[rows], folds, seed)
     proba = cross_val_predict(model, X if len(rows) == len(X) else X[rows], y, cv=cv,
                               method="predict_proba", n_jobs=min(folds, usable_cores()))
     classes = np.asarray(present)
@@ -247,16 +252,58 @@ def label_issues(X, labels, n_classes: int, *, folds: int = 5, seed: int = 42):
                          "suggested": int(classes[best[f]]), "p_given": float(p_given[f]),
                          "p_suggested": float(proba[f, best[f]]),
                          "probabilities": {int(classes[t]): float(proba[f, t]) for t in top}})
-    return findings, skipped
+    return findings, [f"label errors: left out {note}"] if note else []
+
+
+MAX_FOLD_GROUP = 20  # larger near-duplicate groups are chains of look-alikes, not copies
+
+
+def fold_groups(component) -> np.ndarray:
+    """The groups the label check keeps in one fold: near-duplicate groups of at most
+    ``MAX_FOLD_GROUP`` images (copies); every other image is a group of its own, so that a
+    long chain of similar images cannot pull a whole class into one fold."""
+    sizes = np.bincount(component)
+    alone = sizes[component] > MAX_FOLD_GROUP
+    return np.where(alone, len(component) + np.arange(len(component)), component)
+
+
+def _folds(y, groups, folds: int, seed: int):
+    """Stratified, seeded folds in which every row of one group sits in its first row's
+    fold (a ``PredefinedSplit``; StratifiedGroupKFold loops in Python over groups, far
+    slower at 50k singletons). Plain stratified folds when grouping would leave a fold's
+    training part with one class."""
+    from sklearn.model_selection import PredefinedSplit, StratifiedKFold
+
+    fold = np.empty(len(y), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
+        fold[test] = k
+    if groups is not None:
+        _, first = np.unique(groups, return_index=True)
+        fold_of_group = dict(zip(groups[first].tolist(), fold[first].tolist()))
+        grouped = np.array([fold_of_group[g] for g in groups.tolist()], dtype=np.int64)
+        if all(len(set(y[grouped != k].tolist())) > 1 for k in range(folds)):
+            fold = grouped
+    return PredefinedSplit(fold)
+
+
+def _names(names, at_most: int = 5) -> str:
+    shown = ", ".join(repr(str(n)) for n in names[:at_most])
+    return shown + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
 
 
 # ----- outliers ------------------------------------------------------------------------
-def outliers(Z, labels, *, neighbours: int = 5, z_from: float = 3.5):
+MIN_CLASS_FOR_OUTLIERS = 5  # a robust z-score of fewer images says nothing
+MIN_SPREAD = 1e-3  # cosine distance: a class of copies (MAD 0) does not make every image odd
+
+
+def outliers(Z, labels, class_names, *, neighbours: int = 5, z_from: float = 3.5):
     """Images far from every image of their class, most isolated first.
 
     Score: mean cosine distance to the ``neighbours`` nearest images of the same class;
-    an image is an outlier when its robust z-score within the class (median and MAD)
-    reaches ``z_from``. Classes with fewer than 3 images are skipped (one line each kind).
+    an image is an outlier when its robust z-score within the class (median and MAD, the
+    MAD at least ``MIN_SPREAD``) reaches ``z_from``. Classes with fewer than
+    ``MIN_CLASS_FOR_OUTLIERS`` images are skipped, named in one line of ``skipped``.
     Returns ``(findings, skipped)``.
     """
     from sklearn.neighbors import NearestNeighbors
@@ -264,24 +311,21 @@ def outliers(Z, labels, *, neighbours: int = 5, z_from: float = 3.5):
     findings, small = [], []
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
-        if len(rows) < 3:
-            small.append(int(c))
+        if len(rows) < MIN_CLASS_FOR_OUTLIERS:
+            small.append(class_names[c])
             continue
-        k = min(neighbours, len(rows) - 1)
-        index = NearestNeighbors(n_neighbors=k).fit(Z[rows])
+        index = NearestNeighbors(n_neighbors=min(neighbours, len(rows) - 1)).fit(Z[rows])
         distance, _ = index.kneighbors()  # each image's neighbours, itself left out
         score = (distance ** 2 / 2).mean(axis=1)  # unit rows: cosine distance = d^2 / 2
         median = np.median(score)
-        spread = 1.4826 * np.median(np.abs(score - median))
-        z = (score - median) / max(spread, 1e-12)
+        spread = max(1.4826 * np.median(np.abs(score - median)), MIN_SPREAD)
+        z = (score - median) / spread
         for r in np.flatnonzero(z >= z_from):
             findings.append({"index": int(rows[r]), "label": int(c),
                              "distance": float(score[r]), "z": float(z[r])})
     findings.sort(key=lambda f: -f["z"])
-    skipped = []
-    if small:
-        skipped.append(f"outliers: skipped {len(small)} class(es) with fewer than 3 images "
-                       f"(class index {', '.join(map(str, small[:10]))})")
+    skipped = [f"outliers: skipped {len(small)} class(es) with fewer than "
+               f"{MIN_CLASS_FOR_OUTLIERS} images ({_names(small)})"] if small else []
     return findings, skipped
 
 
@@ -297,8 +341,6 @@ def embedding_map(Z, method: str = "auto", seed: int = 42):
     if method == "pca":
         return PCA(n_components=2, random_state=seed).fit_transform(Z), "pca"
     from sklearn.manifold import TSNE
-
-    from featx.options import usable_cores
 
     reduced = PCA(n_components=min(50, *Z.shape), random_state=seed).fit_transform(Z)
     tsne = TSNE(n_components=2, init="pca", random_state=seed,

@@ -183,10 +183,16 @@ def _duplicates_section(summary, opts, nearest) -> list[str]:
         kind = g["kind"] + (", exact copies" if g["exact"] else "")
         if g["conflicting_labels"] and g["kind"] != "conflicting labels":
             kind += ", conflicting labels"
-        images = "<br>".join(f"`{m['path']}` ({m['label']}, {m['split']})" for m in g["members"])
-        drop = "<br>".join(f"`{p}`" for p in g["exclude"])
+        images = _cell([f"`{m['path']}` ({m['label']}, {m['split']})" for m in g["members"]])
+        drop = _cell([f"`{p}`" for p in g["exclude"]])
         lines.append(f"| {n} | {kind} | {g['similarity']:.3f} | {images} | {drop} |")
     return lines + [""]
+
+
+def _cell(items, at_most: int = 10) -> str:
+    """Up to ``at_most`` items in one table cell (a chain of look-alikes can be long)."""
+    more = f"<br>and {len(items) - at_most} more (audit.json)" if len(items) > at_most else ""
+    return "<br>".join(items[:at_most]) + more
 
 
 def _label_errors_section(summary, opts) -> list[str]:

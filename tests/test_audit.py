@@ -407,3 +407,26 @@ def test_audit_finds_planted_faults_in_real_photos(tmp_path, monkeypatch):
     assert set(planted["noise"]) <= outliers, report["outliers"]
     listed = read_exclude_file(tmp_path / "exclude.txt", data)
     assert set(planted["noise"]) <= listed and len(set(planted["moved"]) & listed) >= 9
+
+
+def test_report_of_a_long_duplicate_chain_stays_readable(tmp_path):
+    from featx.audit_report import write_audit_report
+
+    group = {"kind": "same class", "exact": False, "conflicting_labels": False,
+             "similarity": 0.95, "members": list(range(15))}
+    result = featx_audit.Audit(options=AuditOptions(), duplicates=[group], label_errors=[],
+                               outliers=[], counts={"across splits": 0, "same class": 1,
+                                                    "conflicting labels": 0,
+                                                    "conflicting_labels_any": 0,
+                                                    "duplicate_groups": 1, "label_errors": 0,
+                                                    "outliers": 0},
+                               nearest={}, skipped=[], coords=None, map_method="none",
+                               seconds={})
+    paths = [f"cat/{i:02d}.png" for i in range(15)]
+    findings = audit_findings(result, paths, [0] * 15, ["train"] * 15, ["cat"])
+    dataset = {"root": str(tmp_path / "missing"), "n_images": 15, "class_names": ["cat"],
+               "backbone": "toy", "weights_id": "random", "provenance": "test"}
+    files = write_audit_report(result, findings, dataset, tmp_path / "r", labels=[0] * 15)
+    text = Path(files["markdown"]).read_text()
+    assert "and 5 more (audit.json)" in text
+    assert Path(files["duplicates"]).is_file()  # unreadable images become grey thumbnails

@@ -20,19 +20,12 @@ writes it out.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 
 import numpy as np
 
 from featx.options import AuditOptions, usable_cores
 
-log = logging.getLogger(__name__)
-
-THRESHOLD_EVIDENCE = (
-    "measured on EfficientNet-Lite0 embeddings of 1399 real photos (dogcat) plus 40 planted "
-    "copies: 39 of 40 re-encoded, resized (0.5x, 0.7x) or cropped copies reach 0.90; of "
-    "977,901 pairs of distinct photos one reached 0.88, and it is a true duplicate")
 KINDS = ("across splits", "conflicting labels", "same class")  # most serious first
 TSNE_MAX_ROWS = 5000  # "auto" draws t-SNE up to this many images, PCA beyond
 BLOCK_BYTES = 32 << 20  # one block of the similarity matrix
@@ -42,9 +35,10 @@ BLOCK_BYTES = 32 << 20  # one block of the similarity matrix
 class Audit:
     """What the audit found. Indices point into the rows it was given.
 
-    ``duplicates``: groups (dicts: ``members``, ``kind``, ``exact``, ``similarity``);
-    ``label_errors`` and ``outliers``: ranked findings (dicts with ``index``); each list
-    holds at most ``options.top`` entries, ``counts`` the totals before that cut.
+    ``duplicates``: groups (dicts: ``members``, ``kind``, ``conflicting_labels``, ``exact``,
+    ``similarity``); ``label_errors`` and ``outliers``: ranked findings (dicts with
+    ``index``). The lists are whole (the report cuts them to ``options.top``); ``counts``
+    holds their lengths and the groups per kind.
     ``skipped``: one line per check (or part of one) that could not run, and why.
     """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from featx._json import json_default
-from featx.audit_checks import THRESHOLD_EVIDENCE
+from featx.options import THRESHOLD_EVIDENCE
 
 SHEETS = {"duplicates": "duplicates.png", "label_errors": "label_errors.png",
           "outliers": "outliers.png"}

@@ -446,6 +446,25 @@ def read_exclude_file(path, root) -> set[str]:
     return listed
 
 
+def excluded_paths(exclude_file, manifest) -> frozenset[str]:
+    """The images of ``manifest`` that ``exclude_file`` lists; a warning counts the listed
+    paths that are not images of the folder, and names each class the list leaves without
+    training images."""
+    listed = read_exclude_file(exclude_file, manifest.root)
+    excluded = frozenset(listed.intersection(manifest.paths))
+    if len(excluded) < len(listed):
+        missing = sorted(listed - excluded)
+        log.warning("%s: %d of its %d paths are not images of %s (first: %s)", exclude_file,
+                    len(missing), len(listed), manifest.root, missing[0])
+    train = np.asarray(manifest.splits) == "train"
+    kept = np.array([path not in excluded for path in manifest.paths], dtype=bool)
+    for label in sorted(set(manifest.labels[train].tolist())
+                        - set(manifest.labels[train & kept].tolist())):
+        log.warning("%s leaves class %r without training images; it cannot be learned",
+                    exclude_file, manifest.class_names[label])
+    return excluded
+
+
 def _strip_comment(line: str) -> str:
     if line.lstrip().startswith("#"):
         return ""

@@ -219,7 +219,7 @@ class _Run:
             cache.close()
         stats.failed = [(p, r) for p, _, r in failed if p not in self.excluded]
         stats.n_failed = len(stats.failed)
-        stats.n_excluded = sum(p in self.excluded for p in manifest.paths)
+        stats.n_excluded = len(self.excluded)  # images of the folder, by construction
         stats.n_images = len(manifest.paths) - stats.n_failed - stats.n_excluded
         stats.reused = stats.n_extracted == 0 and stats.n_augmented == 0
         if stats.model_seconds > 0:
@@ -258,27 +258,11 @@ class _Run:
 
 def _excluding(exclude_file, manifest, plan):
     """The listed paths, and the plan without them: an excluded file is never embedded,
-    while its cached row stays (a run without the list reuses it); a class the list leaves
-    without training images is warned about."""
-    listed = featx_data.read_exclude_file(exclude_file, manifest.root)
-    excluded = frozenset(listed.intersection(manifest.paths))
-    if len(excluded) < len(listed):
-        missing = sorted(listed - excluded)
-        log.warning("%s: %d of its %d paths are not images of %s (first: %s)", exclude_file,
-                    len(missing), len(listed), manifest.root, missing[0])
+    while its cached row stays (a run without the list reuses it)."""
+    excluded = featx_data.excluded_paths(exclude_file, manifest)
     dropped = np.array([path in excluded for path in manifest.paths], dtype=bool)
-    _warn_emptied_classes(manifest, dropped, exclude_file)
     # a moved file's row is still copied (free), so a run without the list need not embed it
     return excluded, dataclasses.replace(plan, extract=plan.extract[~dropped[plan.extract]])
-
-
-def _warn_emptied_classes(manifest, dropped, exclude_file) -> None:
-    train = np.asarray(manifest.splits) == "train"
-    before = set(manifest.labels[train].tolist())
-    after = set(manifest.labels[train & ~dropped].tolist())
-    for label in sorted(before - after):
-        log.warning("%s leaves class %r without training images; it cannot be learned",
-                    exclude_file, manifest.class_names[label])
 
 
 class _OnDemand:

@@ -123,7 +123,7 @@ class Features(_Rows):
         self.cache_paths = [self.cache_path]
         if stats is None:
             failed = [(p, r) for p, _, r in failed if p not in exclude]
-            excluded = int(((rows["view"] == 0) & ~np.isin(rows["paths"], self.paths)).sum())
+            excluded = int((rows["view"] == 0).sum() - (self.view == 0).sum())
             stats = ExtractStats(n_images=int((self.view == 0).sum()), n_failed=len(failed),
                                  failed=failed, n_excluded=excluded, reused=True)
         self.stats = stats

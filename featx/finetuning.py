@@ -605,7 +605,7 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
     """
     from featx.augment import build_augmentation
     from featx.backbones import create_backbone
-    from featx.data import read_exclude_file
+    from featx.data import excluded_paths
     from featx.reconcile import resolve_split
 
     started = time.perf_counter()
@@ -625,7 +625,7 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
                                            split=run.split)
     n_files = len(manifest)
     if run.exclude:
-        manifest = manifest.without(read_exclude_file(run.exclude, manifest.root))
+        manifest = manifest.without(excluded_paths(run.exclude, manifest))
     if not (manifest.splits == "val").any():
         raise UsageError("fine-tuning needs a validation split (val_fraction > 0 or a val/ "
                          "folder): it chooses the epoch to keep")

@@ -66,6 +66,23 @@ def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
 
 
+def invoke(*args):
+    """Run the featx CLI in-process with ``args`` (any objects, passed as strings)."""
+    from click.testing import CliRunner
+
+    from featx.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def last_json(result):
+    """The JSON object a successful command printed as its last line."""
+    import json
+
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def dogcat_path():
     value = os.environ.get("FEATX_DOGCAT")
     if not value or not Path(value).is_dir():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY, dogcat_path, make_dataset, write_image
+from conftest import TINY, dogcat_path, invoke, last_json, make_dataset, write_image
 from featx import audit_checks as featx_audit
 from featx.api import audit, compare, fit
 from featx.audit_report import audit_findings, exclude_entries
@@ -194,15 +194,6 @@ def test_copies_to_drop_keep_one_training_copy():
 
 
 # ----- end to end on generated images ---------------------------------------------------------
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def last_json(result):
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def counting_mapper(monkeypatch):
     """Count the images every runtime built from now on embeds."""
     from featx import runtimes

@@ -3,17 +3,12 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import make_dataset
+from conftest import invoke, make_dataset
 from featx.cli import cli
 
 TINY_ARGS = ["--backbone", "mobilenet_v2", "--weights", "random", "--input-size", "32",
              "--batch-size", "4", "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def last_json(result):

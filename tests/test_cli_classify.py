@@ -6,22 +6,11 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import make_dataset
-from featx.cli import cli
+from conftest import invoke, last_json, make_dataset
 
 TINY_ARGS = ["--backbone", "mobilenet_v2", "--weights", "random", "--input-size", "32",
              "--batch-size", "4", "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def last_json(result):
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

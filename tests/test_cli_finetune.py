@@ -1,24 +1,10 @@
 """featx finetune / augment-preview / predict MODEL.keras / compare --finetune through the CLI."""
 
-import json
-
-from click.testing import CliRunner
-
-from conftest import make_dataset
-from featx.cli import cli
+from conftest import invoke, last_json, make_dataset
 
 TINY_ARGS = ["--backbone", "mobilenet_v2", "--weights", "random", "--input-size", "32",
              "--no-progress"]
 QUICK = ["--warmup-epochs", "1", "--epochs", "1", "--batch-size", "8", "--unfreeze", "5"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def last_json(result):
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_finetune_then_predict_keras_model(tmp_path):

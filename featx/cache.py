@@ -1,11 +1,19 @@
-"""The HDF5 embedding cache: one file per (dataset, backbone key).
+"""The HDF5 embedding cache: one per (dataset, backbone key).
 
-Crash safety: a cache file is never modified in place. A writing session
+A cache (format version 2) is a small index file, the one users open, plus immutable shard
+files (:mod:`featx.shards`) in the folder ``<index>.shards`` beside it. The index holds the
+per-row columns (path, label, split, content hash, ...), where each row's embedding is
+(shard, row in shard), the shard table with checksums, and ``embeddings``: an HDF5 virtual
+dataset over the shards, so ``h5py.File(index)["embeddings"]`` reads every row.
+
+Crash safety: nothing a reader can open is modified in place. A writing session
 (:class:`CacheSession`) appends each finished batch as a small part file (written to a
-temporary name, then renamed) and finally writes the whole new cache to a temporary file
-that atomically replaces the old one; the next session merges the part files a killed one
-left. So kill -9 at any moment loses at most the batch in flight, never the cache. A lock
-file prevents two writers on one cache.
+temporary name, then renamed); a commit writes new rows as new shards, then a new index to
+a temporary file that atomically replaces the old one. The next session merges the part
+files a killed one left. So kill -9 at any moment loses at most the batch in flight, and a
+reader sees either the old index or the new one, whose shards all exist. A lock file
+prevents two writers on one cache. Version-1 caches (embeddings inside the one file) are
+read as they are and become version 2 on their next write.
 """
 
 from __future__ import annotations
@@ -14,16 +22,25 @@ import fcntl
 import hashlib
 import json
 import os
+import logging
 import re
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from featx.errors import CacheError
+from featx.shards import ShardInfo, is_intact, read_rows, rows_per_shard, write_shard
+from featx.shards import COLUMNS as SHARD_COLUMNS
+from featx.shards import DONE_SUFFIX
 
-CACHE_FORMAT_VERSION = 1
-CHUNK_ROWS = 64
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+NAME_FORMAT = 1  # the format in the key hash of file names: caches keep their names
+MAIN, PART, SHARD = 0, 1, 2  # where a session's row is: the index, a part file, a new shard
 ROW_FIELDS = {
     # name: dtype of the per-row 1-D datasets stored beside `embeddings`
     "labels": "int64",
@@ -39,7 +56,7 @@ FAILED_FIELDS = ("paths", "sha256", "reasons")
 
 def key_hash(key: dict) -> str:
     """Stable 12-hex digest of a backbone key (plus the cache format version)."""
-    payload = json.dumps({**key, "cache_format": CACHE_FORMAT_VERSION}, sort_keys=True)
+    payload = json.dumps({**key, "cache_format": NAME_FORMAT}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -119,9 +136,12 @@ def validate(h5, path, key: dict | None = None):
     if version is None or "embeddings" not in h5:
         raise CacheError(f"{path}: not a featx cache (no featx_cache_version attribute); "
                          "move it away or delete it")
-    if int(version) != CACHE_FORMAT_VERSION:
-        raise CacheError(f"{path}: featx cache format {version}, this featx reads "
-                         f"{CACHE_FORMAT_VERSION}; delete it to re-extract")
+    if int(version) > CACHE_FORMAT_VERSION:
+        raise CacheError(f"{path}: written by a newer featx (cache format {version}; this "
+                         f"featx reads formats up to {CACHE_FORMAT_VERSION}); upgrade featx")
+    if int(version) not in READABLE_VERSIONS:
+        raise CacheError(f"{path}: featx cache format {version} is not readable by this "
+                         f"featx; delete it to re-extract")
     if key is not None and json.loads(h5.attrs["key"]) != json.loads(json.dumps(key)):
         raise CacheError(f"{path}: cache key does not match the requested backbone settings")
 
@@ -142,11 +162,21 @@ class _CacheReader:
 
 
 class FeatureCache(_CacheReader):
-    """Read-only view of one cache file. ``open_for_write`` returns a :class:`CacheSession`."""
+    """Read-only view of one cache index. ``open_for_write`` returns a :class:`CacheSession`.
+
+    A version-2 cache's rows are the index's columns; row ``i``'s embedding is row
+    ``shard_row[i]`` of shard file ``shards[shard[i]]``. A version-1 cache (one file that
+    holds the embeddings too) is read as it is.
+    """
 
     def __init__(self, path, h5):
         self.path = Path(path)
         self.h5 = h5
+        self.version = int(h5.attrs["featx_cache_version"])
+        self.shard_dir = shard_dir(self.path)
+        self._open_shards: dict[int, object] = {}
+        self._shards = None
+        self._refs = None
 
     @classmethod
     def open(cls, path) -> "FeatureCache":
@@ -154,7 +184,11 @@ class FeatureCache(_CacheReader):
         if not path.exists():
             raise CacheError(f"{path}: no such cache file")
         h5 = _open_h5(path, "r")
-        validate(h5, path)
+        try:
+            validate(h5, path)
+        except CacheError:
+            h5.close()
+            raise
         return cls(path, h5)
 
     @classmethod
@@ -163,6 +197,9 @@ class FeatureCache(_CacheReader):
         return CacheSession(path, key=key, dim=dim, attrs=attrs)
 
     def close(self):
+        for h5 in self._open_shards.values():
+            h5.close()
+        self._open_shards = {}
         if self.h5 is not None:
             self.h5.close()
             self.h5 = None
@@ -192,21 +229,44 @@ class FeatureCache(_CacheReader):
             out[name] = _decode(values) if kind == "str" else np.asarray(values)
         return out
 
+    @property
+    def shards(self) -> list[ShardInfo]:
+        """The shards the index refers to (none in a version-1 cache)."""
+        if self._shards is None:
+            self._shards = [] if self.version == 1 else _read_shard_table(self.h5)
+        return self._shards
+
+    def refs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per row: its shard's number in :attr:`shards` and its row in that shard."""
+        if self._refs is None:
+            self._refs = (np.asarray(self.h5["shard"][:], np.int64),
+                          np.asarray(self.h5["shard_row"][:], np.int64))
+        return self._refs
+
     def embeddings(self, indices=None) -> np.ndarray:
         """Embeddings of the given row indices (all committed rows when None)."""
-        data = self.h5["embeddings"]
-        if indices is None:
-            return data[: self.n_rows]
-        indices = np.asarray(indices, dtype=np.int64)
+        return self._read(np.arange(self.n_rows) if indices is None else indices)
+
+    def _read(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, np.int64)
+        if self.version == 1:
+            return read_rows(self.h5["embeddings"], indices)
+        shard, row = (ref[indices] for ref in self.refs())
         out = np.empty((indices.size, self.dim), dtype=np.float32)
-        if indices.size:  # h5py fancy indexing wants increasing, distinct indices
-            unique, inverse = np.unique(indices, return_inverse=True)
-            first, last = int(unique[0]), int(unique[-1])
-            if last - first + 1 <= 2 * unique.size:  # dense: one slice beats a point list
-                out[:] = data[first:last + 1][unique - first][inverse]
-            else:
-                out[:] = data[unique][inverse]
+        for s in np.unique(shard):
+            here = shard == s
+            out[here] = read_rows(self._shard_data(int(s)), row[here])
         return out
+
+    def _shard_data(self, number: int):
+        if number not in self._open_shards:
+            path = self.shard_dir / self.shards[number].name
+            try:
+                self._open_shards[number] = _h5py().File(path, "r", locking=False)
+            except OSError:
+                raise CacheError(f"{path}: shard of {self.path.name} is missing or unreadable; "
+                                 "run `featx extract` again to re-extract its rows") from None
+        return self._open_shards[number]["embeddings"]
 
     def row_range(self, start: int, stop: int) -> tuple[dict, np.ndarray]:
         """Rows ``start:stop``: their per-row columns (strings decoded) and embeddings."""
@@ -214,58 +274,94 @@ class FeatureCache(_CacheReader):
         columns = {name: (_decode(self.h5[name][start:stop]) if kind == "str"
                           else np.asarray(self.h5[name][start:stop]))
                    for name, kind in ROW_FIELDS.items()}
-        return columns, np.asarray(self.h5["embeddings"][start:stop], np.float32)
+        return columns, self._read(np.arange(start, stop))
 
     def failed(self) -> list[tuple[str, str, str]]:
         group = self.h5["failed"]
         columns = [_decode(group[name][:]) for name in FAILED_FIELDS]
         return list(zip(*columns))
 
+    def damaged_shards(self, full: bool = False) -> list[int]:
+        """Numbers of the shards that are missing or fail their checksum (see
+        :func:`featx.shards.is_intact`; ``full`` re-hashes every shard)."""
+        return [i for i, info in enumerate(self.shards)
+                if not is_intact(self.shard_dir, info, full)]
+
+    def size_bytes(self) -> int:
+        """The index's size plus its shards'."""
+        return self.path.stat().st_size + sum(info.size for info in self.shards)
+
 
 class CacheSession(_CacheReader):
     """Changes to one cache, made safe against a crash at any moment.
 
-    The cache file itself is never modified in place: appended rows go to small part
-    files, each written to a temporary name and renamed, and :meth:`commit` writes the
-    whole new cache to a temporary file that atomically replaces the old one. A process
-    killed at any moment therefore leaves the last committed cache intact plus the part
-    files of every finished batch, which the next session merges (:meth:`recover`), so at
-    most the batch in flight is lost. Reads see the session's current state.
+    Nothing a reader can open is modified in place. Appended rows go to small part files,
+    each written to a temporary name and renamed; :meth:`commit` writes the new rows as
+    shard files (complete before they are named) and then a new index that replaces the
+    old one atomically. A commit costs the rows that changed plus the index's per-row
+    columns, never a copy of the cached embeddings. A process killed at any moment leaves
+    the last committed index intact plus the part files of every finished batch, which the
+    next session merges (:meth:`recover`), so at most the batch in flight is lost. Once
+    parts of a shard's worth of rows are pending, they are committed, so parts never pile
+    up. Reads see the session's current state.
     """
 
     def __init__(self, path, *, key: dict | None, dim: int | None = None, attrs=None):
         self.path = Path(path)
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self.shard_dir = shard_dir(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
             if dim is None or key is None:
                 raise ValueError("key and dim are needed to create a cache")
-            self._write_file(self.path, key=key, dim=dim, attrs=attrs or {}, rows=None)
+            _write_index(self.path, key=key, dim=dim, attrs=attrs or {}, rows=None,
+                         refs=None, shards=[], failed=[])
         self._main = FeatureCache.open(self.path)
         if key is not None:
             validate(self._main.h5, self.path, key)
         self.dim = self._main.dim
         self.key = self._main.key
-        self._rows = self._main.rows()
-        self._origin = np.arange(len(self._rows["paths"]), dtype=np.int64)  # >= 0: main row
-        self._parts: list[tuple[Path, int]] = []  # origin -(j+1) -> (part file, row in it)
-        self._pending: list[tuple[np.ndarray, dict]] = []  # appended, not yet concatenated
-        self._staged_attrs: dict = {}
-        self._staged_failed = None
+        self._start_from_main()
         self._run = f"{os.getpid()}-{time.time_ns()}"
         self._seq = 0
-        self.dirty = False
+        self._shard_seq = 0
         self._load_leftover_parts()
+
+    def _start_from_main(self):
+        self._rows = self._main.rows()
+        # where each row's embedding is: kind MAIN (row pos of the index), PART (pos into
+        # _parts) or SHARD (pos into _adopted_refs: an engine's shard, adopted)
+        n = len(self._rows["paths"])
+        self._kind = np.full(n, MAIN, np.int8)
+        self._pos = np.arange(n, dtype=np.int64)
+        self._parts: list[tuple[Path, int]] = []  # (part file, row in it)
+        self._adopted: list[ShardInfo] = []
+        self._adopted_refs = np.zeros((0, 2), np.int64)  # (adopted shard, row in it)
+        self._markers: list[Path] = []  # done markers removed once their shards are listed
+        self._pending: list[tuple[int, np.ndarray, dict]] = []  # (kind, pos, rows) to add
+        self._staged_attrs: dict = {}
+        self._staged_failed = None
+        self.dirty = False
 
     @classmethod
     def recover(cls, path) -> int:
-        """Merge the part files a killed session left behind; returns the rows recovered."""
+        """Make a cache whole before a run reads it; returns the rows recovered.
+
+        Merges the part files a killed session left, and drops the rows of shards that are
+        missing or fail their checksum (they are then re-extracted, never used).
+        """
         path = Path(path)
+        if not path.exists():
+            return 0
         parts_dir = path.with_name(path.name + ".parts")
-        if not path.exists() or not parts_dir.exists():
+        with FeatureCache.open(path) as cache:
+            damaged = cache.damaged_shards()
+        if not damaged and not parts_dir.exists():
             return 0
         session = cls(path, key=None)
         recovered = len(session._parts)
+        if damaged:
+            session.drop_shards(damaged)
         session.close()
         return recovered
 
@@ -273,14 +369,16 @@ class CacheSession(_CacheReader):
     @property
     def n_rows(self) -> int:
         self._materialize()
-        return len(self._origin)
+        return len(self._kind)
 
     def _materialize(self):
         """Concatenate appended rows once, not per batch (which would be quadratic)."""
         if self._pending:
-            self._origin = np.concatenate([self._origin] + [o for o, _ in self._pending])
+            self._kind = np.concatenate([self._kind] + [np.full(len(pos), kind, np.int8)
+                                                        for kind, pos, _ in self._pending])
+            self._pos = np.concatenate([self._pos] + [pos for _, pos, _ in self._pending])
             self._rows = {name: np.concatenate([self._rows[name]] +
-                                               [rows[name] for _, rows in self._pending])
+                                               [rows[name] for _, _, rows in self._pending])
                           for name in ROW_FIELDS}
             self._pending = []
 
@@ -296,13 +394,18 @@ class CacheSession(_CacheReader):
     def embeddings(self, indices=None) -> np.ndarray:
         self._materialize()
         indices = np.arange(self.n_rows) if indices is None else np.asarray(indices, np.int64)
-        origin = self._origin[indices]
+        kind, pos = self._kind[indices], self._pos[indices]
         out = np.empty((len(indices), self.dim), dtype=np.float32)
-        in_main = origin >= 0
-        out[in_main] = self._main.embeddings(origin[in_main])
-        for i in np.flatnonzero(~in_main):
-            part, row = self._parts[-origin[i] - 1]
+        in_main = kind == MAIN
+        out[in_main] = self._main.embeddings(pos[in_main])
+        for i in np.flatnonzero(kind == PART):
+            part, row = self._parts[pos[i]]
             out[i] = _load_part(part)["embeddings"][row]
+        adopted = np.flatnonzero(kind == SHARD)
+        shard, row = self._adopted_refs[pos[adopted]].T
+        for s in np.unique(shard):
+            with _h5py().File(self.shard_dir / self._adopted[s].name, "r", locking=False) as h5:
+                out[adopted[shard == s]] = read_rows(h5["embeddings"], row[shard == s])
         return out
 
     def failed(self):
@@ -325,27 +428,61 @@ class CacheSession(_CacheReader):
                         for name, values in arrays.items()})
         os.replace(tmp, part)
         self._add_part_rows(part, arrays)
+        if len(self._parts) >= rows_per_shard(self.dim):
+            self.commit()  # a shard's worth: parts do not pile up, readers see progress
 
     def _add_part_rows(self, part: Path, arrays: dict):
         n_new = len(arrays["paths"])
         first = len(self._parts)
         self._parts.extend((part, row) for row in range(n_new))
-        origin = -(np.arange(first, first + n_new, dtype=np.int64) + 1)
-        self._pending.append((origin, arrays))
+        self._pending.append((PART, np.arange(first, first + n_new, dtype=np.int64), arrays))
+        self.dirty = True
+
+    def adopt_shard(self, info: ShardInfo, columns: dict, marker: Path | None = None):
+        """Add the rows of a shard an engine wrote in :attr:`shard_dir` (``columns``: their
+        per-row columns, in the shard's row order); ``marker``, its done marker, is
+        removed once an index lists the shard."""
+        arrays = {name: _column(columns[name], kind) for name, kind in ROW_FIELDS.items()}
+        if len(arrays["paths"]) != info.rows:
+            raise ValueError(f"{info.name}: {info.rows} rows, {len(arrays['paths'])} given")
+        first = len(self._adopted_refs)
+        refs = np.stack([np.full(info.rows, len(self._adopted)), np.arange(info.rows)], 1)
+        self._adopted.append(info)
+        self._adopted_refs = np.concatenate([self._adopted_refs, refs.astype(np.int64)])
+        self._pending.append((SHARD, np.arange(first, first + info.rows, dtype=np.int64),
+                              arrays))
+        if marker is not None:
+            self._markers.append(Path(marker))
         self.dirty = True
 
     # Changes mark the session dirty only when they change something, so a run that reuses
-    # everything does not rewrite the cache file.
-    def compact(self, keep: np.ndarray) -> "CacheSession":
-        """Keep only the rows where ``keep`` is true (applied at commit)."""
+    # everything does not rewrite the index.
+    def keep_rows(self, keep: np.ndarray) -> "CacheSession":
+        """Keep only the rows where ``keep`` is true. Only the index changes: the shards
+        keep the bytes until :meth:`compact`."""
         self._materialize()
         keep = np.asarray(keep, dtype=bool)
         if keep.all():
             return self
-        self._origin = self._origin[keep]
+        self._kind, self._pos = self._kind[keep], self._pos[keep]
         self._rows = {name: values[keep] for name, values in self._rows.items()}
         self.dirty = True
         return self
+
+    def drop_shards(self, numbers) -> int:
+        """Drop the rows stored in the committed shards ``numbers``; returns how many."""
+        self._materialize()
+        if self._main.version == 1 or not len(numbers):
+            return 0
+        shard = self._main.refs()[0]
+        in_main = self._kind == MAIN
+        dropped = np.zeros(len(self._kind), bool)
+        dropped[in_main] = np.isin(shard[self._pos[in_main]], list(numbers))
+        for number in numbers:
+            log.warning("%s: shard %s is missing or fails its checksum; its rows will be "
+                        "extracted again", self.path, self._main.shards[number].name)
+        self.keep_rows(~dropped)
+        return int(dropped.sum())
 
     def rewrite_column(self, name: str, values):
         self._materialize()
@@ -368,22 +505,89 @@ class CacheSession(_CacheReader):
                 self.dirty = True
 
     # ----- committing --------------------------------------------------------------
-    def commit(self):
-        """Write the session's state as the new cache file (atomically) and drop its parts."""
+    def commit(self, rewrite: bool = False):
+        """Write the session's state: rows not yet in a shard become new shards, then a new
+        index replaces the old one atomically and the merged parts are removed.
+
+        ``rewrite`` puts every row in new shards (compaction; migrates a version-1 cache,
+        which any commit does anyway).
+        """
         self._materialize()
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        new = self._kind == PART
+        if rewrite:
+            new[:] = True
+        elif self._main.version == 1:
+            new |= self._kind == MAIN
+        shards, shard, shard_row = self._kept_shards(new)
+        for info, rows in self._write_shards(np.flatnonzero(new)):
+            shard[rows] = len(shards)
+            shard_row[rows] = np.arange(len(rows))
+            shards.append(info)
         attrs = {k: self._main.attr(k) for k in self._main.h5.attrs}
         attrs.update(self._staged_attrs)
         attrs["merged_parts"] = json.dumps(self._merged_parts(attrs.get("merged_parts")))
-        self._write_file(tmp, key=self.key, dim=self.dim, attrs=attrs, rows=self)
+        _write_index(self.path, key=self.key, dim=self.dim, attrs=attrs, rows=self._rows,
+                     refs=(shard, shard_row), shards=shards, failed=self.failed())
         self._main.close()
-        os.replace(tmp, self.path)
-        for part in {part for part, _ in self._parts}:
-            part.unlink(missing_ok=True)
+        for done in {part for part, _ in self._parts} | set(self._markers):
+            done.unlink(missing_ok=True)
         self._main = FeatureCache.open(self.path)
-        self._origin = np.arange(self.n_rows, dtype=np.int64)
-        self._parts, self._staged_attrs, self._staged_failed = [], {}, None
-        self.dirty = False
+        self._start_from_main()
+
+    def _kept_shards(self, new):
+        """The shards that rows not in ``new`` still use (the index's and adopted ones),
+        renumbered, and every row's (shard, row in shard); -1 for the ``new`` rows."""
+        n_main = len(self._main.shards)
+        shard = np.full(len(self._kind), -1, np.int64)
+        shard_row = np.full(len(self._kind), -1, np.int64)
+        main, adopted = ~new & (self._kind == MAIN), ~new & (self._kind == SHARD)
+        if main.any():
+            main_shard, main_row = self._main.refs()
+            shard[main], shard_row[main] = main_shard[self._pos[main]], main_row[self._pos[main]]
+        if adopted.any():
+            refs = self._adopted_refs[self._pos[adopted]]
+            shard[adopted], shard_row[adopted] = refs[:, 0] + n_main, refs[:, 1]
+        if not (main | adopted).any():
+            return [], shard, shard_row
+        used, shard[~new] = np.unique(shard[~new], return_inverse=True)
+        candidates = [*self._main.shards, *self._adopted]
+        return [candidates[i] for i in used], shard, shard_row
+
+    def _write_shards(self, rows: np.ndarray):
+        """Write session rows ``rows`` as new shards; yields (ShardInfo, rows) per shard."""
+        if not rows.size:
+            return
+        self.shard_dir.mkdir(exist_ok=True)
+        size = rows_per_shard(self.dim)
+        block = max(1, min(size, 4096))
+        # shards of size to 2 x size rows (fewer only when fewer rows are new)
+        for chunk in np.array_split(rows, max(1, rows.size // size)):
+            name = f"{self._run}-{self._shard_seq:06d}.h5"
+            self._shard_seq += 1
+            blocks = (self.embeddings(chunk[i:i + block]) for i in range(0, chunk.size, block))
+            info = write_shard(self.shard_dir / name, self.dim, blocks,
+                               {c: self._rows[c][chunk] for c in SHARD_COLUMNS})
+            yield info, chunk
+
+    def compact(self) -> dict:
+        """Rewrite every row into new, full shards and delete the shard files no longer
+        used (rows removed since, the small shards of many small updates). Every shard is
+        re-hashed first: rows of a damaged one are dropped (a later extract redoes them).
+        Returns what changed."""
+        before = _folder_bytes(self.shard_dir)
+        n_shards = len(self._main.shards)
+        n_dropped = self.drop_shards(self._main.damaged_shards(full=True))
+        self.commit(rewrite=True)
+        kept = {info.name for info in self._main.shards}
+        for stray in list(self.shard_dir.glob("*")) if self.shard_dir.exists() else []:
+            pending = stray.name.endswith(DONE_SUFFIX) or \
+                stray.with_name(stray.name + DONE_SUFFIX).exists()
+            if stray.name not in kept and not pending:  # pending: a stopped engine's work
+                stray.unlink()
+        return {"cache": str(self.path), "rows": self._main.n_rows,
+                "shards_before": n_shards, "shards_after": len(self._main.shards),
+                "bytes_before": before, "bytes_after": _folder_bytes(self.shard_dir),
+                "rows_dropped_damaged": n_dropped}
 
     def close(self):
         if self._main is None:
@@ -418,46 +622,117 @@ class CacheSession(_CacheReader):
             self._add_part_rows(part, {name: _column(data[name], kind)
                                        for name, kind in ROW_FIELDS.items()})
 
-    @classmethod
-    def _write_file(cls, path, *, key, dim, attrs, rows):
-        h5 = _open_h5(path, "w")
+
+def compact_cache(path) -> dict:
+    """``featx cache compact``: a cache's rows rewritten into full shards, space freed."""
+    path = Path(path)
+    with CacheLock(path):
+        CacheSession.recover(path)
+        session = CacheSession(path, key=None)
         try:
-            _create_layout(h5, key=key, dim=dim, attrs=attrs)
-            if rows is not None:
-                n = rows.n_rows
-                for name in ("embeddings", *ROW_FIELDS):
-                    h5[name].resize(n, axis=0)
-                for start in range(0, n, 4096):
-                    stop = min(n, start + 4096)
-                    h5["embeddings"][start:stop] = rows.embeddings(np.arange(start, stop))
-                for name, kind in ROW_FIELDS.items():
-                    values = rows._rows[name]
-                    h5[name][:] = list(values) if kind == "str" else values
-                failed = rows.failed()
-                for i, name in enumerate(FAILED_FIELDS):
-                    h5["failed"][name].resize(len(failed), axis=0)
-                    if failed:
-                        h5["failed"][name][:] = [row[i] for row in failed]
-                h5.attrs["n_committed"] = n
-            h5.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            h5.flush()
-            os.fsync(h5.id.get_vfd_handle())
+            return session.compact()
         finally:
-            h5.close()
+            session.close()
+
+
+def verify_cache(path) -> dict:
+    """``featx cache verify``: every shard re-hashed against the checksum the index holds."""
+    with FeatureCache.open(path) as cache:
+        damaged = cache.damaged_shards(full=True)
+        return {"cache": str(path), "format": cache.version, "rows": cache.n_rows,
+                "shards": len(cache.shards),
+                "damaged": [cache.shards[i].name for i in damaged]}
+
+
+def shard_dir(cache_path) -> Path:
+    """The folder beside a cache index that holds its shard files."""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(cache_path.name + ".shards")
+
+
+def remove_cache(cache_path):
+    """Delete a cache: its index, shards and part files."""
+    cache_path = Path(cache_path)
+    cache_path.unlink(missing_ok=True)
+    for folder in (shard_dir(cache_path), cache_path.with_name(cache_path.name + ".parts")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _read_shard_table(h5) -> list[ShardInfo]:
+    table = h5["shards"]
+    names = _decode(table["names"][:])
+    checksums = _decode(table["checksum"][:])
+    return [ShardInfo(str(n), int(r), str(c), int(s), int(m)) for n, r, c, s, m in
+            zip(names, table["rows"][:], checksums, table["size"][:], table["mtime_ns"][:])]
+
+
+def _write_index(path, *, key, dim, attrs, rows, refs, shards, failed):
+    """Write a whole index to a temporary file that then replaces ``path`` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    h5 = _open_h5(tmp, "w")
+    try:
+        _create_layout(h5, key=key, dim=dim, attrs=attrs)
+        n = 0 if rows is None else len(rows["paths"])
+        for name, kind in ROW_FIELDS.items():
+            values = [] if rows is None else rows[name]
+            _put(h5, name, list(values) if kind == "str" else np.asarray(values, kind), kind)
+        for name, values in zip(("shard", "shard_row"), refs or ([], [])):
+            _put(h5, name, np.asarray(values, np.int64), "int64")
+        table = h5.create_group("shards")
+        _put(table, "names", [s.name for s in shards], "str")
+        _put(table, "checksum", [s.checksum for s in shards], "str")
+        for field in ("rows", "size", "mtime_ns"):
+            _put(table, field, np.asarray([getattr(s, field) for s in shards], np.int64),
+                 "int64")
+        group = h5.create_group("failed")
+        for i, name in enumerate(FAILED_FIELDS):
+            _put(group, name, [row[i] for row in failed], "str")
+        _virtual_embeddings(h5, path, dim, refs, shards)
+        h5.attrs["n_committed"] = n
+        h5.flush()
+        os.fsync(h5.id.get_vfd_handle())
+    finally:
+        h5.close()
+    os.replace(tmp, path)
+
+
+def _put(group, name, values, kind):
+    data = group.create_dataset(name, shape=(len(values),), dtype=_dtype(kind))
+    if len(values):
+        data[:] = values
+
+
+def _folder_bytes(folder) -> int:
+    folder = Path(folder)
+    return sum(f.stat().st_size for f in folder.glob("*")) if folder.exists() else 0
+
+
+def _virtual_embeddings(h5, path, dim, refs, shards):
+    """``embeddings`` as an HDF5 virtual dataset over the shards, so that
+    ``h5py.File(cache)["embeddings"]`` reads every row; a missing shard reads as NaN."""
+    h5py = _h5py()
+    n = 0 if refs is None else len(refs[0])
+    layout = h5py.VirtualLayout(shape=(n, dim), dtype="float32")
+    if n:
+        shard, row = refs
+        # one mapping per run of rows that are consecutive rows of one shard
+        breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(row) != 1)) + 1
+        starts = np.concatenate([[0], breaks])
+        stops = np.concatenate([breaks, [n]])
+        sources = {}
+        for start, stop in zip(starts, stops):
+            info = shards[int(shard[start])]
+            if info.name not in sources:  # relative: resolved beside the index file
+                sources[info.name] = h5py.VirtualSource(
+                    f"{shard_dir(path).name}/{info.name}", "embeddings", shape=(info.rows, dim))
+            first = int(row[start])
+            layout[start:stop] = sources[info.name][first:first + (stop - start)]
+    h5.create_virtual_dataset("embeddings", layout, fillvalue=np.nan)
 
 
 def _create_layout(h5, *, key, dim, attrs):
-    h5.create_dataset("embeddings", shape=(0, dim), maxshape=(None, dim), dtype="float32",
-                      chunks=(CHUNK_ROWS, dim))
-    for name, kind in ROW_FIELDS.items():
-        h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_dtype(kind),
-                          chunks=(1024,))
-    failed = h5.create_group("failed")
-    for name in FAILED_FIELDS:
-        failed.create_dataset(name, shape=(0,), maxshape=(None,), dtype=_str_dtype(),
-                              chunks=(256,))
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    h5.attrs.update({"created": now, "updated": now})
+    h5.attrs.update({"created": now})
     for name, value in attrs.items():
         if value is not None:
             h5.attrs[name] = value if isinstance(value, (str, int, float, np.integer,
@@ -467,6 +742,7 @@ def _create_layout(h5, *, key, dim, attrs):
         "key": json.dumps(key, sort_keys=True),
         "dim": dim,
         "n_committed": 0,
+        "updated": now,
     })
 
 
@@ -502,6 +778,8 @@ def list_caches(cache_dir) -> list[dict]:
     """Summaries of every cache file under ``cache_dir`` (invalid files are listed as such)."""
     out = []
     for path in sorted(Path(cache_dir).glob("**/*.h5")):
+        if path.parent.name.endswith(".shards"):
+            continue
         try:
             with FeatureCache.open(path) as cache:
                 out.append(summary(cache))
@@ -539,5 +817,7 @@ def summary(cache: FeatureCache) -> dict:
         "featx_version": cache.attr("featx_version"),
         "created": cache.attr("created"),
         "updated": cache.attr("updated"),
-        "size_bytes": cache.path.stat().st_size,
+        "size_bytes": cache.size_bytes(),
+        "format": cache.version,
+        "n_shards": len(cache.shards),
     }

@@ -18,7 +18,7 @@ import click
 from featx import __version__
 from featx._json import json_default
 from featx.errors import FeatxError
-from featx.options import (AUDIT_MAPS, POOLINGS, PRECISIONS, RUNTIMES, AuditOptions,
+from featx.options import (AUDIT_MAPS, ENGINES, POOLINGS, PRECISIONS, RUNTIMES, AuditOptions,
                            ExtractOptions)
 
 DEFAULTS = ExtractOptions()  # the click defaults come from the options objects
@@ -232,6 +232,13 @@ def cli(verbose):
 @split_options
 @cache_options()
 @engine_options
+@click.option("--engine", type=click.Choice(ENGINES), default=DEFAULTS.engine,
+              show_default=True,
+              help="local: this process. ray: shards embedded on a Ray cluster "
+                   "(pip install 'featx[ray]'); same cache, row for row.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --engine ray: the cluster's HOST:PORT (or 'auto', ray://HOST:PORT) "
+                   "[default: start a local Ray on --workers cores].")
 @click.option("--augment", type=click.IntRange(0), default=0, show_default=True,
               help="Also cache K augmented views of every training image (never val/test).")
 @augment_options
@@ -272,6 +279,7 @@ def extract(data, json_, augment, **kw):
         "seconds": round(stats.seconds, 3),
         "images_per_second": round(stats.images_per_second, 2),
         "runtime": stats.runtime or None,
+        "engine": stats.engine,
         "precision": features.precision,
         "reused": stats.reused,
         "flip_average": features.flip_average,
@@ -296,7 +304,10 @@ def extract(data, json_, augment, **kw):
         click.echo(f"  part:    {part['backbone']}, dim {part['dim']}: {part['n_extracted']} "
                    f"extracted in {part['seconds']:.1f} s; {part['cache']}")
     if stats.runtime:
-        click.echo(f"runtime:   {stats.runtime}")
+        click.echo(f"runtime:   {stats.runtime}"
+                   + (" on Ray" if stats.engine == "ray" else ""))
+    if stats.n_shards_reused:
+        click.echo(f"resumed:   {stats.n_shards_reused} shard(s) a stopped run had finished")
     what = f"{stats.n_extracted} embeddings ({len(features.parts)} parts)" if \
         len(features.parts) > 1 else str(stats.n_extracted)
     click.echo(f"extracted: {what} in {stats.seconds:.1f} s"
@@ -339,7 +350,7 @@ def _fnmatch(name, pattern):
 
 @cli.group()
 def cache():
-    """Inspect embedding caches."""
+    """Inspect, export, verify and compact embedding caches."""
 
 
 @cache.command("ls")
@@ -401,6 +412,63 @@ def cache_info(path, json_):
     click.echo(f"{'failed:':<15} {len(info['failed'])}")
     for row in info["failed"]:
         click.echo(f"    {row['path']}: {row['reason']}")
+
+
+@cache.command("compact")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@json_option
+@handle_errors
+def cache_compact(path, json_):
+    """Rewrite a cache's rows into full shards and delete what no row uses any more.
+
+    Updates never rewrite cached embeddings: removed rows keep their bytes and many small
+    updates leave many small shards until this runs. Do not run it while another process
+    is reading the cache.
+
+    Example:
+
+        featx cache compact cache/photos-1a2b3c4d/efficientnet_lite0-imagenet-0123456789ab.h5
+    """
+    from featx.cache import compact_cache
+
+    outcome = compact_cache(path)
+    if json_:
+        emit_json(outcome)
+        return
+    click.echo(f"{outcome['cache']}: {outcome['rows']} rows; {outcome['shards_before']} -> "
+               f"{outcome['shards_after']} shards, {outcome['bytes_before'] / 1e6:.1f} -> "
+               f"{outcome['bytes_after'] / 1e6:.1f} MB")
+    if outcome["rows_dropped_damaged"]:
+        click.echo(f"dropped {outcome['rows_dropped_damaged']} rows of damaged shards; "
+                   "`featx extract` computes them again", err=True)
+
+
+@cache.command("verify")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@json_option
+@handle_errors
+def cache_verify(path, json_):
+    """Re-hash every shard of a cache against the checksum its index records.
+
+    `featx extract` checks each shard's size and time on every run and re-hashes the
+    changed ones; this checks every byte. Exit code 2 when a shard is damaged.
+
+    Example:
+
+        featx cache verify cache/photos-1a2b3c4d/efficientnet_lite0-imagenet-0123456789ab.h5
+    """
+    from featx.cache import verify_cache
+    from featx.errors import CacheError
+
+    outcome = verify_cache(path)
+    if json_:
+        emit_json(outcome)
+    if outcome["damaged"]:
+        raise CacheError(f"{path}: {len(outcome['damaged'])} of {outcome['shards']} shards "
+                         f"damaged ({', '.join(outcome['damaged'])}); `featx extract` "
+                         "extracts their rows again")
+    if not json_:
+        click.echo(f"{path}: {outcome['shards']} shards, {outcome['rows']} rows: all intact")
 
 
 @cache.command("export")

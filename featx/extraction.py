@@ -18,10 +18,11 @@ import numpy as np
 
 from featx import data as featx_data
 from featx import reconcile
-from featx.cache import CacheLock, CacheSession, FeatureCache, cache_path_for
+from featx.cache import (CacheLock, CacheSession, FeatureCache, cache_path_for, key_hash,
+                         remove_cache)
 from featx.errors import DataError, FeatxError, UsageError
 from featx.features import CombinedFeatures, ExtractStats, Features
-from featx.options import ExtractOptions
+from featx.options import ENGINES, ExtractOptions
 from featx.pipeline import CacheWriter, FlipAveraging, ImageReader, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def extract(data_dir, options: ExtractOptions | None = None, *, augment=0,
     embeddings of each image (or augmented view) and of its mirror image, under its own key.
     """
     options = ExtractOptions.create(options, **values)
+    _check_engine(options, mapper)
     if len(options.backbone_parts) > 1:
         return _extract_combined(data_dir, options, augment, augment_options, mapper)
     return _extract_one(data_dir, options, augment, augment_options, mapper)
@@ -73,6 +75,20 @@ def _extract_combined(data_dir, options, augment, augment_options, mapper):
             extracted.append(_extract_one(data_dir, dataclasses.replace(options, backbone=part),
                                           augment, augment_options, None))
     return CombinedFeatures(extracted)
+
+
+def _check_engine(options, mapper):
+    if options.engine not in ENGINES:
+        raise UsageError(f"unknown engine {options.engine!r}; one of {', '.join(ENGINES)}")
+    if options.engine == "local":
+        if options.ray_address:
+            raise UsageError("--ray-address needs --engine ray")
+        return
+    from featx.ray_engine import require_ray
+
+    require_ray()
+    if mapper is not None:
+        raise UsageError("a ready mapper runs in this process: use the local engine")
 
 
 def check_backbone(options: ExtractOptions) -> None:
@@ -202,7 +218,8 @@ class _Run:
             dim=None if state is not None else given_dim or net.dim)
         try:
             cache, stats.n_copied = reconcile.apply_plan(cache, plan, current)
-            new_failed = self._embed_new(cache, plan.extract, current) if plan.extract.size else []
+            new_failed = self._embed_new(cache, plan.extract, current, key) \
+                if plan.extract.size else []
             cache, augment_seconds = self._augment(cache, augment, augment_options)
             failed = plan.known_failed + new_failed
             cache.set_failed(failed)
@@ -213,6 +230,7 @@ class _Run:
                 from featx.runtimes import describe
 
                 stats.runtime = describe(self.mapper.built)
+            if stats.runtime:
                 attrs["runtimes"] = sorted({*cache.json_attr("runtimes", []), stats.runtime})
             cache.set_attrs(**attrs)
         finally:
@@ -225,10 +243,12 @@ class _Run:
         if stats.model_seconds > 0:
             stats.images_per_second = stats.n_extracted / stats.model_seconds
 
-    def _embed_new(self, cache, todo, current) -> list:
+    def _embed_new(self, cache, todo, current, key) -> list:
         """Run the files ``todo`` through the pipeline into the cache; return the failures."""
         self._device()
         columns = {k: v[todo] for k, v in current.items()}
+        if self.options.engine == "ray":
+            return self._embed_on_ray(cache, columns, key)
         reader = ImageReader(columns["paths"], self.net.preprocessing, self._batch_size(),
                              root=self.root, workers=self.options.workers)
         writer = CacheWriter(cache, columns)
@@ -240,6 +260,41 @@ class _Run:
         for path, _, reason in writer.failed:
             log.warning("skipped %s: %s", path, reason)
         return writer.failed
+
+    def _embed_on_ray(self, cache, columns, key) -> list:
+        """The files in ``columns`` embedded on a Ray cluster (featx.ray_engine)."""
+        from featx import ray_engine
+        from featx.runtimes import choose_runtime
+
+        options, net = self.options, self.net
+        if choose_runtime(options.runtime, options.precision, self._device()) == "onnx" \
+                and options.precision == "fp32":
+            from featx.onnx_export import ensure_fp32
+
+            ensure_fp32(net, self._store())  # once here, not raced by every actor
+        weights = options.weights
+        if weights not in ("imagenet", "random"):
+            weights = str(Path(weights).resolve())
+        spec = ray_engine.WorkerSpec(
+            backbone=dict(name=options.backbone, weights=weights, layer=options.layer,
+                          pooling=options.pooling, input_size=options.input_size,
+                          seed=options.seed, reduced_decode=options.reduced_decode),
+            runtime=options.runtime, precision=options.precision,
+            batch_size=self._batch_size(), store_dir=str(Path(self._store()).resolve()),
+            int8_model=self.int8_model, flip_average=options.flip_average,
+            root=str(self.root.resolve()), shard_dir=str(cache.shard_dir.resolve()),
+            decode_workers=options.workers)
+        outcome = ray_engine.run(cache, columns, spec, key_digest=key_hash(key),
+                                 address=options.ray_address, num_cpus=options.workers,
+                                 progress=options.progress)
+        stats = self.stats
+        stats.engine, stats.n_shards_reused = "ray", outcome["n_reused_shards"]
+        stats.n_extracted = outcome["n_extracted"]
+        stats.runtime = outcome["runtime"]
+        stats.model_seconds = outcome["seconds"]
+        for path, _, reason in outcome["failed"]:
+            log.warning("skipped %s: %s", path, reason)
+        return outcome["failed"]
 
     def _augment(self, cache, k, augment_options):
         """Cache ``k`` augmented views per training image; returns (cache, seconds)."""
@@ -310,7 +365,7 @@ def _int8_model(net, cache_path, key, root, split, store_dir):
     full = {**key, "calibration": calib, "int8_model_sha256": model.sha256}
     if recorded is not None and json.loads(json.dumps(full)) != recorded:
         log.warning("%s was computed with another int8 model; recomputing its rows", cache_path)
-        Path(cache_path).unlink()
+        remove_cache(cache_path)
     return model, full, manifest
 
 

@@ -38,6 +38,8 @@ class ExtractStats:
     n_excluded: int = 0  # images of the folder left out by an exclude list
     reused: bool = False
     runtime: str = ""  # which runtime computed this run's rows ("" when none did)
+    engine: str = "local"  # what drove the pipeline: "local" or "ray"
+    n_shards_reused: int = 0  # ray: shards a stopped run had finished, checked and adopted
     failed: list = dataclasses.field(default_factory=list)
     ignored: list = dataclasses.field(default_factory=list)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from featx.errors import UsageError
 
 RUNTIMES = ("auto", "onnx", "keras")
+ENGINES = ("local", "ray")  # what drives the pipeline: this process, or a Ray cluster
 PRECISIONS = ("fp32", "int8")
 POOLINGS = ("avg", "max", "flatten")
 
@@ -55,6 +56,8 @@ class ExtractOptions:
     reduced_decode: bool = False
     flip_average: bool = False  # embed each image and its mirror image; store the mean
     exclude: str | Path | None = None  # a file listing images to leave out (featx audit)
+    engine: str = "local"  # "local" | "ray" (featx.ray_engine)
+    ray_address: str | None = None  # a Ray cluster to join; default: start a local one
     progress: bool = True
     split: SplitOptions = SplitOptions()
 

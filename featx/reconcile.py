@@ -148,7 +148,7 @@ def apply_plan(cache, plan: Plan, current: dict):
     if keep.size and not keep.all():
         log.info("removing %d cached rows of files that were removed or changed",
                  int((~keep).sum()))
-        cache = cache.compact(keep)
+        cache = cache.keep_rows(keep)
     if cache.n_rows:
         rows = cache.rows()
         where = {p: i for i, p in enumerate(current["paths"])}

@@ -64,7 +64,7 @@ def _drop_views_of_other_recipe(cache, recipe: dict):
                       f" to {json.dumps(recipe, sort_keys=True)}")
         log.info("recomputing augmented views: dropping %d cached views because %s",
                  int(stale.sum()), reason)
-        cache = cache.compact(~stale)
+        cache = cache.keep_rows(~stale)
     return cache
 
 

@@ -20,7 +20,8 @@ import pytest
 
 from conftest import TINY, make_dataset
 from featx.cache import (CACHE_FORMAT_VERSION, CacheLock, CacheSession, FeatureCache,
-                         cache_path_for, key_hash, list_caches, part_id, summary, validate)
+                         cache_path_for, key_hash, list_caches, part_id, shard_dir, summary,
+                         validate)
 from featx.errors import CacheError
 from featx.extraction import extract
 
@@ -161,7 +162,8 @@ def test_commit_replaces_the_file_atomically(path):
     np.testing.assert_array_equal(reader.embeddings(), old)
     reader.close()
     assert committed(path)[1].shape == (3, DIM)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["test.h5", "test.h5.parts"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["test.h5", "test.h5.parts",
+                                                             "test.h5.shards"]
     assert part_files(path) == []
 
 
@@ -174,7 +176,7 @@ def test_a_session_that_changes_nothing_does_not_rewrite_the_file(path):
         rows = session.rows()
         session.rewrite_column("split", rows["split"])
         session.rewrite_column("mtime_ns", rows["mtime_ns"])
-        session.compact(np.ones(4, dtype=bool))
+        session.keep_rows(np.ones(4, dtype=bool))
         session.set_failed([("bad.png", "0" * 64, "cannot decode")])
         session.set_attrs(root="/data", class_names=["cat", "dog"])
         session.append(vectors(0), **columns(0))
@@ -340,7 +342,7 @@ def test_another_format_version_is_refused(path):
     make_cache(path, 1)
     with h5py.File(path, "a") as h5:
         h5.attrs["featx_cache_version"] = CACHE_FORMAT_VERSION + 1
-    with pytest.raises(CacheError, match=f"featx cache format {CACHE_FORMAT_VERSION + 1}"):
+    with pytest.raises(CacheError, match=rf"newer featx \(cache format {CACHE_FORMAT_VERSION + 1};"):
         FeatureCache.open(path)
 
 
@@ -360,13 +362,13 @@ def test_a_key_mismatch_is_refused(path):
 
 
 # ----- changes: compact, rewrite_column, set_failed, set_attrs ------------------------------
-def test_compact_keeps_the_chosen_rows_of_the_file_and_of_the_parts(path):
+def test_keep_rows_keeps_the_chosen_rows_of_the_file_and_of_the_parts(path):
     old = make_cache(path, 4)
     new = vectors(3, seed=9)
     keep = np.array([True, False, True, False, False, True, True])
     with CacheSession(path, key=KEY) as session:
         session.append(new, **columns(3, start=4))
-        assert session.compact(keep) is session
+        assert session.keep_rows(keep) is session
         assert session.n_rows == 4 and session.dirty
         expected = np.concatenate([old, new])[keep]
         np.testing.assert_array_equal(session.embeddings(), expected)
@@ -374,6 +376,161 @@ def test_compact_keeps_the_chosen_rows_of_the_file_and_of_the_parts(path):
     np.testing.assert_array_equal(embeddings, expected)
     assert rows["paths"].tolist() == ["img_000.png", "img_002.png", "img_005.png", "img_006.png"]
     assert rows["sha256"].tolist() == [f"{i:064x}" for i in (0, 2, 5, 6)]
+
+
+# ----- format version 2: an index over immutable shards -------------------------------------
+def shard_files(path):
+    folder = shard_dir(path)
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def test_the_index_reads_every_row_through_a_virtual_dataset(path):
+    old = make_cache(path, 6)
+    new = vectors(3, seed=4)
+    with CacheSession(path, key=KEY) as session:
+        session.append(new, **columns(3, start=6))
+        session.keep_rows(np.array([1, 0, 1, 1, 0, 1, 1, 0, 1], bool))  # mappings of runs
+        expected = session.embeddings()
+    np.testing.assert_array_equal(expected, np.concatenate([old, new])[[0, 2, 3, 5, 6, 8]])
+    with h5py.File(path, "r") as h5:  # what a user who opens the file with h5py sees
+        assert h5["embeddings"].is_virtual and h5.attrs["featx_cache_version"] == 2
+        np.testing.assert_array_equal(h5["embeddings"][:], expected)
+    moved = path.parent.parent / "moved"
+    path.parent.rename(moved)  # shards are named relative to the index
+    with h5py.File(moved / path.name, "r") as h5:
+        np.testing.assert_array_equal(h5["embeddings"][:], expected)
+
+
+def test_an_update_writes_only_what_changed(path):
+    make_cache(path, 5)
+    first = {p.name: identity(p) for p in shard_files(path)}
+    assert len(first) == 1
+    with CacheSession(path, key=KEY) as session:
+        session.append(vectors(2, seed=3), **columns(2, start=5))
+    after = {p.name: identity(p) for p in shard_files(path)}
+    assert {n: after[n] for n in first} == first  # the old shard untouched
+    (added,) = set(after) - set(first)
+    with h5py.File(shard_dir(path) / added, "r") as h5:
+        assert h5["embeddings"].shape == (2, DIM)
+        assert h5["paths"].asstr()[:].tolist() == ["img_005.png", "img_006.png"]
+    with CacheSession(path, key=KEY) as session:  # removing rows writes no shard at all
+        session.keep_rows(np.arange(7) != 3)
+    assert {p.name: identity(p) for p in shard_files(path)} == after
+    assert committed(path)[0]["paths"].tolist() == [f"img_{i:03d}.png" for i in (0, 1, 2, 4, 5, 6)]
+
+
+def test_parts_are_committed_a_shard_at_a_time(path, monkeypatch):
+    monkeypatch.setattr("featx.cache.rows_per_shard", lambda dim: 10)
+    data = vectors(35)
+    with CacheSession(path, key=KEY, dim=DIM, attrs=ATTRS) as session:
+        for start in range(0, 35, 4):
+            stop = min(35, start + 4)
+            session.append(data[start:stop], **columns(stop - start, start=start))
+            assert len(part_files(session)) <= 3  # never more than a shard's worth
+            with FeatureCache.open(path) as reader:  # readers see the progress
+                assert reader.n_rows == stop - len(session._parts)
+    rows, embeddings = committed(path)
+    np.testing.assert_array_equal(embeddings, data)
+    with FeatureCache.open(path) as cache:
+        assert [info.rows for info in cache.shards] == [12, 12, 11]
+
+
+def write_version_1(path, data, failed=()):
+    """A cache as featx wrote it before shards: the embeddings inside the one file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("embeddings", data=data, maxshape=(None, DIM), chunks=(64, DIM))
+        for name, values in columns(len(data)).items():
+            h5.create_dataset(name, data=values, dtype=text if name in ("paths", "split",
+                                                                         "sha256") else None)
+        group = h5.create_group("failed")
+        for i, name in enumerate(("paths", "sha256", "reasons")):
+            group.create_dataset(name, data=[row[i] for row in failed], dtype=text)
+        h5.attrs.update({"featx_cache_version": 1, "key": json.dumps(KEY), "dim": DIM,
+                         "n_committed": len(data), "class_names": '["cat", "dog"]'})
+
+
+def test_a_version_1_cache_is_read_and_migrated_on_the_next_write(path):
+    old = vectors(5)
+    write_version_1(path, old, failed=[("bad.png", "0" * 64, "cannot decode")])
+    rows, embeddings = committed(path)
+    np.testing.assert_array_equal(embeddings, old)
+    np.testing.assert_array_equal(FeatureCache.open(path).embeddings([4, 0]), old[[4, 0]])
+    with CacheSession(path, key=KEY) as session:  # nothing changed: stays version 1
+        assert session.rows()["paths"].tolist() == rows["paths"].tolist()
+    assert FeatureCache.open(path).version == 1
+    new = vectors(1, seed=8)
+    with CacheSession(path, key=KEY) as session:
+        session.append(new, **columns(1, start=5))
+    with FeatureCache.open(path) as cache:
+        assert cache.version == 2 and len(cache.shards) == 1
+        np.testing.assert_array_equal(cache.embeddings(), np.concatenate([old, new]))
+        assert cache.failed() == [("bad.png", "0" * 64, "cannot decode")]
+        assert cache.json_attr("class_names") == ["cat", "dog"]
+
+
+def corrupt(shard):
+    with h5py.File(shard, "a") as h5:
+        h5["embeddings"][0] = 123.0
+
+
+def test_a_damaged_or_missing_shard_is_never_used(path):
+    make_cache(path, 4)
+    with CacheSession(path, key=KEY) as session:
+        session.append(vectors(3, seed=2), **columns(3, start=4))
+    first, second = shard_files(path)  # named in the order written
+    corrupt(first)
+    with FeatureCache.open(path) as cache:
+        assert cache.damaged_shards() == [0]
+    assert CacheSession.recover(path) == 0  # no part rows: only the damaged shard's dropped
+    assert committed(path)[0]["paths"].tolist() == ["img_004.png", "img_005.png", "img_006.png"]
+    second.unlink()
+    with FeatureCache.open(path) as cache:
+        assert cache.damaged_shards() == [0]
+        with pytest.raises(CacheError, match="missing or unreadable"):
+            cache.embeddings()
+    with h5py.File(path, "r") as h5:
+        assert np.isnan(h5["embeddings"][:]).all()  # h5py shows a missing shard as NaN
+    CacheSession.recover(path)
+    assert committed(path)[0]["paths"].tolist() == []
+
+
+def test_a_damaged_shard_with_its_stat_restored_is_caught_by_a_full_check(path):
+    make_cache(path, 3)
+    (shard,) = shard_files(path)
+    stat = shard.stat()
+    corrupt(shard)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with FeatureCache.open(path) as cache:
+        if shard.stat().st_size == stat.st_size:
+            assert cache.damaged_shards() == []  # trusted by its stat, as image files are
+        assert cache.damaged_shards(full=True) == [0]
+
+
+def test_compact_rewrites_the_rows_in_full_shards_and_frees_the_rest(path):
+    data = make_cache(path, 6)
+    for start in (6, 8):
+        with CacheSession(path, key=KEY) as session:
+            session.append(vectors(2, seed=start), **columns(2, start=start))
+    with CacheSession(path, key=KEY) as session:
+        session.keep_rows(np.arange(10) % 3 != 0)
+        expected = session.embeddings()
+    pending = shard_dir(path) / "ray-0123.h5"  # an engine's finished shard no index lists yet
+    shutil.copy(shard_files(path)[0], pending)
+    Path(f"{pending}.done").write_text("{}")
+    reader = FeatureCache.open(path)
+    reader.embeddings()  # an open reader keeps the files it opened
+    with CacheSession(path, key=KEY) as session:
+        outcome = session.compact()
+    assert outcome["shards_before"] == 3 and outcome["shards_after"] == 1
+    assert outcome["rows"] == 6 and outcome["bytes_after"] < outcome["bytes_before"]
+    assert len(data) == 6
+    np.testing.assert_array_equal(committed(path)[1], expected)
+    names = {p.name for p in shard_files(path)}
+    assert {"ray-0123.h5", "ray-0123.h5.done"} < names and len(names) == 3
+    np.testing.assert_array_equal(reader.embeddings(), expected)
+    reader.close()
 
 
 def test_rewrite_column_changes_only_that_column(path):
@@ -448,7 +605,8 @@ def test_list_caches_and_summary(tmp_path):
     assert info["splits"] == {"train": 3, "val": 1, "test": 1}  # original images only
     assert (info["dim"], info["key"], info["backbone"]) == (DIM, KEY, "b1")
     assert info["class_names"] == ["cat", "dog"] and info["root"] == "/data"
-    assert info["size_bytes"] == first.stat().st_size and info["created"]
+    shards = sum(f.stat().st_size for f in Path(f"{first}.shards").iterdir())
+    assert info["size_bytes"] == first.stat().st_size + shards and info["created"]
     assert listed[1]["n_images"] == 1 and listed[1]["n_augmented"] == 0
 
 
@@ -547,3 +705,36 @@ def test_resume_after_kill(tmp_path):
     assert len(resumed.paths) == 240 == len(set(resumed.paths))
     assert set(resumed.paths) == {p.relative_to(data).as_posix() for p in data.rglob("*.png")}
     assert not list(cache_dir.glob("*/*.parts/*"))  # every part merged and removed
+
+
+def test_cache_compact_and_verify_on_the_command_line(image_folder, cache_dir):
+    from conftest import invoke, last_json
+
+    features = run(image_folder, cache_dir)
+    for path in sorted(image_folder.rglob("*.png"))[:3]:
+        path.unlink()
+    features = run(image_folder, cache_dir)  # removing rows writes no shard
+    before = sorted_embeddings(features.cache_path)
+    outcome = last_json(invoke("cache", "compact", features.cache_path, "--json"))
+    assert outcome["rows"] == len(before[0]) and outcome["shards_after"] == 1
+    assert outcome["bytes_after"] < outcome["bytes_before"]
+    after = sorted_embeddings(features.cache_path)
+    assert after[0] == before[0]
+    np.testing.assert_array_equal(after[1], before[1])
+    assert last_json(invoke("cache", "verify", features.cache_path, "--json"))["damaged"] == []
+    (shard,) = shard_files(features.cache_path)
+    corrupt(shard)
+    result = invoke("cache", "verify", features.cache_path)
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith(f"1 of 1 shards damaged ({shard.name}); "
+                                          "`featx extract` extracts their rows again")
+    again = run(image_folder, cache_dir)  # the damaged shard's rows are embedded again
+    assert again.stats.n_extracted == len(before[0])
+    np.testing.assert_allclose(sorted_embeddings(again.cache_path)[1], before[1], atol=1e-5)
+
+
+def sorted_embeddings(cache_path):
+    with FeatureCache.open(cache_path) as cache:
+        paths = cache.rows()["paths"]
+        order = np.argsort(paths)
+        return paths[order].tolist(), cache.embeddings(order)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import featx
 
-ORDER = ["errors", "_json", "options", "sample_data", "data", "cache", "uncertainty",
+ORDER = ["errors", "_json", "options", "sample_data", "data", "shards", "cache", "uncertainty",
          "resampling", "audit_checks", "classifiers", "augment", "backbones", "persist",
          "cache_export", "pipeline", "onnx_export", "reconcile", "reports", "audit_report",
-         "runtimes", "views", "features", "extraction", "inference", "finetuning", "deploy",
+         "runtimes", "ray_engine", "views", "features", "extraction", "inference", "finetuning", "deploy",
          "api", "cli", "__main__"]
 PACKAGE = Path(featx.__file__).parent
 

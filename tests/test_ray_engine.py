@@ -1,0 +1,205 @@
+"""The Ray Data engine: shards by content hash, resumable, and the same cache as the local
+engine. The first tests need no Ray; the last ones share one local Ray (num_cpus=2)."""
+
+import hashlib
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import TINY, invoke, make_dataset
+from featx import ray_engine
+from featx.cache import CacheSession, FeatureCache
+from featx.errors import UsageError
+from featx.extraction import extract
+from featx.shards import DONE_SUFFIX, is_intact
+
+DIM = 4
+
+
+def files(n, start=0):
+    return ([f"c{i % 3}/img_{i:04d}.png" for i in range(start, start + n)],
+            [hashlib.sha256(str(i).encode()).hexdigest() for i in range(start, start + n)])
+
+
+def test_shards_are_split_by_content_hash_and_named_by_their_members():
+    paths, sha = files(50)
+    tasks = ray_engine.plan_shards(paths, sha, "key", rows_per_task=16)
+    assert len(tasks) == 4 and sorted(np.concatenate([t.rows for t in tasks])) == list(range(50))
+    again = ray_engine.plan_shards(paths, sha, "key", 16)  # deterministic
+    assert [(t.name, t.rows.tolist()) for t in again] == [(t.name, t.rows.tolist()) for t in tasks]
+    names = {t.name for t in tasks}
+    assert {t.name for t in ray_engine.plan_shards(paths, sha, "other key", 16)} & names == set()
+    moved = ray_engine.plan_shards(paths[::-1], sha[::-1], "key", 16)  # order does not matter
+    assert {t.name for t in moved} == names
+    changed = ray_engine.plan_shards(paths[:-1] + ["c0/new.png"], sha[:-1] + [sha[-1][::-1]],
+                                     "key", 16)  # one new file: only its shard changes
+    assert len({t.name for t in changed} - names) <= 2
+
+
+class FakeMapper:
+    def __call__(self, images):
+        return images.reshape(len(images), -1)[:, :DIM].astype(np.float32)
+
+
+def spec_for(root, shard_dir):
+    return ray_engine.WorkerSpec(backbone={}, runtime="keras", precision="fp32", batch_size=4,
+                                 store_dir="", int8_model=None, flip_average=False,
+                                 root=str(root), shard_dir=str(shard_dir), decode_workers=1)
+
+
+def test_finished_shards_are_adopted_without_ray_and_damaged_ones_redone(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", per_class=5)
+    paths = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    (data / paths[0]).write_bytes(b"not an image")
+    columns = {"labels": np.arange(10) % 2, "paths": np.array(paths, object),
+               "split": np.array(["train"] * 10, object),
+               "sha256": np.array([f"{i:064x}" for i in range(10)], object),
+               "size": np.arange(10), "mtime_ns": np.arange(10), "view": np.zeros(10, np.int16)}
+    cache_path = tmp_path / "cache.h5"
+    folder = tmp_path / "cache.h5.shards"
+    folder.mkdir()
+    spec = spec_for(data, folder)
+    preprocessing = {"input_size": 8, "resize_size": 8, "interpolation": "area"}
+    tasks = ray_engine.plan_shards(columns["paths"], columns["sha256"], "k", rows_per_task=4)
+    for task in tasks:  # what the actors of a stopped run had finished
+        item = {"name": task.name, "paths": columns["paths"][task.rows],
+                "sha256": columns["sha256"][task.rows]}
+        ray_engine.embed_shard(item, spec, FakeMapper(), preprocessing, DIM)
+    shard = folder / tasks[-1].name
+    with h5py.File(shard, "a") as h5:
+        h5["embeddings"][0] += 1  # damaged: must be embedded again, never used
+    redone = []
+    monkeypatch.setattr(ray_engine, "_run_tasks", lambda todo, *a: [
+        redone.append(t.name) or ray_engine.embed_shard(
+            {"name": t.name, "paths": columns["paths"][t.rows],
+             "sha256": columns["sha256"][t.rows]}, spec, FakeMapper(), preprocessing, DIM)
+        for t in todo])
+    with CacheSession(cache_path, key={"k": 1}, dim=DIM) as session:
+        outcome = ray_engine.run(session, columns, spec, key_digest="k", rows_per_task=4)
+    assert redone == [tasks[-1].name]
+    assert outcome["n_reused_shards"] == len(tasks) - 1 and outcome["n_shards"] == len(tasks)
+    assert [row[0] for row in outcome["failed"]] == [paths[0]]
+    assert not list(folder.glob("*" + DONE_SUFFIX))  # markers go once the index lists them
+    with FeatureCache.open(cache_path) as cache:
+        rows = cache.rows()
+        assert sorted(rows["paths"]) == paths[1:]
+        assert all(is_intact(folder, info, full=True) for info in cache.shards)
+        order = np.argsort(rows["paths"])
+        expected = [FakeMapper()(np.stack([_load(data / p)])) [0] for p in rows["paths"][order]]
+        np.testing.assert_array_equal(cache.embeddings(order), np.stack(expected))
+        where = {p: i for i, p in enumerate(paths)}
+        assert [int(columns["labels"][where[p]]) for p in rows["paths"]] == \
+            rows["labels"].tolist()
+
+
+def _load(path):
+    from featx.data import load_for_model
+
+    return load_for_model(path, 8, 8, "area")
+
+
+def test_the_ray_engine_without_ray_installed_fails_in_one_line(image_folder, cache_dir,
+                                                                monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    result = invoke("extract", image_folder, "--engine", "ray", "--cache-dir", cache_dir,
+                    *TINY_ARGS)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: --engine ray needs Ray Data, which is not installed: pip install 'featx[ray]'"]
+    assert not cache_dir.exists()  # failed before any work
+
+
+def test_a_ray_address_without_the_ray_engine_is_refused(image_folder, cache_dir):
+    with pytest.raises(UsageError, match="--ray-address needs --engine ray"):
+        extract(image_folder, cache_dir=cache_dir, ray_address="127.0.0.1:6379", **TINY)
+
+
+TINY_ARGS = ("--backbone", TINY["backbone"], "--weights", TINY["weights"], "--input-size",
+             TINY["input_size"], "--no-progress")
+
+
+# ----- on a local Ray -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the tests that run one: start-up is most of their time."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'featx[ray]'")
+    ray = ray_engine.require_ray()  # with featx's Ray settings (no usage statistics sent)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_data(tmp_path, onnx_store, monkeypatch):
+    monkeypatch.setenv("FEATX_ONNX_STORE", str(onnx_store))
+    monkeypatch.setattr(ray_engine, "ROWS_PER_TASK", 16)  # several shards of 41 files
+    data = make_dataset(tmp_path / "data", per_class=20)
+    (data / "cat" / "broken.png").write_bytes(b"not an image")
+    return data
+
+
+OPTIONS = dict(progress=False, batch_size=8, **TINY)
+
+
+def sorted_rows(cache_path):
+    with FeatureCache.open(cache_path) as cache:
+        rows = cache.rows()
+        order = np.argsort(rows["paths"])
+        return {k: v[order] for k, v in rows.items()}, cache.embeddings(order)
+
+
+def assert_same_cache(one, other):
+    """Same rows in the same order after sorting by path; embeddings within 1e-5."""
+    (rows_1, emb_1), (rows_2, emb_2) = sorted_rows(one.cache_path), sorted_rows(other.cache_path)
+    for name in rows_1:
+        np.testing.assert_array_equal(rows_2[name], rows_1[name], err_msg=name)
+    assert np.abs(emb_2 - emb_1).max() < 1e-5
+    assert one.stats.failed == other.stats.failed
+
+
+def test_the_ray_cache_equals_the_local_one(local_ray, ray_data, tmp_path):
+    local = extract(ray_data, cache_dir=tmp_path / "local", **OPTIONS)
+    on_ray = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
+    assert on_ray.stats.engine == "ray" and on_ray.stats.n_extracted == 41
+    assert [path for path, _ in on_ray.stats.failed] == ["cat/broken.png"]
+    assert_same_cache(local, on_ray)
+    with FeatureCache.open(on_ray.cache_path) as cache:
+        assert len(cache.shards) == 3  # by content hash, 16 files a shard
+        expected = cache.embeddings()
+    with h5py.File(on_ray.cache_path, "r") as h5:  # the index reads every row with h5py
+        np.testing.assert_array_equal(h5["embeddings"][:], expected)
+    again = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
+    assert again.stats.n_extracted == 0 and again.stats.reused  # Ray not even needed
+
+
+def test_a_run_whose_driver_died_resumes_its_finished_shards(local_ray, ray_data, tmp_path,
+                                                             monkeypatch):
+    def die(*args):
+        raise RuntimeError("the driver died")
+
+    with monkeypatch.context() as patch:  # every shard done, no index written
+        patch.setattr(ray_engine, "_adopt", die)
+        with pytest.raises(RuntimeError, match="driver died"):
+            extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
+    (shard_dir,) = (tmp_path / "ray").glob("*/*.shards")
+    names = sorted(p.name for p in shard_dir.glob("ray-*.h5"))
+    assert len(names) == 3 and len(list(shard_dir.glob("*" + DONE_SUFFIX))) == 3
+    with h5py.File(shard_dir / names[0], "a") as h5:
+        h5["embeddings"][0] += 1  # and one finished shard is damaged
+    resumed = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
+    assert resumed.stats.n_shards_reused == 2
+    assert 0 < resumed.stats.n_extracted < 41
+    local = extract(ray_data, cache_dir=tmp_path / "local", **OPTIONS)
+    assert_same_cache(local, resumed)
+
+
+def test_an_address_that_does_not_answer_fails_in_one_line(image_folder, cache_dir):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'featx[ray]'")
+    result = invoke("extract", image_folder, "--engine", "ray", "--ray-address",
+                    "127.0.0.1:9", "--cache-dir", cache_dir, *TINY_ARGS)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "Error: --ray-address 127.0.0.1:9: no Ray cluster answers there")

@@ -26,6 +26,7 @@ import logging
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,9 @@ def _dtype(kind):
     return _str_dtype() if kind == "str" else kind
 
 
-def _decode(values) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+def _strings(data, stop=None, start=0) -> np.ndarray:
+    """A string dataset's values ``start:stop`` as an object array of str."""
+    return np.asarray(data.asstr()[start:stop], dtype=object)
 
 
 def _open_h5(path, mode):
@@ -222,12 +224,17 @@ class FeatureCache(_CacheReader):
 
     def rows(self) -> dict[str, np.ndarray]:
         """All committed per-row metadata (not the embeddings), strings decoded."""
+        index_id = self.attr("index_id")
+        remembered = _LAST_ROWS.get(index_id)
+        if remembered is not None:
+            return {name: values.copy() for name, values in remembered.items()}
         n = self.n_rows
         out = {}
         for name, kind in ROW_FIELDS.items():
-            values = self.h5[name][:n]
-            out[name] = _decode(values) if kind == "str" else np.asarray(values)
-        return out
+            data = self.h5[name]
+            out[name] = _strings(data, n) if kind == "str" else np.asarray(data[:n])
+        _remember_rows(index_id, out)
+        return {name: values.copy() for name, values in out.items()}
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -252,6 +259,8 @@ class FeatureCache(_CacheReader):
         if self.version == 1:
             return read_rows(self.h5["embeddings"], indices)
         shard, row = (ref[indices] for ref in self.refs())
+        if indices.size and (shard == shard[0]).all():
+            return read_rows(self._shard_data(int(shard[0])), row)  # no copy into `out`
         out = np.empty((indices.size, self.dim), dtype=np.float32)
         for s in np.unique(shard):
             here = shard == s
@@ -260,7 +269,11 @@ class FeatureCache(_CacheReader):
 
     def _shard_data(self, number: int):
         if number not in self._open_shards:
-            path = self.shard_dir / self.shards[number].name
+            info = self.shards[number]
+            path = self.shard_dir / info.name
+            if path.exists() and not is_intact(self.shard_dir, info):
+                raise CacheError(f"{path}: shard of {self.path.name} fails its checksum; run "
+                                 "`featx extract` again to re-extract its rows")
             try:
                 self._open_shards[number] = _h5py().File(path, "r", locking=False)
             except OSError:
@@ -271,14 +284,14 @@ class FeatureCache(_CacheReader):
     def row_range(self, start: int, stop: int) -> tuple[dict, np.ndarray]:
         """Rows ``start:stop``: their per-row columns (strings decoded) and embeddings."""
         stop = min(stop, self.n_rows)
-        columns = {name: (_decode(self.h5[name][start:stop]) if kind == "str"
+        columns = {name: (_strings(self.h5[name], stop, start) if kind == "str"
                           else np.asarray(self.h5[name][start:stop]))
                    for name, kind in ROW_FIELDS.items()}
         return columns, self._read(np.arange(start, stop))
 
     def failed(self) -> list[tuple[str, str, str]]:
         group = self.h5["failed"]
-        columns = [_decode(group[name][:]) for name in FAILED_FIELDS]
+        columns = [_strings(group[name]) for name in FAILED_FIELDS]
         return list(zip(*columns))
 
     def damaged_shards(self, full: bool = False) -> list[int]:
@@ -356,7 +369,7 @@ class CacheSession(_CacheReader):
         parts_dir = path.with_name(path.name + ".parts")
         with FeatureCache.open(path) as cache:
             damaged = cache.damaged_shards()
-        if not damaged and not parts_dir.exists():
+        if not damaged and not any(parts_dir.glob("part-*")):
             return 0
         session = cls(path, key=None)
         recovered = len(session._parts)
@@ -455,6 +468,11 @@ class CacheSession(_CacheReader):
             self._markers.append(Path(marker))
         self.dirty = True
 
+    def remove_after_commit(self, marker: Path):
+        """Delete an engine's done marker once the next index is written."""
+        self._markers.append(Path(marker))
+        self.dirty = True
+
     # Changes mark the session dirty only when they change something, so a run that reuses
     # everything does not rewrite the index.
     def keep_rows(self, keep: np.ndarray) -> "CacheSession":
@@ -526,8 +544,10 @@ class CacheSession(_CacheReader):
         attrs = {k: self._main.attr(k) for k in self._main.h5.attrs}
         attrs.update(self._staged_attrs)
         attrs["merged_parts"] = json.dumps(self._merged_parts(attrs.get("merged_parts")))
-        _write_index(self.path, key=self.key, dim=self.dim, attrs=attrs, rows=self._rows,
-                     refs=(shard, shard_row), shards=shards, failed=self.failed())
+        index_id = _write_index(self.path, key=self.key, dim=self.dim, attrs=attrs,
+                                rows=self._rows, refs=(shard, shard_row), shards=shards,
+                                failed=self.failed())
+        _remember_rows(index_id, {name: values.copy() for name, values in self._rows.items()})
         self._main.close()
         for done in {part for part, _ in self._parts} | set(self._markers):
             done.unlink(missing_ok=True)
@@ -559,7 +579,7 @@ class CacheSession(_CacheReader):
             return
         self.shard_dir.mkdir(exist_ok=True)
         size = rows_per_shard(self.dim)
-        block = max(1, min(size, 4096))
+        block = 1024  # rows read (from parts) and written at a time: memory stays flat
         # shards of size to 2 x size rows (fewer only when fewer rows are new)
         for chunk in np.array_split(rows, max(1, rows.size // size)):
             name = f"{self._run}-{self._shard_seq:06d}.h5"
@@ -579,11 +599,13 @@ class CacheSession(_CacheReader):
         n_dropped = self.drop_shards(self._main.damaged_shards(full=True))
         self.commit(rewrite=True)
         kept = {info.name for info in self._main.shards}
-        for stray in list(self.shard_dir.glob("*")) if self.shard_dir.exists() else []:
-            pending = stray.name.endswith(DONE_SUFFIX) or \
-                stray.with_name(stray.name + DONE_SUFFIX).exists()
-            if stray.name not in kept and not pending:  # pending: a stopped engine's work
-                stray.unlink()
+        files = {f.name for f in self.shard_dir.glob("*")} if self.shard_dir.exists() else set()
+        for name in files:
+            shard = name.removesuffix(DONE_SUFFIX)
+            # a stopped engine's finished shard (marked, not listed) is work a rerun adopts
+            pending = shard not in kept and shard in files and shard + DONE_SUFFIX in files
+            if name not in kept and not pending:
+                (self.shard_dir / name).unlink()
         return {"cache": str(self.path), "rows": self._main.n_rows,
                 "shards_before": n_shards, "shards_after": len(self._main.shards),
                 "bytes_before": before, "bytes_after": _folder_bytes(self.shard_dir),
@@ -644,6 +666,18 @@ def verify_cache(path) -> dict:
                 "damaged": [cache.shards[i].name for i in damaged]}
 
 
+# The rows of the last index read or written, by the random id every index is written with:
+# one run reads them several times (reconcile, the session, Features), and decoding 100k
+# strings is not free. An index is never changed after it is written, so its id names its rows.
+_LAST_ROWS: dict = {}
+
+
+def _remember_rows(index_id, rows: dict):
+    _LAST_ROWS.clear()
+    if index_id:  # format 1 files have none
+        _LAST_ROWS[index_id] = rows
+
+
 def shard_dir(cache_path) -> Path:
     """The folder beside a cache index that holds its shard files."""
     cache_path = Path(cache_path)
@@ -660,14 +694,15 @@ def remove_cache(cache_path):
 
 def _read_shard_table(h5) -> list[ShardInfo]:
     table = h5["shards"]
-    names = _decode(table["names"][:])
-    checksums = _decode(table["checksum"][:])
+    names = _strings(table["names"])
+    checksums = _strings(table["checksum"])
     return [ShardInfo(str(n), int(r), str(c), int(s), int(m)) for n, r, c, s, m in
             zip(names, table["rows"][:], checksums, table["size"][:], table["mtime_ns"][:])]
 
 
-def _write_index(path, *, key, dim, attrs, rows, refs, shards, failed):
-    """Write a whole index to a temporary file that then replaces ``path`` atomically."""
+def _write_index(path, *, key, dim, attrs, rows, refs, shards, failed) -> str:
+    """Write a whole index to a temporary file that then replaces ``path`` atomically;
+    returns the new index's random id."""
     tmp = path.with_name(path.name + ".tmp")
     h5 = _open_h5(tmp, "w")
     try:
@@ -689,11 +724,13 @@ def _write_index(path, *, key, dim, attrs, rows, refs, shards, failed):
             _put(group, name, [row[i] for row in failed], "str")
         _virtual_embeddings(h5, path, dim, refs, shards)
         h5.attrs["n_committed"] = n
+        h5.attrs["index_id"] = index_id = uuid.uuid4().hex
         h5.flush()
         os.fsync(h5.id.get_vfd_handle())
     finally:
         h5.close()
     os.replace(tmp, path)
+    return index_id
 
 
 def _put(group, name, values, kind):

@@ -235,7 +235,7 @@ def cli(verbose):
 @click.option("--engine", type=click.Choice(ENGINES), default=DEFAULTS.engine,
               show_default=True,
               help="local: this process. ray: shards embedded on a Ray cluster "
-                   "(pip install 'featx[ray]'); same cache, row for row.")
+                   "(pip install 'featx[ray]'); the same rows and embeddings.")
 @click.option("--ray-address", default=None, metavar="ADDRESS",
               help="With --engine ray: the cluster's HOST:PORT (or 'auto', ray://HOST:PORT) "
                    "[default: start a local Ray on --workers cores].")
@@ -451,7 +451,8 @@ def cache_verify(path, json_):
     """Re-hash every shard of a cache against the checksum its index records.
 
     `featx extract` checks each shard's size and time on every run and re-hashes the
-    changed ones; this checks every byte. Exit code 2 when a shard is damaged.
+    changed ones; this checks every byte. Exit code 2 when a shard is damaged: `featx cache
+    compact` then drops its rows, and the next `featx extract` extracts them again.
 
     Example:
 
@@ -465,8 +466,8 @@ def cache_verify(path, json_):
         emit_json(outcome)
     if outcome["damaged"]:
         raise CacheError(f"{path}: {len(outcome['damaged'])} of {outcome['shards']} shards "
-                         f"damaged ({', '.join(outcome['damaged'])}); `featx extract` "
-                         "extracts their rows again")
+                         f"damaged ({', '.join(outcome['damaged'])}); `featx cache compact` "
+                         "drops their rows, then `featx extract` extracts them again")
     if not json_:
         click.echo(f"{path}: {outcome['shards']} shards, {outcome['rows']} rows: all intact")
 

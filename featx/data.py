@@ -217,7 +217,8 @@ def _find_layout(root: Path, root_arg: str):
 
 
 def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    dot = name.rfind(".")  # os.path.splitext's extension, without its cost on 100k names
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def _not_an_image(name: str) -> str:
@@ -264,10 +265,12 @@ def _scan_class_folder(root: Path, folder: Path, ignored) -> list[str]:
             continue
         seen.add((stat.st_dev, stat.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        prefix = _relpath(Path(directory), root) + "/"  # once per folder: fast on 100k files
+        prefix = "" if prefix == "./" else prefix
         for name in filenames:
             if _is_hidden(name):
                 continue
-            rel = _relpath(Path(directory) / name, root)
+            rel = prefix + name
             if _is_image_name(name):
                 images.append(rel)
             else:
@@ -356,6 +359,11 @@ def assign_splits(paths, labels, *, val_fraction=0.2, test_fraction=0.0, seed=42
     out = np.empty(len(labels), dtype="<U5")
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
+        known = [previous.get(paths[i]) for i in members]
+        if train_per_class is None and all(split in allowed for split in known):
+            # nothing new: no shuffle needed (few-shot goes on, to warn about small classes)
+            out[members] = known
+            continue
         members = members[np.argsort([paths[i] for i in members], kind="stable")]
         name = class_names[label] if class_names is not None else str(label)
         targets = _targets(len(members), val_fraction, test_fraction, train_per_class, name)
@@ -498,6 +506,9 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+HASH_SLICE = 1024
+
+
 def hash_files(root, relpaths, *, known=None, workers: int = 8):
     """SHA-256, size and mtime of many files, reusing known hashes of unchanged files.
 
@@ -524,19 +535,20 @@ def hash_files(root, relpaths, *, known=None, workers: int = 8):
         them with the hashes to pass as ``known`` next time.
     """
     root = Path(root)
+    base = str(root) + os.sep  # plain strings: a Path per file is slow on 100k files
     known = known or {}
     hashes = [""] * len(relpaths)
     stats = [(-1, -1)] * len(relpaths)
     todo = []
     for i, rel in enumerate(relpaths):
         try:
-            st = os.stat(root / rel)
+            st = os.stat(base + rel)
         except OSError as exc:
             log.debug("cannot stat %s: %s", rel, exc)
             continue
-        stats[i] = (st.st_size, st.st_mtime_ns)
+        stats[i] = stat = (st.st_size, st.st_mtime_ns)
         previous = known.get(rel)
-        if previous is not None and tuple(previous[:2]) == stats[i] and previous[2]:
+        if previous is not None and tuple(previous[:2]) == stat and previous[2]:
             hashes[i] = previous[2]
         else:
             todo.append(i)
@@ -549,11 +561,13 @@ def hash_files(root, relpaths, *, known=None, workers: int = 8):
             return i, None
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-        for i, digest in pool.map(work, todo):
-            if digest is None:
-                stats[i] = (-1, -1)
-            else:
-                hashes[i] = digest
+        # in slices: pool.map submits every task at once, a future per file (100 MB at 50k)
+        for start in range(0, len(todo), HASH_SLICE):
+            for i, digest in pool.map(work, todo[start:start + HASH_SLICE]):
+                if digest is None:
+                    stats[i] = (-1, -1)
+                else:
+                    hashes[i] = digest
     return hashes, stats
 
 

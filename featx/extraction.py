@@ -89,6 +89,9 @@ def _check_engine(options, mapper):
     require_ray()
     if mapper is not None:
         raise UsageError("a ready mapper runs in this process: use the local engine")
+    if options.mixed_precision:
+        raise UsageError("--mixed-precision runs on the local engine only (Ray actors run "
+                         "the CPU runtimes)")
 
 
 def check_backbone(options: ExtractOptions) -> None:
@@ -267,7 +270,8 @@ class _Run:
         from featx.runtimes import choose_runtime
 
         options, net = self.options, self.net
-        if choose_runtime(options.runtime, options.precision, self._device()) == "onnx" \
+        # the actors run on CPU, so the runtime is chosen for the CPU here too
+        if choose_runtime(options.runtime, options.precision, "cpu") == "onnx" \
                 and options.precision == "fp32":
             from featx.onnx_export import ensure_fp32
 

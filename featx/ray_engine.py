@@ -80,12 +80,20 @@ def require_ray():
 
 def plan_shards(paths, sha256, key_digest: str, rows_per_task: int = ROWS_PER_TASK
                 ) -> list[ShardTask]:
-    """Split files into shards by content hash; the same files give the same shards."""
+    """Split files into shards by content hash; the same files give the same shards.
+
+    The number of shards is a power of two and a file's shard is given by the leading bits
+    of its hash, so adding or removing a few files changes the members (and so the name) of
+    the shards they fall in, not of every shard. A file that could not be read (no hash)
+    is placed by a hash of its path; its actor records it as failed.
+    """
     n = len(paths)
     if not n:
         return []
-    n_shards = max(1, -(-n // rows_per_task))
-    bucket = np.array([int(h[:15], 16) % n_shards for h in sha256], dtype=np.int64)
+    bits = max(0, int(np.ceil(np.log2(max(1, -(-n // rows_per_task))))))
+    keys = [h or hashlib.sha256(str(p).encode()).hexdigest() for p, h in zip(paths, sha256)]
+    bucket = np.array([int(k[:8], 16) >> (32 - bits) for k in keys], dtype=np.int64)
+    n_shards = 2 ** bits
     tasks = []
     for b in range(n_shards):
         rows = np.flatnonzero(bucket == b)
@@ -95,6 +103,15 @@ def plan_shards(paths, sha256, key_digest: str, rows_per_task: int = ROWS_PER_TA
             digest = hashlib.sha256(members.encode()).hexdigest()[:24]
             tasks.append(ShardTask(f"ray-{digest}.h5", rows))
     return tasks
+
+
+def _fresh_marker(folder: Path, marker: dict) -> dict:
+    """``marker`` of a shard an actor just wrote, checked against the file on disk (an
+    actor restarted while its first attempt still ran may have rewritten it)."""
+    if marker["rows"] and not is_intact(folder, shard_info(marker)):
+        raise FeatxError(f"{folder / marker['name']}: changed after its actor finished it; "
+                         "run the command again")
+    return marker
 
 
 def read_marker(shard_dir, name) -> dict | None:
@@ -221,7 +238,7 @@ def run(session, columns: dict, spec: WorkerSpec, *, key_digest: str, address=No
     n_extracted = 0
     if todo:
         for marker in _run_tasks(todo, columns, spec, address, num_cpus, progress):
-            done[marker["name"]] = marker
+            done[marker["name"]] = _fresh_marker(folder, marker)
             n_extracted += marker["rows"] + len(marker["failed"])
     failed, runtimes = [], set()
     for task in tasks:
@@ -230,6 +247,8 @@ def run(session, columns: dict, spec: WorkerSpec, *, key_digest: str, address=No
         runtimes.add(marker.get("runtime", ""))
         if marker["rows"]:
             _adopt(session, folder, task, marker, columns)
+        else:  # every file failed: nothing to adopt, the marker goes with the next index
+            session.remove_after_commit(folder / (task.name + DONE_SUFFIX))
     return {"failed": failed, "n_extracted": n_extracted, "n_shards": len(tasks),
             "runtime": ", ".join(sorted(r for r in runtimes if r)),
             "n_reused_shards": len(tasks) - len(todo), "seconds": time.perf_counter() - started}
@@ -241,6 +260,9 @@ def _adopt(session, folder, task, marker, columns):
     with h5py.File(folder / task.name, "r", locking=False) as h5:
         shard_paths = h5["paths"].asstr()[:]
     where = {columns["paths"][i]: i for i in task.rows}
+    if len(shard_paths) != marker["rows"] or not all(p in where for p in shard_paths):
+        raise FeatxError(f"{folder / task.name}: does not hold the files its marker lists; "
+                         "delete it and run the command again")
     rows = np.array([where[p] for p in shard_paths], dtype=np.int64)
     session.adopt_shard(shard_info(marker), {k: v[rows] for k, v in columns.items()},
                         marker=folder / (task.name + DONE_SUFFIX))

@@ -85,8 +85,8 @@ def file_columns(manifest, state: CacheState | None) -> dict[str, np.ndarray]:
     known = None
     if state is not None:
         rows = state.rows
-        known = {p: (int(s), int(m), h) for p, s, m, h in
-                 zip(rows["paths"], rows["size"], rows["mtime_ns"], rows["sha256"])}
+        known = {p: (s, m, h) for p, s, m, h in zip(rows["paths"], rows["size"].tolist(),
+                                                    rows["mtime_ns"].tolist(), rows["sha256"])}
     hashes, stats = featx_data.hash_files(manifest.root, manifest.paths, known=known)
     return {
         "labels": np.asarray(manifest.labels, dtype=np.int64),

@@ -59,7 +59,7 @@ def write_shard(path, dim: int, blocks, columns: dict) -> ShardInfo:
         for block in blocks:
             block = np.ascontiguousarray(block, dtype=np.float32)
             data[start:start + len(block)] = block
-            digest.update(block.tobytes())
+            digest.update(block)  # the buffer itself: no copy
             start += len(block)
         if start != n:
             raise ValueError(f"{path.name}: {start} embeddings for {n} rows")
@@ -81,7 +81,7 @@ def checksum(path, block_rows: int = 8192) -> str:
     with _h5py().File(path, "r", locking=False) as h5:
         data = h5["embeddings"]
         for start in range(0, data.shape[0], block_rows):
-            digest.update(np.ascontiguousarray(data[start:start + block_rows]).tobytes())
+            digest.update(np.ascontiguousarray(data[start:start + block_rows]))
     return digest.hexdigest()
 
 
@@ -98,15 +98,28 @@ def is_intact(folder, info: ShardInfo, full: bool = False) -> bool:
         return False
 
 
-def read_rows(data, rows) -> np.ndarray:
-    """``data[rows]`` for an HDF5 dataset, ``rows`` in any order, repeats allowed."""
+def read_rows(data, rows, block_rows: int = 4096) -> np.ndarray:
+    """``data[rows]`` for an HDF5 dataset, ``rows`` in any order, repeats allowed.
+
+    Reads in blocks of ``block_rows``, so memory holds the result plus one block: a span
+    of rows that are mostly wanted is read as slices (one read beats a point list), sparse
+    rows as point selections (which h5py wants increasing and distinct).
+    """
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty((rows.size,) + data.shape[1:], dtype=data.dtype)
-    if rows.size:  # h5py fancy indexing wants increasing, distinct indices
-        unique, inverse = np.unique(rows, return_inverse=True)
-        first, last = int(unique[0]), int(unique[-1])
-        if last - first + 1 <= 2 * unique.size:  # dense: one slice beats a point list
-            out[:] = data[first:last + 1][unique - first][inverse]
-        else:
-            out[:] = data[unique][inverse]
+    if not rows.size:
+        return out
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    first, last = int(ordered[0]), int(ordered[-1])
+    if last - first + 1 <= 2 * np.unique(ordered).size:  # dense
+        for start in range(first, last + 1, block_rows):
+            lo, hi = np.searchsorted(ordered, [start, start + block_rows])
+            if lo < hi:
+                block = data[start:int(ordered[hi - 1]) + 1]
+                out[order[lo:hi]] = block[ordered[lo:hi] - start]
+        return out
+    for lo in range(0, rows.size, block_rows):
+        unique, inverse = np.unique(ordered[lo:lo + block_rows], return_inverse=True)
+        out[order[lo:lo + block_rows]] = data[unique][inverse]
     return out

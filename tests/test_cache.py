@@ -451,6 +451,17 @@ def write_version_1(path, data, failed=()):
                          "n_committed": len(data), "class_names": '["cat", "dog"]'})
 
 
+def test_a_reader_sees_the_rows_of_the_index_it_opened(path):
+    make_cache(path, 3)
+    before = FeatureCache.open(path)  # opened before another process changes the cache
+    with CacheSession(path, key=KEY) as session:
+        session.append(vectors(1), **columns(1, start=3))
+    assert committed(path)[0]["paths"].size == 4
+    assert before.rows()["paths"].size == 3 == before.embeddings().shape[0]
+    assert committed(path)[0]["paths"].size == 4
+    before.close()
+
+
 def test_a_version_1_cache_is_read_and_migrated_on_the_next_write(path):
     old = vectors(5)
     write_version_1(path, old, failed=[("bad.png", "0" * 64, "cannot decode")])
@@ -726,8 +737,12 @@ def test_cache_compact_and_verify_on_the_command_line(image_folder, cache_dir):
     corrupt(shard)
     result = invoke("cache", "verify", features.cache_path)
     assert result.exit_code == 2
-    assert result.stderr.strip().endswith(f"1 of 1 shards damaged ({shard.name}); "
-                                          "`featx extract` extracts their rows again")
+    assert result.stderr.strip().endswith(
+        f"1 of 1 shards damaged ({shard.name}); `featx cache compact` drops their rows, then "
+        "`featx extract` extracts them again")
+    with FeatureCache.open(features.cache_path) as cache:  # never read as embeddings
+        with pytest.raises(CacheError, match="fails its checksum"):
+            cache.embeddings()
     again = run(image_folder, cache_dir)  # the damaged shard's rows are embedded again
     assert again.stats.n_extracted == len(before[0])
     np.testing.assert_allclose(sorted_embeddings(again.cache_path)[1], before[1], atol=1e-5)

@@ -36,6 +36,8 @@ def test_shards_are_split_by_content_hash_and_named_by_their_members():
     changed = ray_engine.plan_shards(paths[:-1] + ["c0/new.png"], sha[:-1] + [sha[-1][::-1]],
                                      "key", 16)  # one new file: only its shard changes
     assert len({t.name for t in changed} - names) <= 2
+    unreadable = ray_engine.plan_shards(["a.jpg", "b.jpg"], ["", ""], "key", 16)
+    assert [t.rows.tolist() for t in unreadable] == [[0, 1]]  # placed by path, fail later
 
 
 class FakeMapper:
@@ -167,7 +169,7 @@ def test_the_ray_cache_equals_the_local_one(local_ray, ray_data, tmp_path):
     assert [path for path, _ in on_ray.stats.failed] == ["cat/broken.png"]
     assert_same_cache(local, on_ray)
     with FeatureCache.open(on_ray.cache_path) as cache:
-        assert len(cache.shards) == 3  # by content hash, 16 files a shard
+        assert len(cache.shards) == 4  # by content hash: 41 files, 16 a shard, a power of 2
         expected = cache.embeddings()
     with h5py.File(on_ray.cache_path, "r") as h5:  # the index reads every row with h5py
         np.testing.assert_array_equal(h5["embeddings"][:], expected)
@@ -186,11 +188,11 @@ def test_a_run_whose_driver_died_resumes_its_finished_shards(local_ray, ray_data
             extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
     (shard_dir,) = (tmp_path / "ray").glob("*/*.shards")
     names = sorted(p.name for p in shard_dir.glob("ray-*.h5"))
-    assert len(names) == 3 and len(list(shard_dir.glob("*" + DONE_SUFFIX))) == 3
+    assert len(names) == 4 and len(list(shard_dir.glob("*" + DONE_SUFFIX))) == 4
     with h5py.File(shard_dir / names[0], "a") as h5:
         h5["embeddings"][0] += 1  # and one finished shard is damaged
     resumed = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
-    assert resumed.stats.n_shards_reused == 2
+    assert resumed.stats.n_shards_reused == 3
     assert 0 < resumed.stats.n_extracted < 41
     local = extract(ray_data, cache_dir=tmp_path / "local", **OPTIONS)
     assert_same_cache(local, resumed)

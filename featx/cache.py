@@ -259,12 +259,10 @@ class FeatureCache(_CacheReader):
         if self.version == 1:
             return read_rows(self.h5["embeddings"], indices)
         shard, row = (ref[indices] for ref in self.refs())
-        if indices.size and (shard == shard[0]).all():
-            return read_rows(self._shard_data(int(shard[0])), row)  # no copy into `out`
         out = np.empty((indices.size, self.dim), dtype=np.float32)
         for s in np.unique(shard):
-            here = shard == s
-            out[here] = read_rows(self._shard_data(int(s)), row[here])
+            here = np.flatnonzero(shard == s)
+            read_rows(self._shard_data(int(s)), row[here], out=out, at=here)
         return out
 
     def _shard_data(self, number: int):

@@ -98,15 +98,18 @@ def is_intact(folder, info: ShardInfo, full: bool = False) -> bool:
         return False
 
 
-def read_rows(data, rows, block_rows: int = 4096) -> np.ndarray:
-    """``data[rows]`` for an HDF5 dataset, ``rows`` in any order, repeats allowed.
+def read_rows(data, rows, block_rows: int = 4096, out=None, at=None) -> np.ndarray:
+    """``data[rows]`` for an HDF5 dataset, ``rows`` in any order, repeats allowed; with
+    ``out``, written into ``out[at]`` instead (``at``: one position per row).
 
     Reads in blocks of ``block_rows``, so memory holds the result plus one block: a span
     of rows that are mostly wanted is read as slices (one read beats a point list), sparse
     rows as point selections (which h5py wants increasing and distinct).
     """
     rows = np.asarray(rows, dtype=np.int64)
-    out = np.empty((rows.size,) + data.shape[1:], dtype=data.dtype)
+    if out is None:
+        out = np.empty((rows.size,) + data.shape[1:], dtype=data.dtype)
+        at = np.arange(rows.size)
     if not rows.size:
         return out
     order = np.argsort(rows, kind="stable")
@@ -117,9 +120,9 @@ def read_rows(data, rows, block_rows: int = 4096) -> np.ndarray:
             lo, hi = np.searchsorted(ordered, [start, start + block_rows])
             if lo < hi:
                 block = data[start:int(ordered[hi - 1]) + 1]
-                out[order[lo:hi]] = block[ordered[lo:hi] - start]
+                out[at[order[lo:hi]]] = block[ordered[lo:hi] - start]
         return out
     for lo in range(0, rows.size, block_rows):
         unique, inverse = np.unique(ordered[lo:lo + block_rows], return_inverse=True)
-        out[order[lo:lo + block_rows]] = data[unique][inverse]
+        out[at[order[lo:lo + block_rows]]] = data[unique][inverse]
     return out

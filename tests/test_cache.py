@@ -753,3 +753,20 @@ def sorted_embeddings(cache_path):
         paths = cache.rows()["paths"]
         order = np.argsort(paths)
         return paths[order].tolist(), cache.embeddings(order)
+
+
+def test_read_rows_in_blocks_equals_fancy_indexing(tmp_path):
+    from featx.shards import read_rows
+
+    data = vectors(300)
+    rng = np.random.default_rng(1)
+    with h5py.File(tmp_path / "x.h5", "w") as h5:
+        h5["e"] = data
+        for trial in range(60):
+            n = int(rng.integers(0, 40))
+            rows = rng.integers(0, 300, n) if trial % 2 else rng.integers(100, 130, n)
+            for block in (1, 7, 4096):  # sparse and dense reads, repeats, any order
+                np.testing.assert_array_equal(read_rows(h5["e"], rows, block), data[rows])
+                out, at = np.zeros((n + 3, DIM), np.float32), rng.permutation(n + 3)[:n]
+                read_rows(h5["e"], rows, block, out=out, at=at)
+                np.testing.assert_array_equal(out[at], data[rows])

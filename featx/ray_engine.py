@@ -189,8 +189,7 @@ def connect(ray, address: str | None, num_cpus: int | None) -> bool:
     A cluster that does not answer fails within about ``CONNECT_TIMEOUT_S`` seconds with
     one line, instead of Ray's own minutes of retries.
     """
-    if address and address != "auto" and not address.startswith("ray://"):
-        _check_reachable(address)
+    check_address(address)
     if ray.is_initialized():
         return False
     if not log.isEnabledFor(logging.DEBUG):  # Ray's INFO lines only with featx -v
@@ -207,6 +206,13 @@ def connect(ray, address: str | None, num_cpus: int | None) -> bool:
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from None
     return True
+
+
+def check_address(address: str | None):
+    """A UsageError unless a HOST:PORT address accepts a connection (other forms are left
+    to Ray)."""
+    if address and address != "auto" and not address.startswith("ray://"):
+        _check_reachable(address)
 
 
 def _check_reachable(address: str):

@@ -245,7 +245,7 @@ def run(session, columns: dict, spec: WorkerSpec, *, key_digest: str, address=No
     if todo:
         for marker in _run_tasks(todo, columns, spec, address, num_cpus, progress):
             done[marker["name"]] = _fresh_marker(folder, marker)
-            n_extracted += marker["rows"] + len(marker["failed"])
+            n_extracted += marker["rows"]  # images through the model, as the local engine
     failed, runtimes = [], set()
     for task in tasks:
         marker = done[task.name]

@@ -228,11 +228,7 @@ class FeatureCache(_CacheReader):
         remembered = _LAST_ROWS.get(index_id)
         if remembered is not None:
             return {name: values.copy() for name, values in remembered.items()}
-        n = self.n_rows
-        out = {}
-        for name, kind in ROW_FIELDS.items():
-            data = self.h5[name]
-            out[name] = _strings(data, n) if kind == "str" else np.asarray(data[:n])
+        out = self._columns(0, self.n_rows)
         _remember_rows(index_id, out)
         return {name: values.copy() for name, values in out.items()}
 
@@ -282,10 +278,13 @@ class FeatureCache(_CacheReader):
     def row_range(self, start: int, stop: int) -> tuple[dict, np.ndarray]:
         """Rows ``start:stop``: their per-row columns (strings decoded) and embeddings."""
         stop = min(stop, self.n_rows)
-        columns = {name: (_strings(self.h5[name], stop, start) if kind == "str"
-                          else np.asarray(self.h5[name][start:stop]))
-                   for name, kind in ROW_FIELDS.items()}
-        return columns, self._read(np.arange(start, stop))
+        return self._columns(start, stop), self._read(np.arange(start, stop))
+
+    def _columns(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The per-row columns of rows ``start:stop``, strings decoded."""
+        return {name: (_strings(self.h5[name], stop, start) if kind == "str"
+                       else np.asarray(self.h5[name][start:stop]))
+                for name, kind in ROW_FIELDS.items()}
 
     def failed(self) -> list[tuple[str, str, str]]:
         group = self.h5["failed"]
@@ -319,7 +318,7 @@ class CacheSession(_CacheReader):
 
     def __init__(self, path, *, key: dict | None, dim: int | None = None, attrs=None):
         self.path = Path(path)
-        self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self.parts_dir = parts_dir(self.path)
         self.shard_dir = shard_dir(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
@@ -364,10 +363,9 @@ class CacheSession(_CacheReader):
         path = Path(path)
         if not path.exists():
             return 0
-        parts_dir = path.with_name(path.name + ".parts")
         with FeatureCache.open(path) as cache:
             damaged = cache.damaged_shards()
-        if not damaged and not any(parts_dir.glob("part-*")):
+        if not damaged and not any(parts_dir(path).glob("part-*")):
             return 0
         session = cls(path, key=None)
         recovered = len(session._parts)
@@ -682,11 +680,17 @@ def shard_dir(cache_path) -> Path:
     return cache_path.with_name(cache_path.name + ".shards")
 
 
+def parts_dir(cache_path) -> Path:
+    """The folder beside a cache index that holds a run's part files until they commit."""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(cache_path.name + ".parts")
+
+
 def remove_cache(cache_path):
     """Delete a cache: its index, shards and part files."""
     cache_path = Path(cache_path)
     cache_path.unlink(missing_ok=True)
-    for folder in (shard_dir(cache_path), cache_path.with_name(cache_path.name + ".parts")):
+    for folder in (shard_dir(cache_path), parts_dir(cache_path)):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -704,7 +708,7 @@ def _write_index(path, *, key, dim, attrs, rows, refs, shards, failed) -> str:
     tmp = path.with_name(path.name + ".tmp")
     h5 = _open_h5(tmp, "w")
     try:
-        _create_layout(h5, key=key, dim=dim, attrs=attrs)
+        _write_attrs(h5, key=key, dim=dim, attrs=attrs)
         n = 0 if rows is None else len(rows["paths"])
         for name, kind in ROW_FIELDS.items():
             values = [] if rows is None else rows[name]
@@ -765,7 +769,8 @@ def _virtual_embeddings(h5, path, dim, refs, shards):
     h5.create_virtual_dataset("embeddings", layout, fillvalue=np.nan)
 
 
-def _create_layout(h5, *, key, dim, attrs):
+def _write_attrs(h5, *, key, dim, attrs):
+    """The index's attributes: ``attrs`` (the old index's, updated), then what featx owns."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     h5.attrs.update({"created": now})
     for name, value in attrs.items():
@@ -776,7 +781,6 @@ def _create_layout(h5, *, key, dim, attrs):
         "featx_cache_version": CACHE_FORMAT_VERSION,
         "key": json.dumps(key, sort_keys=True),
         "dim": dim,
-        "n_committed": 0,
         "updated": now,
     })
 

@@ -95,6 +95,13 @@ def _check_engine(options, mapper):
                          "the CPU runtimes)")
 
 
+def backbone_args(options: ExtractOptions, name: str | None = None) -> dict:
+    """``create_backbone``'s arguments for ``options`` (its backbone, or part ``name``)."""
+    return dict(name=name or options.backbone, weights=options.weights, layer=options.layer,
+                pooling=options.pooling, input_size=options.input_size, seed=options.seed,
+                reduced_decode=options.reduced_decode)
+
+
 def check_backbone(options: ExtractOptions) -> None:
     """Create every part's backbone (cheap: nothing is built), so that an unknown name,
     weights known to be unavailable offline, or an option a combination cannot take fail
@@ -110,9 +117,7 @@ def check_backbone(options: ExtractOptions) -> None:
                          "take --weights imagenet or random")
     for part in parts:
         with _naming_part(name, part) if len(parts) > 1 else contextlib.nullcontext():
-            create_backbone(part, options.weights, layer=options.layer, pooling=options.pooling,
-                            input_size=options.input_size, seed=options.seed,
-                            reduced_decode=options.reduced_decode)
+            create_backbone(**backbone_args(options, part))
 
 
 @contextlib.contextmanager
@@ -130,9 +135,7 @@ def _extract_one(data_dir, options, augment, augment_options, mapper) -> Feature
     from featx.runtimes import choose_runtime, configure_devices
 
     started = time.perf_counter()
-    net = create_backbone(options.backbone, options.weights, layer=options.layer,
-                          pooling=options.pooling, input_size=options.input_size,
-                          seed=options.seed, reduced_decode=options.reduced_decode)
+    net = create_backbone(**backbone_args(options))
     choose_runtime(options.runtime, options.precision)  # bad combinations fail before any work
     # float16 compute changes the embeddings, so it is part of the cache key
     device = configure_devices(options.mixed_precision) if options.mixed_precision else None
@@ -278,12 +281,10 @@ class _Run:
 
             ensure_fp32(net, self._store())  # once here, not raced by every actor
         weights = options.weights
-        if weights not in ("imagenet", "random"):
+        if weights not in ("imagenet", "random"):  # a file: the actors' path to it
             weights = str(Path(weights).resolve())
         spec = ray_engine.WorkerSpec(
-            backbone=dict(name=options.backbone, weights=weights, layer=options.layer,
-                          pooling=options.pooling, input_size=options.input_size,
-                          seed=options.seed, reduced_decode=options.reduced_decode),
+            backbone={**backbone_args(options), "weights": weights},
             runtime=options.runtime, precision=options.precision,
             batch_size=self._batch_size(), store_dir=str(Path(self._store()).resolve()),
             int8_model=self.int8_model, flip_average=options.flip_average,

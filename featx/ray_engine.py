@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import FeatxError, UsageError
+from featx.persist import write_atomic
 from featx.pipeline import ArrayWriter, ImageReader, run_pipeline
 from featx.shards import DONE_SUFFIX, ShardInfo, is_intact, write_shard
 
@@ -152,10 +153,8 @@ def embed_shard(item: dict, spec: WorkerSpec, mapper, preprocessing: dict, dim: 
                    "view": np.zeros(int(ok.sum()), np.int16)}
         info = write_shard(folder / item["name"], dim, [writer.embeddings[ok]], columns)
         done.update(checksum=info.checksum, size=info.size, mtime_ns=info.mtime_ns)
-    marker = folder / (item["name"] + DONE_SUFFIX)
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(done))
-    os.replace(tmp, marker)
+    write_atomic(folder / (item["name"] + DONE_SUFFIX),
+                 lambda tmp: tmp.write_text(json.dumps(done)))
     return done
 
 
@@ -186,10 +185,10 @@ class ShardEmbedder:
 def connect(ray, address: str | None, num_cpus: int | None) -> bool:
     """Join the cluster at ``address``, or start a local one; True when featx started it.
 
-    A cluster that does not answer fails within about ``CONNECT_TIMEOUT_S`` seconds with
-    one line, instead of Ray's own minutes of retries.
+    ``extract`` has checked the address (:func:`check_address`) before any file was
+    hashed; a cluster that accepts the connection but does not answer fails in about 10 s
+    (:data:`RAY_ENV`) with one line, instead of Ray's own minutes of retries.
     """
-    check_address(address)
     if ray.is_initialized():
         return False
     if not log.isEnabledFor(logging.DEBUG):  # Ray's INFO lines only with featx -v

@@ -253,6 +253,10 @@ def compare(data_dir, clfs=("all",), *, backbones=None, report_dir="reports", tu
     backbones = tuple(backbones or (options.backbone,))
     for backbone in backbones:  # a bad name or option fails before any extraction
         check_backbone(dataclasses.replace(options, backbone=backbone))
+    if finetune is not None:
+        from featx.finetuning import require_tf_data
+
+        require_tf_data()  # before the classifiers' work, not after it
     if finetune is not None and len(backbone_parts(backbones[0])) > 1:
         raise UsageError(f"--finetune fine-tunes the first backbone, and {backbones[0]!r} "
                          "combines several; name a single backbone first")

@@ -17,6 +17,7 @@ import click
 
 from featx import __version__
 from featx._json import json_default
+from featx.devices import DEVICES
 from featx.errors import FeatxError
 from featx.options import (AUDIT_MAPS, ENGINES, POOLINGS, PRECISIONS, RUNTIMES, AuditOptions,
                            ExtractOptions)
@@ -52,6 +53,8 @@ def handle_errors(func):
         except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the contract is one line and exit 1
+            if isinstance(exc, ModuleNotFoundError):
+                _missing_backend(exc)
             if os.environ.get("FEATX_DEBUG"):
                 raise
             click.echo(f"Internal error: {type(exc).__name__}: {exc} "
@@ -59,6 +62,18 @@ def handle_errors(func):
             sys.exit(1)
 
     return wrapper
+
+
+def _missing_backend(exc: ModuleNotFoundError):
+    """Keras' backend failed to import: the one line require_backend gives, exit 2."""
+    from featx.devices import backend_name, require_backend
+
+    if exc.name and exc.name.split(".")[0] == backend_name():
+        try:
+            require_backend()
+        except FeatxError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(error.exit_code)
 
 
 def emit_json(obj):
@@ -156,7 +171,12 @@ def engine_options(func):
         click.option("--workers", type=click.IntRange(1), default=None,
                      help="Parallel decoding threads [default: the usable cores]."),
         click.option("--mixed-precision", is_flag=True, default=DEFAULTS.mixed_precision,
-                     help="float16 compute on GPU (ignored on CPU)."),
+                     help="float16 compute on GPU, Keras' mixed_float16 policy (its own "
+                          "cache key; ignored on CPU)."),
+        click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS.device,
+                     show_default=True,
+                     help="Where the Keras model runs: auto takes a GPU when the backend "
+                          "(KERAS_BACKEND: tensorflow, jax, torch) sees one."),
         click.option("--runtime", type=click.Choice(RUNTIMES), default=DEFAULTS.runtime,
                      show_default=True,
                      help="auto: ONNX Runtime when installed (CPU), else the Keras model."),
@@ -279,6 +299,8 @@ def extract(data, json_, augment, **kw):
         "seconds": round(stats.seconds, 3),
         "images_per_second": round(stats.images_per_second, 2),
         "runtime": stats.runtime or None,
+        "device": stats.device or None,
+        "computed_by": features.computed_by,
         "engine": stats.engine,
         "precision": features.precision,
         "reused": stats.reused,
@@ -305,7 +327,7 @@ def extract(data, json_, augment, **kw):
                    f"extracted in {part['seconds']:.1f} s; {part['cache']}")
     if stats.runtime:
         click.echo(f"runtime:   {stats.runtime}"
-                   + (" on Ray" if stats.engine == "ray" else ""))
+                   + (" on Ray" if stats.engine == "ray" else f" on {stats.device}"))
     if stats.n_shards_reused:
         click.echo(f"resumed:   {stats.n_shards_reused} shard(s) a stopped run had finished")
     what = f"{stats.n_extracted} embeddings ({len(features.parts)} parts)" if \

@@ -20,10 +20,10 @@ from featx import data as featx_data
 from featx import reconcile
 from featx.cache import (CacheLock, CacheSession, FeatureCache, cache_path_for, key_hash,
                          remove_cache)
-from featx.errors import DataError, FeatxError, UsageError
+from featx.errors import CacheError, DataError, FeatxError, UsageError
 from featx.features import CombinedFeatures, ExtractStats, Features
 from featx.options import ENGINES, ExtractOptions
-from featx.pipeline import CacheWriter, FlipAveraging, ImageReader, run_pipeline
+from featx.pipeline import CacheWriter, FlipAveraging, ImageReader, decoded, run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,22 @@ def _naming_part(name, part):
 
 def _extract_one(data_dir, options, augment, augment_options, mapper) -> Features:
     from featx.backbones import create_backbone
-    from featx.runtimes import choose_runtime, configure_devices
+    from featx.devices import set_mixed_precision
+    from featx.runtimes import choose_runtime, plan_device
 
     started = time.perf_counter()
     net = create_backbone(**backbone_args(options))
-    choose_runtime(options.runtime, options.precision)  # bad combinations fail before any work
+    runtime = choose_runtime(options.runtime, options.precision)  # bad combinations fail here
+    device = None
+    if mapper is None:
+        runtime, device = plan_device(options.runtime, options.precision, options.device,
+                                      options.mixed_precision)
     # float16 compute changes the embeddings, so it is part of the cache key
-    device = configure_devices(options.mixed_precision) if options.mixed_precision else None
-    fp16 = (options.mixed_precision and device == "gpu" and options.precision == "fp32"
-            and options.runtime != "onnx")
+    fp16 = (options.mixed_precision and device is not None and device.kind == "gpu"
+            and options.precision == "fp32" and runtime == "keras")
+    if options.mixed_precision and not fp16:
+        log.warning("--mixed-precision ignored: it needs the Keras runtime on a GPU (float16 "
+                    "is slower on a CPU)")
     key = {**net.key(), "compute_dtype": "mixed_float16"} if fp16 else net.key()
     if options.precision == "int8":
         key = {**key, **INT8_KEY}
@@ -149,6 +156,8 @@ def _extract_one(data_dir, options, augment, augment_options, mapper) -> Feature
     cache_path = cache_path_for(options.cache_dir, data_dir, net.cfg.name, net.weights, key)
     run = _Run(net, options, Path(data_dir), cache_path, device, mapper)
     try:
+        if fp16:
+            set_mixed_precision(True)
         with CacheLock(cache_path):
             recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
             if recovered:
@@ -156,9 +165,7 @@ def _extract_one(data_dir, options, augment, augment_options, mapper) -> Feature
             run.update_cache(key, augment, augment_options)
     finally:
         if fp16:
-            import keras
-
-            keras.mixed_precision.set_global_policy("float32")
+            set_mixed_precision(False)
     run.stats.seconds = time.perf_counter() - started
     return Features(cache_path, run.stats, exclude=run.excluded)
 
@@ -170,20 +177,13 @@ class _Run:
         from featx.runtimes import open_mapper
 
         self.net, self.options, self.root, self.cache_path = net, options, root, cache_path
-        self.device = device
+        self.device = device  # featx.devices.Device, or None: the CPU, no framework loaded
         self.int8_model = None
-        self.stats = ExtractStats()
+        self.stats = ExtractStats(device=str(device) if device is not None else "CPU")
         self.excluded = frozenset()  # relative paths the exclude list names
         self.mapper = _OnDemand(mapper, lambda: open_mapper(
-            net, options.runtime, options.precision, self._device(), self._store(),
+            net, options.runtime, options.precision, device, self._store(),
             self._batch_size(), self.int8_model), flip_average=options.flip_average)
-
-    def _device(self) -> str:
-        from featx.runtimes import detect_device
-
-        if self.device is None:
-            self.device = detect_device(self.options.runtime)
-        return self.device
 
     def _store(self):
         from featx.onnx_export import store_for
@@ -191,9 +191,9 @@ class _Run:
         return store_for(self.options.cache_dir)
 
     def _batch_size(self) -> int:
-        from featx.runtimes import DEFAULT_BATCH_SIZE
+        from featx.runtimes import batch_size_for
 
-        return self.options.batch_size or DEFAULT_BATCH_SIZE[self.device or "cpu"]
+        return batch_size_for(self.device, self.options.batch_size)
 
     def update_cache(self, key, augment, augment_options):
         from featx import __version__
@@ -225,6 +225,8 @@ class _Run:
             dim=None if state is not None else given_dim or net.dim)
         try:
             cache, stats.n_copied = reconcile.apply_plan(cache, plan, current)
+            if plan.extract.size and self.options.engine == "local":
+                check_agreement(cache, self.mapper(), self.root, self.net.preprocessing)
             new_failed = self._embed_new(cache, plan.extract, current, key) \
                 if plan.extract.size else []
             cache, augment_seconds = self._augment(cache, augment, augment_options)
@@ -234,9 +236,11 @@ class _Run:
             attrs["extraction_seconds"] = float(cache.attr("extraction_seconds", 0.0)) + \
                 stats.model_seconds + augment_seconds
             if self.mapper.built is not None and (stats.n_extracted or stats.n_augmented):
-                from featx.runtimes import describe
+                from featx.runtimes import computed_by, describe
 
                 stats.runtime = describe(self.mapper.built)
+                attrs["computed_by"] = sorted({*cache.json_attr("computed_by", []),
+                                               computed_by(self.mapper.built)})
             if stats.runtime:
                 attrs["runtimes"] = sorted({*cache.json_attr("runtimes", []), stats.runtime})
             cache.set_attrs(**attrs)
@@ -252,7 +256,6 @@ class _Run:
 
     def _embed_new(self, cache, todo, current, key) -> list:
         """Run the files ``todo`` through the pipeline into the cache; return the failures."""
-        self._device()
         columns = {k: v[todo] for k, v in current.items()}
         if self.options.engine == "ray":
             return self._embed_on_ray(cache, columns, key)
@@ -315,6 +318,43 @@ class _Run:
             cache, self.net, self.root, k, augment_options, self.options.seed,
             self.options.batch_size or 32, self.options.progress, mapper=self.mapper)
         return cache, (time.perf_counter() - started) if self.stats.n_augmented else 0.0
+
+
+# A runtime, backend or device new to a cache adds rows to it only where its embeddings of
+# up to AGREEMENT_SAMPLE cached images agree with the cached ones: the largest difference,
+# relative to the largest cached value, at most AGREEMENT_TOLERANCE. Measured on CPU:
+# about 1e-6 between TensorFlow, JAX, PyTorch and ONNX Runtime (tests/test_backends.py).
+AGREEMENT_SAMPLE = 8
+AGREEMENT_TOLERANCE = 1e-4
+
+
+def check_agreement(cache, mapper, root, preprocessing, sample: int = AGREEMENT_SAMPLE):
+    """Raise CacheError when ``mapper`` is new to ``cache`` and disagrees with its rows."""
+    from featx.runtimes import computed_by
+
+    who, recorded = computed_by(mapper), cache.json_attr("computed_by", [])
+    if who in recorded:
+        return
+    rows = cache.rows()
+    chosen = np.flatnonzero(rows["view"] == 0)[:sample]
+    if not chosen.size:
+        return
+    batch = next(iter(ImageReader(rows["paths"][chosen], preprocessing, len(chosen),
+                                  root=root)))
+    ok = decoded(batch)
+    if not ok.any():
+        return
+    ours = np.asarray(mapper(batch["image"][ok]), np.float32)
+    cached = cache.embeddings(chosen[ok])
+    gap = float(np.max(np.abs(ours - cached)) / max(float(np.max(np.abs(cached))), 1e-12))
+    log.info("%s vs the cached rows (%s) on %d images: relative difference %.2g",
+             who, ", ".join(recorded) or "not recorded", int(ok.sum()), gap)
+    if gap > AGREEMENT_TOLERANCE:
+        raise CacheError(
+            f"{cache.path}: its rows were computed by {', '.join(recorded) or 'another runtime'}; "
+            f"{who} differs on {int(ok.sum())} cached images by {gap:.2g} (relative; "
+            f"tolerance {AGREEMENT_TOLERANCE:g}), so they cannot share it: use another "
+            "--cache-dir, or the runtime and backend that wrote it")
 
 
 def _excluding(exclude_file, manifest, plan):

@@ -38,6 +38,7 @@ class ExtractStats:
     n_excluded: int = 0  # images of the folder left out by an exclude list
     reused: bool = False
     runtime: str = ""  # which runtime computed this run's rows ("" when none did)
+    device: str = ""  # where the model ran: "CPU", or the GPU's name and the backend
     engine: str = "local"  # what drove the pipeline: "local" or "ray"
     n_shards_reused: int = 0  # ray: shards a stopped run had finished, checked and adopted
     failed: list = dataclasses.field(default_factory=list)
@@ -113,6 +114,8 @@ class Features(_Rows):
             self.preprocessing = cache.json_attr("preprocessing", {})
             self.extraction_seconds = float(cache.attr("extraction_seconds", 0.0))
             self.runtimes = cache.json_attr("runtimes", [])
+            # what computed the rows: "onnxruntime/cpu", "keras/jax/gpu" (featx.runtimes)
+            self.computed_by = cache.json_attr("computed_by", [])
             failed = cache.failed()
         # cache row of each of our rows: take() reads through it
         self._cache_rows = np.flatnonzero([p not in exclude for p in rows["paths"]])
@@ -193,6 +196,10 @@ class CombinedFeatures(_Rows):
 
     def provenance(self) -> str:
         return "; ".join(f"{p.backbone}: {p.provenance()}" for p in self.parts)
+
+    @property
+    def computed_by(self) -> list[str]:
+        return sorted({who for part in self.parts for who in part.computed_by})
 
     def take(self, idx) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(idx, dtype=np.int64)

@@ -53,6 +53,7 @@ import keras
 import numpy as np
 
 from featx.classifiers import classification_metrics
+from featx.devices import set_random_seed
 from featx.errors import DataError, ImageDecodeError, UsageError
 from featx.options import ExtractOptions, SplitOptions, reject_unknown
 from featx.persist import load_keras_model, save_keras_model, sidecar_for
@@ -427,10 +428,10 @@ def _predict(model, ds):
     """Probabilities and labels of the decodable images of ``ds``, and which images of its
     sequence those are (a boolean mask)."""
     probs, labels, kept = [], [], []
-    for images, y, weights in ds:
-        keep = weights.numpy() > 0
+    for images, y, weights in ds.as_numpy_iterator():  # numpy: what every backend takes
+        keep = weights > 0
         probs.append(np.asarray(model.predict_on_batch(images))[keep])
-        labels.append(y.numpy()[keep])
+        labels.append(y[keep])
         kept.append(keep)
     if not probs:
         return (np.zeros((0, model.output_shape[-1]), np.float32), np.zeros(0, np.int64),
@@ -456,11 +457,27 @@ def _evaluate(model, ds, class_names, paths) -> tuple[dict, dict]:
 
 # ----- saving and loading ----------------------------------------------------------
 def _versions() -> dict:
+    import importlib
+
     import tensorflow as tf
 
     from featx import __version__
 
-    return {"featx": __version__, "keras": keras.__version__, "tensorflow": tf.__version__}
+    backend = keras.backend.backend()
+    return {"featx": __version__, "keras": keras.__version__, "backend": backend,
+            "tensorflow": tf.__version__,  # tf.data reads the images on every backend
+            backend: importlib.import_module(backend).__version__}
+
+
+def require_tf_data() -> None:
+    """Fine-tuning reads images through tf.data, which Keras' JAX and PyTorch trainers take
+    as they are; it needs TensorFlow installed, whichever backend trains."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        raise UsageError(f"featx finetune reads its images through tf.data, which needs "
+                         f"TensorFlow installed (Keras then trains on "
+                         f"{keras.backend.backend()}): pip install tensorflow")
 
 
 def load_finetuned(path):
@@ -610,6 +627,7 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
 
     started = time.perf_counter()
     reject_unknown(values, FINETUNE_OPTIONS, "fine-tuning option")
+    require_tf_data()
     run = ExtractOptions.create(options, **values)
     seed = run.seed
     unfreeze = _check_recipe(warmup_epochs, epochs, unfreeze, dropout)
@@ -631,7 +649,7 @@ def finetune(data_dir, *, warmup_epochs=5, epochs=10, unfreeze=20, lr_head=1e-3,
                          "folder): it chooses the epoch to keep")
     paths = _output_paths(out, name or f"finetune-{net.cfg.name}")
 
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     augmentation = build_augmentation(augmenting, seed) if augmenting else None
     train_model, inference_model = build_model(net, len(manifest.class_names), dropout=dropout,
                                                augmentation=augmentation)

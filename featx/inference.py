@@ -62,13 +62,13 @@ def model_mapper(metadata: dict, net, runtime: str, batch_size: int):
     """The runtime that reproduces the model's training features (int8 only by its model;
     flip-averaged when they were)."""
     from featx.pipeline import FlipAveraging
-    from featx.runtimes import choose_runtime, detect_device, open_mapper
+    from featx.runtimes import open_mapper, plan_device
 
     precision = metadata["cache_key"].get("precision", "fp32")
-    choose_runtime(runtime, precision)
+    _, device = plan_device(runtime, precision)
     int8_model = model_int8(metadata, net) if precision == "int8" else None
-    mapper = open_mapper(net, runtime, precision, detect_device(runtime),
-                         model_store(metadata), batch_size, int8_model)
+    mapper = open_mapper(net, runtime, precision, device, model_store(metadata), batch_size,
+                         int8_model)
     return FlipAveraging(mapper) if metadata["cache_key"].get("flip_average") else mapper
 
 

@@ -152,6 +152,12 @@ def _export_keras(net, out: Path) -> None:
 
 def keras_to_onnx(model, out: Path, name: str) -> None:
     """Convert a Keras model with one batched input (images, or embeddings) to ONNX."""
+    from featx.devices import backend_name
+
+    if backend_name() != "tensorflow":
+        raise ExportError(f"{name}: the ONNX export runs on Keras' TensorFlow backend "
+                          f"(KERAS_BACKEND={backend_name()} here): use --runtime keras, or "
+                          "export once with KERAS_BACKEND=tensorflow (the export is stored)")
     shape = (1, *model.inputs[0].shape[1:])
     model(np.zeros(shape, model.inputs[0].dtype))  # Keras exports only called models
     try:

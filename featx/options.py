@@ -47,10 +47,11 @@ class ExtractOptions:
     layer: str | None = None  # default: the penultimate layer
     pooling: str | None = None  # default: avg
     input_size: int | None = None
-    batch_size: int | None = None  # default: per device (featx.runtimes)
+    batch_size: int | None = None  # default: per device (featx.devices)
     cache_dir: str | Path = "cache"
     workers: int | None = None  # decoding threads; default: the usable cores
-    mixed_precision: bool = False
+    mixed_precision: bool = False  # float16 compute on GPU (Keras' mixed_float16 policy)
+    device: str = "auto"  # "auto" | "cpu" | "gpu": where the Keras model runs
     runtime: str = "auto"  # "auto" | "onnx" | "keras"
     precision: str = "fp32"  # "fp32" | "int8"
     reduced_decode: bool = False

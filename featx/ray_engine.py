@@ -164,11 +164,15 @@ class ShardEmbedder:
     def __init__(self, spec: WorkerSpec):
         from featx.backbones import create_backbone
         from featx.pipeline import FlipAveraging
-        from featx.runtimes import describe, open_mapper
+        from featx.devices import setup_device
+        from featx.runtimes import choose_runtime, describe, open_mapper
 
         self.spec = spec
         net = create_backbone(**spec.backbone)
-        mapper = open_mapper(net, spec.runtime, spec.precision, "cpu", spec.store_dir,
+        # actors run on CPUs (no GPUs are asked for them)
+        device = setup_device("cpu") if choose_runtime(spec.runtime, spec.precision) == \
+            "keras" else None
+        mapper = open_mapper(net, spec.runtime, spec.precision, device, spec.store_dir,
                              spec.batch_size, spec.int8_model)
         self.mapper = FlipAveraging(mapper) if spec.flip_average else mapper
         self.preprocessing = net.preprocessing
@@ -194,7 +198,11 @@ def connect(ray, address: str | None, num_cpus: int | None) -> bool:
     if not log.isEnabledFor(logging.DEBUG):  # Ray's INFO lines only with featx -v
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from featx.devices import backend_name
+
+    # the actors run Keras on the driver's backend, whatever the nodes' default
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                  runtime_env={"env_vars": {"KERAS_BACKEND": backend_name()}})
     try:
         if address:
             ray.init(address=address, **kwargs)

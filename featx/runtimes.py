@@ -1,13 +1,17 @@
 """Runtimes: the mapper stage of the pipeline, uint8 images -> float32 embeddings.
 
-- ``keras``: the backbone's Keras feature model (one traced ``tf.function`` on TensorFlow);
-  the GPU path, with mixed precision.
+- ``keras``: the backbone's Keras feature model on the Keras backend in use (TensorFlow, JAX
+  or PyTorch; :mod:`featx.devices`), compiled once per backend; the GPU path, with mixed
+  precision.
 - ``onnx``: the same network exported once to ONNX (:mod:`featx.onnx_export`) and run by
   ONNX Runtime; about twice TensorFlow's CPU speed here, and the only one with ``int8``.
-- ``auto`` (the default): ``onnx`` on CPU when onnxruntime is installed, else ``keras``.
+- ``auto`` (the default): ``onnx`` on CPU when onnxruntime is installed and Keras runs on
+  TensorFlow (the export goes through it), else ``keras``.
 
-fp32 ONNX embeddings equal the Keras model's to about 1e-5 (tests pin it), so the two
-share one cache key; int8 rows get a key of their own.
+fp32 embeddings of every runtime, backend and device agree to about 1e-5 (tests pin it), so
+they share one cache key; extraction checks that agreement on cached images before a new
+runtime adds rows to a cache (:func:`computed_by` names what computed them). int8 and
+mixed-precision rows get keys of their own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 
 import numpy as np
 
+from featx.devices import DEFAULT_BATCH_SIZE, Device, backend_name, setup_device
 from featx.errors import UsageError
 from featx.options import PRECISIONS, RUNTIMES
 
@@ -29,7 +34,10 @@ def onnxruntime_available() -> bool:
 
 
 def choose_runtime(runtime: str = "auto", precision: str = "fp32", device: str = "cpu") -> str:
-    """The runtime that will run: "onnx" or "keras". Raises UsageError for what cannot."""
+    """The runtime that will run: "onnx" or "keras". Raises UsageError for what cannot.
+
+    ``device`` is the device's kind, "cpu" or "gpu".
+    """
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
     if precision not in PRECISIONS:
@@ -38,6 +46,8 @@ def choose_runtime(runtime: str = "auto", precision: str = "fp32", device: str =
         raise UsageError("--precision int8 runs on ONNX Runtime only; drop --runtime keras")
     if runtime == "keras":
         return "keras"
+    if runtime == "auto" and precision == "fp32" and backend_name() != "tensorflow":
+        return "keras"  # the ONNX export runs on TensorFlow, which this process must not load
     if not onnxruntime_available():
         if runtime == "onnx" or precision == "int8":
             raise UsageError("--runtime onnx / --precision int8 need onnxruntime, which is not "
@@ -49,37 +59,43 @@ def choose_runtime(runtime: str = "auto", precision: str = "fp32", device: str =
 
 
 class KerasMapper:
-    """The backbone's Keras feature model; on TensorFlow one traced ``tf.function``."""
+    """The backbone's Keras feature model, compiled once for the backend in use.
+
+    Each batch goes to the device once, as uint8 (a quarter of float32's bytes), and is
+    cast there; the embeddings come back once as float32. ``precision`` is "fp32", or
+    "mixed_float16" when Keras' global policy was mixed when the model was built.
+    """
 
     runtime = "keras"
 
-    def __init__(self, net, batch_size: int | None = None, precision: str = "fp32"):
+    def __init__(self, net, batch_size: int | None = None, precision: str = "fp32",
+                 device: Device | None = None):
         import keras
 
-        model = net.feature_model()
-        model.trainable = False
-        self.precision = precision
+        self.device = device or setup_device()
+        self.backend = keras.backend.backend()
         self.batch_size = batch_size
         self.n_batches = 0
         self.n_images = 0
-        if keras.backend.backend() == "tensorflow":
-            self._embed = _traced(model, net.input_size)
-        else:
-            self._embed = lambda images: model(images.astype(np.float32), training=False)
+        model = net.feature_model()  # on the device setup_device left as the default
+        model.trainable = False
+        self.precision = "mixed_float16" if keras.mixed_precision.global_policy().name == \
+            "mixed_float16" else precision
+        self._embed = _COMPILE[self.backend](model, net.input_size, self.device)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         n = int(images.shape[0])
         self.n_batches += 1
         self.n_images += n
         if self.batch_size and n < self.batch_size:
-            # A short batch would make oneDNN build new kernels for one call (seconds);
-            # padding it to the usual shape is far cheaper.
+            # A short batch would make oneDNN or XLA build new kernels for one call
+            # (seconds); padding it to the usual shape is far cheaper.
             images = np.concatenate([images, np.zeros(
                 (self.batch_size - n, *images.shape[1:]), dtype=images.dtype)])
-        return np.asarray(self._embed(images), dtype=np.float32)[:n]
+        return np.asarray(self._embed(np.ascontiguousarray(images)), dtype=np.float32)[:n]
 
 
-def _traced(model, size):
+def _tensorflow_embed(model, size, device):
     import tensorflow as tf
 
     spec = tf.TensorSpec((None, size, size, 3), tf.uint8)
@@ -89,6 +105,42 @@ def _traced(model, size):
         return tf.cast(model(tf.cast(images, tf.float32), training=False), tf.float32)
 
     return lambda images: embed(images).numpy()
+
+
+def _jax_embed(model, size, device):
+    import jax
+    import jax.numpy as jnp
+
+    target = jax.devices(device.kind)[0] if device.kind == "cpu" else \
+        [d for d in jax.devices() if d.platform == "gpu"][0]
+    # passed as arguments, not closed over: XLA would fold closed-over weights into the
+    # program as constants (slow to compile, twice the memory)
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def embed(trainable, frozen, images):
+        out, _ = model.stateless_call(trainable, frozen, images.astype(jnp.float32),
+                                      training=False)
+        return out.astype(jnp.float32)
+
+    return lambda images: embed(trainable, frozen, jax.device_put(images, target))
+
+
+def _torch_embed(model, size, device):
+    import torch
+
+    target = model.weights[0].value.device  # where Keras put the weights
+
+    def embed(images):
+        with torch.inference_mode():
+            batch = torch.from_numpy(images).to(target, non_blocking=True).float()
+            return model(batch, training=False).float().cpu().numpy()
+
+    return embed
+
+
+_COMPILE = {"tensorflow": _tensorflow_embed, "jax": _jax_embed, "torch": _torch_embed}
 
 
 class OnnxMapper:
@@ -139,14 +191,14 @@ def _env_flag(name: str, default: bool) -> bool:
 
 
 def create_mapper(net, *, runtime: str = "onnx", store_dir=None, batch_size=None,
-                  precision: str = "fp32", int8_model=None):
+                  precision: str = "fp32", int8_model=None, device=None):
     """A mapper for ``net`` on a runtime :func:`choose_runtime` picked.
 
     ``onnx`` exports the feature model into ``store_dir`` once (or reuses it); ``int8``
     takes the quantised model from :func:`featx.onnx_export.ensure_int8` as ``int8_model``.
     """
     if runtime == "keras":
-        return KerasMapper(net, batch_size, precision)
+        return KerasMapper(net, batch_size, precision, device)
     if precision == "int8":
         return OnnxMapper(int8_model)
     from featx.onnx_export import ensure_fp32
@@ -155,9 +207,8 @@ def create_mapper(net, *, runtime: str = "onnx", store_dir=None, batch_size=None
 
 
 def describe(mapper) -> str:
-    """One line for reports: which runtime and precision computed the embeddings.
-
-    Any mapper works: one without a ``runtime`` attribute is named by its type.
+    """One line for reports: which runtime, backend, device and precision computed the
+    embeddings. Any mapper works: one without a ``runtime`` attribute is named by its type.
     """
     runtime = getattr(mapper, "runtime", type(mapper).__name__)
     if runtime == "onnx":
@@ -168,55 +219,57 @@ def describe(mapper) -> str:
         return f"{runtime} {getattr(mapper, 'precision', '')}".strip()
     import keras
 
-    return f"keras {keras.__version__} ({keras.backend.backend()}) {mapper.precision}"
+    return (f"keras {keras.__version__} ({mapper.backend}, {mapper.device.name}) "
+            f"{mapper.precision}")
 
 
-# ----- devices and choosing a mapper -------------------------------------------------
-DEFAULT_BATCH_SIZE = {"cpu": 32, "gpu": 128}
+def computed_by(mapper) -> str:
+    """What computed a mapper's embeddings, for the cache's record of who wrote its rows:
+    "onnxruntime/cpu", "keras/jax/gpu"; versions left out (a cache outlives them)."""
+    runtime = getattr(mapper, "runtime", type(mapper).__name__)
+    if runtime == "onnx":
+        return "onnxruntime/cpu"
+    if runtime == "keras":
+        return f"keras/{mapper.backend}/{mapper.device.kind}"
+    return str(runtime)
 
 
-def configure_devices(mixed_precision: bool = False) -> str:
-    """Enable GPU memory growth; set mixed precision on GPU. Returns "gpu" or "cpu".
-
-    Imports TensorFlow: call it only when the Keras runtime may run.
-    """
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised
-            pass
-    if mixed_precision:
-        if gpus:
-            import keras
-
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        else:
-            log.warning("--mixed-precision ignored: no GPU found (it would be slower on CPU)")
-    return "gpu" if gpus else "cpu"
-
-
-def detect_device(runtime: str = "auto") -> str:
-    """"gpu" or "cpu", importing TensorFlow only when a GPU may be there or Keras will run."""
+# ----- choosing a device and a mapper ------------------------------------------------
+def gpu_present() -> bool:
+    """An NVIDIA device node is there (cheap; imports no framework)."""
     from pathlib import Path
 
-    if runtime == "keras" or any(Path("/dev").glob("nvidia[0-9]*")):
-        return configure_devices()
-    return "cpu"
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def plan_device(runtime: str = "auto", precision: str = "fp32", device: str = "auto",
+                mixed_precision: bool = False) -> tuple[str, Device | None]:
+    """(runtime, device) for a run: the device is set up (importing the backend) only when
+    the Keras model may run, so ONNX Runtime on a CPU-only machine never loads a framework.
+    ``device`` None means the CPU, with no framework loaded."""
+    chosen = choose_runtime(runtime, precision, "cpu")  # bad combinations fail here
+    if not (chosen == "keras" or device == "gpu" or mixed_precision
+            or (device == "auto" and gpu_present())):
+        return chosen, None
+    found = setup_device(device)
+    return choose_runtime(runtime, precision, found.kind), found
+
+
+def batch_size_for(device: Device | None, given: int | None = None) -> int:
+    return given or DEFAULT_BATCH_SIZE["cpu" if device is None else device.kind]
 
 
 def open_mapper(net, runtime, precision, device, store_dir, batch_size, int8_model=None):
-    """The runtime's mapper; under ``auto`` a backbone ONNX cannot export falls back to Keras."""
+    """The runtime's mapper; under ``auto`` a backbone ONNX cannot export falls back to
+    Keras. ``device``: a :class:`~featx.devices.Device`, or None for the CPU."""
     from featx.onnx_export import ExportError
 
-    chosen = choose_runtime(runtime, precision, device)
+    chosen = choose_runtime(runtime, precision, "cpu" if device is None else device.kind)
     try:
         return create_mapper(net, runtime=chosen, store_dir=store_dir, batch_size=batch_size,
-                             precision=precision, int8_model=int8_model)
+                             precision=precision, int8_model=int8_model, device=device)
     except ExportError as exc:
         if runtime != "auto" or precision != "fp32":
             raise
         log.warning("%s; falling back to the Keras runtime", exc)
-        return KerasMapper(net, batch_size)
+        return KerasMapper(net, batch_size, device=device)

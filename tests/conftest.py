@@ -90,6 +90,19 @@ def dogcat_path():
     return Path(value)
 
 
+def pytest_collection_modifyitems(config, items):
+    """On Keras' JAX or PyTorch backend (KERAS_BACKEND), skip what needs TensorFlow's."""
+    from featx.devices import backend_name
+
+    backend = backend_name()
+    if backend == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"needs Keras' TensorFlow backend (KERAS_BACKEND={backend})")
+    for item in items:
+        if "tensorflow_only" in item.keywords:
+            item.add_marker(skip)
+
+
 # ----- a toy backbone ----------------------------------------------------------------
 def _toy_base(cfg, weights, input_size, seed):
     import keras

@@ -95,6 +95,7 @@ def test_knn_and_tree_are_not_one_graph(clf):
 
 
 # ----- ONNX and Keras files, parity with predict --------------------------------------
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("clf", ["softmax", "logistic", "svm"])
 def test_onnx_export_equals_predict(fitted, clf, tmp_path):
     from featx.deploy import check_export, export_model, read_export_metadata
@@ -147,6 +148,7 @@ def _readme_example() -> str:
     return match.group(1)
 
 
+@pytest.mark.tensorflow_only
 def test_readme_example_labels_like_predict_without_featx(fitted, tmp_path):
     from featx.api import predict
     from featx.deploy import export_model
@@ -168,6 +170,7 @@ def test_readme_example_labels_like_predict_without_featx(fitted, tmp_path):
     assert abs(float(score) - row["score"]) < 1e-4
 
 
+@pytest.mark.tensorflow_only
 def test_cli_export_checks_and_prints_json(fitted, tmp_path):
     data, models, _ = fitted
     result = _cli("export", models["svm"], "-o", tmp_path / "svm.onnx", "--check", data,
@@ -180,6 +183,7 @@ def test_cli_export_checks_and_prints_json(fitted, tmp_path):
     assert "parity PASSED on 6 val images (fp32)" in text.output
 
 
+@pytest.mark.tensorflow_only
 def test_cli_exits_1_when_the_check_fails(fitted, tmp_path, monkeypatch):
     from featx import deploy
 
@@ -202,6 +206,7 @@ def test_export_names_that_would_overwrite_the_model_are_refused(fitted):
     assert model.is_file() and model.with_suffix(".json").is_file()
 
 
+@pytest.mark.tensorflow_only
 def test_check_refuses_an_export_of_another_model(fitted, tmp_path):
     from featx.deploy import check_export, export_model
 
@@ -211,6 +216,7 @@ def test_check_refuses_an_export_of_another_model(fitted, tmp_path):
         check_export(exported.path, models["svm"], data)
 
 
+@pytest.mark.tensorflow_only
 def test_check_skips_unreadable_images_and_says_so(tmp_path, monkeypatch):
     from featx import api
     from featx.deploy import check_export, export_model
@@ -272,6 +278,7 @@ def test_int8_is_onnx_only(fitted):
         export_model(fitted[1]["softmax"], "keras", precision="int8")
 
 
+@pytest.mark.tensorflow_only
 def test_int8_export_of_a_model_fitted_on_int8_features_matches_predict(fitted, tmp_path):
     import onnx
 
@@ -293,6 +300,7 @@ def test_int8_export_of_a_model_fitted_on_int8_features_matches_predict(fitted, 
     assert parity.agreement == 1.0 and parity.max_score_diff < 1e-4 and parity.passed
 
 
+@pytest.mark.tensorflow_only
 def test_int8_export_of_an_fp32_model_is_held_to_the_measured_bound(fitted, tmp_path, caplog,
                                                                     monkeypatch):
     from featx.deploy import INT8_MIN_AGREEMENT, check_export, export_model
@@ -324,6 +332,7 @@ def test_int8_needs_the_training_images(fitted, tmp_path):
         export_model(copy, "onnx", precision="int8")
 
 
+@pytest.mark.tensorflow_only
 def test_finetuned_model_exports_with_parity(fitted, tmp_path):
     from featx.deploy import check_export, export_model
     from featx.finetuning import finetune

@@ -41,7 +41,10 @@ def test_cached_rows_equal_direct_model_output(image_folder, cache_dir):
     pre = net.preprocessing
     images = np.stack([load_for_model(image_folder / p, pre["input_size"], pre["resize_size"],
                                       pre["interpolation"]) for p in features.paths])
-    direct = net.feature_model()(images.astype("float32"), training=False).numpy()
+    import keras
+
+    direct = keras.ops.convert_to_numpy(
+        net.feature_model()(images.astype("float32"), training=False))
     with FeatureCache.open(features.cache_path) as cache:
         cached = cache.embeddings()
     np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)

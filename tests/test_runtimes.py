@@ -16,6 +16,9 @@ from featx.errors import UsageError
 from featx.extraction import extract
 from featx.runtimes import KerasMapper, OnnxMapper, choose_runtime
 
+# ONNX Runtime against Keras: the export runs on the TensorFlow backend
+pytestmark = pytest.mark.tensorflow_only
+
 
 def _tiny():
     return create_backbone("mobilenet_v2", "random", input_size=32, seed=1)

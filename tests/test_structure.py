@@ -5,7 +5,7 @@ from pathlib import Path
 
 import featx
 
-ORDER = ["errors", "_json", "options", "sample_data", "data", "shards", "cache", "uncertainty",
+ORDER = ["errors", "_json", "options", "sample_data", "devices", "data", "shards", "cache", "uncertainty",
          "resampling", "audit_checks", "classifiers", "augment", "backbones", "persist",
          "cache_export", "pipeline", "onnx_export", "reconcile", "reports", "audit_report",
          "runtimes", "ray_engine", "views", "features", "extraction", "inference", "finetuning", "deploy",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.devices import set_random_seed
 from featx.errors import WeightsUnavailableError
 
 from ._config import BackboneCfg
@@ -230,7 +231,7 @@ def build_base(cfg: BackboneCfg, weights: str, input_size: int, seed: int):
     specs = block_specs(arch)
     pth = weights != "random" and Path(weights).suffix == ".pth"
     state = _user_state(cfg, weights, specs) if pth else arch  # fail before building
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     model = build_lite_base(specs, arch["_conv_stem.weight"].shape[0],
                             arch["_conv_head.weight"].shape[0], input_size)
     if weights == "imagenet" or pth:
@@ -256,7 +257,7 @@ def build_head(cfg: BackboneCfg, weights: str, seed: int):
     if "_fc.weight" not in state:
         return None
     fc_w, fc_b = state["_fc.weight"], state["_fc.bias"]
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     # float32 so probabilities stay float32 under a mixed-precision policy.
     head = keras.layers.Dense(fc_w.shape[0], activation="softmax", name="predictions",
                               dtype="float32")

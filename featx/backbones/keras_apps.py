@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from featx.devices import set_random_seed
+
 from ._config import BackboneCfg, resize_size_for
 from ._registry import register_backbone
 from ._weights import OFFLINE_ENV, is_offline, load_keras_weights, offline_error
@@ -99,7 +101,7 @@ def build_base(cfg: BackboneCfg, weights: str, input_size: int, seed: int):
         if cached is None:
             return _download(cfg, input_size)
         weights = cached
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     model = _construct(cfg, input_size, None)
     if weights != "random":
         load_keras_weights(model, weights)

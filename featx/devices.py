@@ -1,0 +1,194 @@
+"""The Keras backend featx runs on, and the device its Keras runtime uses.
+
+Keras 3 runs on TensorFlow, JAX or PyTorch, chosen by ``KERAS_BACKEND`` (or keras.json);
+featx's backbones, Keras runtime and augmentation are plain Keras, so they run on any of
+the three. This module answers, importing no framework until it must: which backend Keras
+will load and whether it is installed (:func:`require_backend`), and which device runs the
+model (:func:`setup_device`, named in reports).
+
+Setting a device up, once per process and backend:
+
+- TensorFlow: GPU memory growth; JAX: no preallocation of GPU memory. Both leave the GPU to
+  share with other processes.
+- fp32 means fp32 on every backend: TF32 (the GPUs' 10-bit-mantissa matmul and convolution
+  mode, which JAX and PyTorch use by default) is off, so that GPU and CPU embeddings agree
+  and may share a cache. ``mixed_precision`` is the fast path, with its own cache key.
+- ``--device cpu`` hides the GPUs from a framework not yet imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from featx.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorflow", "jax", "torch")
+DEVICES = ("auto", "cpu", "gpu")
+# images per model call when --batch-size is not given
+DEFAULT_BATCH_SIZE = {"cpu": 32, "gpu": 128}
+MIXED_POLICY = "mixed_float16"
+_INSTALL = {"tensorflow": "pip install tensorflow", "jax": "pip install jax",
+            "torch": "pip install torch"}
+
+
+def backend_name() -> str:
+    """The backend Keras runs (or will run) on, without importing Keras."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        return keras.backend.backend()
+    return os.environ.get("KERAS_BACKEND") or _configured_backend() or "tensorflow"
+
+
+def _configured_backend() -> str | None:
+    """The backend keras.json names, read as Keras reads it."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        return json.loads(Path(home, "keras.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def require_backend() -> str:
+    """The backend's name; a UsageError (one line) when featx cannot run on it."""
+    name = backend_name()
+    if name not in BACKENDS:
+        raise UsageError(f"KERAS_BACKEND={name}: featx runs on {', '.join(BACKENDS)}")
+    if "keras" not in sys.modules and importlib.util.find_spec(name) is None:
+        installed = [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
+        instead = (f"or set KERAS_BACKEND={installed[0]}" if installed
+                   else "no Keras backend is installed")
+        raise UsageError(f"KERAS_BACKEND={name}, but {name} is not installed: "
+                         f"{_INSTALL[name]} ({instead})")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Where the Keras model runs: ``kind`` "cpu" or "gpu", ``name`` as the backend calls it
+    ("NVIDIA H100 80GB HBM3"), and the backend."""
+
+    kind: str
+    name: str
+    backend: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.backend})" if self.kind == "gpu" else f"CPU ({self.backend})"
+
+
+_SET_UP: dict[tuple[str, str], Device] = {}
+
+
+def setup_device(requested: str = "auto") -> Device:
+    """Set the backend up for ``requested`` ("auto", "cpu" or "gpu") and return the device
+    the model will run on. ``"gpu"`` where none is visible is a UsageError."""
+    if requested not in DEVICES:
+        raise UsageError(f"unknown device {requested!r}; one of {', '.join(DEVICES)}")
+    backend = require_backend()
+    if (backend, requested) not in _SET_UP:
+        _SET_UP[backend, requested] = _SETUP[backend](requested)
+    device = _SET_UP[backend, requested]
+    if requested == "gpu" and device.kind != "gpu":
+        raise UsageError(f"--device gpu: {backend} sees no GPU on this machine "
+                         f"({_no_gpu_hint(backend)}); drop --device or use --device cpu")
+    return device
+
+
+def _no_gpu_hint(backend) -> str:
+    return {"tensorflow": "TensorFlow's GPU build is pip install 'tensorflow[and-cuda]'",
+            "jax": "JAX's CUDA build is pip install 'jax[cuda12]'",
+            "torch": "a CUDA build of PyTorch is needed"}[backend]
+
+
+def _tensorflow(requested) -> Device:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if requested == "cpu" and gpus:
+        try:
+            tf.config.set_visible_devices([], "GPU")
+            gpus = []
+        except RuntimeError:  # initialised already: the GPU stays visible
+            log.warning("--device cpu: TensorFlow had already set up its GPUs in this process")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # initialised already
+            pass
+    if not gpus:
+        return Device("cpu", "cpu", "tensorflow")
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return Device("gpu", details.get("device_name", gpus[0].name), "tensorflow")
+
+
+def _jax(requested) -> Device:
+    if "jax" not in sys.modules:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        if requested == "cpu":
+            os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32
+    try:
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    except RuntimeError:  # JAX_PLATFORMS names a platform that is not there
+        gpus = []
+    if requested == "cpu" and gpus:
+        jax.config.update("jax_default_device", jax.devices("cpu")[0])
+        gpus = []
+    if not gpus:
+        return Device("cpu", "cpu", "jax")
+    return Device("gpu", gpus[0].device_kind, "jax")
+
+
+def _torch(requested) -> Device:
+    if requested == "cpu" and "keras" not in sys.modules:
+        os.environ["KERAS_TORCH_DEVICE"] = "cpu"  # read when Keras loads its torch backend
+    import torch
+
+    if requested == "cpu" or not torch.cuda.is_available():
+        return Device("cpu", "cpu", "torch")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return Device("gpu", torch.cuda.get_device_name(0), "torch")
+
+
+_SETUP = {"tensorflow": _tensorflow, "jax": _jax, "torch": _torch}
+
+
+def set_mixed_precision(enabled: bool) -> None:
+    """Keras' global dtype policy: mixed_float16 (float16 compute, float32 weights) or
+    float32. Backend-neutral; it applies to models built after the call."""
+    import keras
+
+    keras.mixed_precision.set_global_policy(MIXED_POLICY if enabled else "float32")
+
+
+def set_random_seed(seed: int) -> None:
+    """``keras.utils.set_random_seed`` without loading TensorFlow on the other backends.
+
+    Keras also seeds TensorFlow whenever it is installed (for tf.data pipelines); featx has
+    none outside the TensorFlow backend, and loading TensorFlow there would cost seconds and
+    hundreds of MB. Keras' lazy handle on TensorFlow is marked unavailable for that call.
+    """
+    import keras
+
+    if backend_name() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    from keras.src.utils import module_utils
+
+    lazy = module_utils.tensorflow
+    known, lazy._available = lazy._available, False
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        lazy._available = known

@@ -89,20 +89,25 @@ def embed_paths(mapper, net, paths, batch) -> np.ndarray:
     return np.concatenate([mapper(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
-def model_alone(mapper, net, paths, batch, repeats) -> dict:
+def model_alone(mapper, net, paths, batch, repeats, seconds=3.0) -> dict:
+    """Full batches of decoded images (repeated when the folder has fewer), run for at
+    least ``seconds`` per repeat, so that a fast GPU is not timed on a few milliseconds."""
     from featx.pipeline import ImageReader
 
     n = min(len(paths), max(batch * 4, 512))
     images = np.concatenate([b["image"] for b in ImageReader(paths[:n], net.preprocessing,
                                                              batch)])
+    images = np.resize(images, (max(len(images), batch), *images.shape[1:]))
     batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
     mapper(batches[0])  # compilation
     rates = []
     for _ in range(repeats):
-        started = time.perf_counter()
-        for images_batch in batches:
-            mapper(images_batch)
-        rates.append(len(batches) * batch / (time.perf_counter() - started))
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for images_batch in batches:
+                mapper(images_batch)
+            done += len(batches) * batch
+        rates.append(done / (time.perf_counter() - started))
     return spread(rates)
 
 
@@ -122,8 +127,8 @@ def end_to_end(extract, args, mixed, batch) -> dict:
         with tempfile.TemporaryDirectory() as cache_dir:
             started = time.perf_counter()
             features = extract(args.data, backbone=args.backbone, cache_dir=cache_dir,
-                               device=args.device, mixed_precision=mixed, batch_size=batch,
-                               progress=False)
+                               runtime="keras", device=args.device, mixed_precision=mixed,
+                               batch_size=batch, progress=False)
             walls.append(time.perf_counter() - started)
         s = features.stats
         whole.append(s.images_per_second)

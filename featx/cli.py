@@ -300,6 +300,7 @@ def extract(data, json_, augment, **kw):
         "images_per_second": round(stats.images_per_second, 2),
         "runtime": stats.runtime or None,
         "device": stats.device or None,
+        "batch_size": stats.batch_size or None,
         "computed_by": features.computed_by,
         "engine": stats.engine,
         "precision": features.precision,
@@ -326,8 +327,9 @@ def extract(data, json_, augment, **kw):
         click.echo(f"  part:    {part['backbone']}, dim {part['dim']}: {part['n_extracted']} "
                    f"extracted in {part['seconds']:.1f} s; {part['cache']}")
     if stats.runtime:
-        click.echo(f"runtime:   {stats.runtime}"
-                   + (" on Ray" if stats.engine == "ray" else f" on {stats.device}"))
+        click.echo(f"runtime:   {stats.runtime}" + (" on Ray" if stats.engine == "ray" else ""))
+        if stats.engine != "ray":
+            click.echo(f"device:    {stats.device}")
     if stats.n_shards_reused:
         click.echo(f"resumed:   {stats.n_shards_reused} shard(s) a stopped run had finished")
     what = f"{stats.n_extracted} embeddings ({len(features.parts)} parts)" if \

@@ -144,6 +144,8 @@ def _jax(requested) -> Device:
     if requested == "cpu" and gpus:
         jax.config.update("jax_default_device", jax.devices("cpu")[0])
         gpus = []
+    elif jax.config.values.get("jax_default_device") is not None:  # an earlier --device cpu
+        jax.config.update("jax_default_device", None)
     if not gpus:
         return Device("cpu", "cpu", "jax")
     return Device("gpu", gpus[0].device_kind, "jax")

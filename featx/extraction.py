@@ -20,6 +20,7 @@ from featx import data as featx_data
 from featx import reconcile
 from featx.cache import (CacheLock, CacheSession, FeatureCache, cache_path_for, key_hash,
                          remove_cache)
+from featx.devices import backend_name
 from featx.errors import CacheError, DataError, FeatxError, UsageError
 from featx.features import CombinedFeatures, ExtractStats, Features
 from featx.options import ENGINES, ExtractOptions
@@ -132,68 +133,100 @@ def _naming_part(name, part):
 
 def _extract_one(data_dir, options, augment, augment_options, mapper) -> Features:
     from featx.backbones import create_backbone
-    from featx.devices import set_mixed_precision
     from featx.runtimes import choose_runtime, plan_device
 
     started = time.perf_counter()
     net = create_backbone(**backbone_args(options))
     runtime = choose_runtime(options.runtime, options.precision)  # bad combinations fail here
-    device = None
-    if mapper is None:
+    device, planned = None, False
+    if mapper is None and (options.mixed_precision or options.device == "gpu"):
+        # the key depends on the device (mixed precision), and a missing GPU fails here
         runtime, device = plan_device(options.runtime, options.precision, options.device,
                                       options.mixed_precision)
-    # float16 compute changes the embeddings, so it is part of the cache key
+        planned = True
     fp16 = (options.mixed_precision and device is not None and device.kind == "gpu"
             and options.precision == "fp32" and runtime == "keras")
     if options.mixed_precision and not fp16:
         log.warning("--mixed-precision ignored: it needs the Keras runtime on a GPU (float16 "
                     "is slower on a CPU)")
-    key = {**net.key(), "compute_dtype": "mixed_float16"} if fp16 else net.key()
+    key = net.key()
+    if fp16:
+        # float16 compute changes the embeddings, and each backend's float16 kernels differ
+        # by about 1e-3: mixed-precision rows are keyed by their backend too
+        key = {**key, "compute_dtype": "mixed_float16", "compute_backend": device.backend}
     if options.precision == "int8":
         key = {**key, **INT8_KEY}
     if options.flip_average:
         key = {**key, **FLIP_KEY}
     cache_path = cache_path_for(options.cache_dir, data_dir, net.cfg.name, net.weights, key)
-    run = _Run(net, options, Path(data_dir), cache_path, device, mapper)
-    try:
-        if fp16:
-            set_mixed_precision(True)
-        with CacheLock(cache_path):
-            recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
-            if recovered:
-                log.info("recovered %d rows that a stopped run had computed", recovered)
-            run.update_cache(key, augment, augment_options)
-    finally:
-        if fp16:
-            set_mixed_precision(False)
+    run = _Run(net, options, Path(data_dir), cache_path, device, mapper, planned)
+    with _mixed_precision(fp16), CacheLock(cache_path):
+        recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
+        if recovered:
+            log.info("recovered %d rows that a stopped run had computed", recovered)
+        run.update_cache(key, augment, augment_options)
     run.stats.seconds = time.perf_counter() - started
     return Features(cache_path, run.stats, exclude=run.excluded)
+
+
+@contextlib.contextmanager
+def _mixed_precision(enabled: bool):
+    """Keras' mixed_float16 policy while the model is built and run, then the caller's own
+    policy again."""
+    if not enabled:
+        yield
+        return
+    import keras
+
+    from featx.devices import MIXED_POLICY
+
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(MIXED_POLICY)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 class _Run:
     """One extraction run on a locked cache: reconcile, embed what is new, commit."""
 
-    def __init__(self, net, options, root, cache_path, device, mapper):
+    def __init__(self, net, options, root, cache_path, device, mapper, planned=False):
         from featx.runtimes import open_mapper
 
         self.net, self.options, self.root, self.cache_path = net, options, root, cache_path
+        self._planned = planned
         self.device = device  # featx.devices.Device, or None: the CPU, no framework loaded
         self.int8_model = None
-        self.stats = ExtractStats(device=str(device) if device is not None else "CPU")
+        self.ray_computed_by = ""
+        self.stats = ExtractStats()
         self.excluded = frozenset()  # relative paths the exclude list names
         self.mapper = _OnDemand(mapper, lambda: open_mapper(
-            net, options.runtime, options.precision, device, self._store(),
-            self._batch_size(), self.int8_model), flip_average=options.flip_average)
+            net, options.runtime, options.precision, self._device(), self._store(),
+            self._batch_size(), self.int8_model), flip_average=options.flip_average,
+            check=lambda cache, built: check_agreement(cache, built, root, net.preprocessing))
 
     def _store(self):
         from featx.onnx_export import store_for
 
         return store_for(self.options.cache_dir)
 
+    def _device(self):
+        """The device, set up the first time a model is needed: a warm cache loads no
+        framework and touches no GPU."""
+        if not self._planned:
+            from featx.runtimes import plan_device
+
+            options = self.options
+            _, self.device = plan_device(options.runtime, options.precision, options.device)
+            self._planned = True
+        self.stats.device = "CPU" if self.device is None else str(self.device)
+        return self.device
+
     def _batch_size(self) -> int:
         from featx.runtimes import batch_size_for
 
-        return batch_size_for(self.device, self.options.batch_size)
+        return batch_size_for(self._device(), self.options.batch_size)
 
     def update_cache(self, key, augment, augment_options):
         from featx import __version__
@@ -225,8 +258,6 @@ class _Run:
             dim=None if state is not None else given_dim or net.dim)
         try:
             cache, stats.n_copied = reconcile.apply_plan(cache, plan, current)
-            if plan.extract.size and self.options.engine == "local":
-                check_agreement(cache, self.mapper(), self.root, self.net.preprocessing)
             new_failed = self._embed_new(cache, plan.extract, current, key) \
                 if plan.extract.size else []
             cache, augment_seconds = self._augment(cache, augment, augment_options)
@@ -235,12 +266,16 @@ class _Run:
             # what the cached rows cost to compute, summed over runs (for cost comparisons)
             attrs["extraction_seconds"] = float(cache.attr("extraction_seconds", 0.0)) + \
                 stats.model_seconds + augment_seconds
+            who = set()
             if self.mapper.built is not None and (stats.n_extracted or stats.n_augmented):
                 from featx.runtimes import computed_by, describe
 
                 stats.runtime = describe(self.mapper.built)
-                attrs["computed_by"] = sorted({*cache.json_attr("computed_by", []),
-                                               computed_by(self.mapper.built)})
+                who.add(computed_by(self.mapper.built))
+            if self.ray_computed_by and stats.n_extracted:
+                who.add(self.ray_computed_by)
+            if who:
+                attrs["computed_by"] = sorted({*cache.json_attr("computed_by", []), *who})
             if stats.runtime:
                 attrs["runtimes"] = sorted({*cache.json_attr("runtimes", []), stats.runtime})
             cache.set_attrs(**attrs)
@@ -262,8 +297,10 @@ class _Run:
         reader = ImageReader(columns["paths"], self.net.preprocessing, self._batch_size(),
                              root=self.root, workers=self.options.workers)
         writer = CacheWriter(cache, columns)
-        timing = run_pipeline(reader, self.mapper(), writer, progress=self.options.progress)
+        timing = run_pipeline(reader, self.mapper(cache), writer,
+                              progress=self.options.progress)
         self.stats.n_extracted = timing.n_images
+        self.stats.batch_size = self._batch_size()
         self.stats.first_batch_seconds = timing.first_batch_seconds
         self.stats.first_batch_images = timing.first_batch_images
         self.stats.model_seconds = timing.seconds
@@ -300,6 +337,9 @@ class _Run:
         stats.engine, stats.n_shards_reused = "ray", outcome["n_reused_shards"]
         stats.n_extracted = outcome["n_extracted"]
         stats.runtime = outcome["runtime"]
+        # the actors' runtime, on their CPUs (no agreement check: the driver builds no model)
+        self.ray_computed_by = "onnxruntime/cpu" if stats.runtime.startswith("onnxruntime") \
+            else f"keras/{backend_name()}/cpu"
         stats.model_seconds = outcome["seconds"]
         for path, _, reason in outcome["failed"]:
             log.warning("skipped %s: %s", path, reason)
@@ -316,7 +356,7 @@ class _Run:
         # augmentation recipe were dropped (the old one is then closed)
         cache, self.stats.n_augmented = extract_augmented_views(
             cache, self.net, self.root, k, augment_options, self.options.seed,
-            self.options.batch_size or 32, self.options.progress, mapper=self.mapper)
+            self._batch_size(), self.options.progress, mapper=self.mapper)
         return cache, (time.perf_counter() - started) if self.stats.n_augmented else 0.0
 
 
@@ -367,19 +407,26 @@ def _excluding(exclude_file, manifest, plan):
 
 
 class _OnDemand:
-    """Builds the runtime the first time it is needed (a warm cache never builds one)."""
+    """Builds the runtime the first time it is needed (a warm cache never builds one).
 
-    def __init__(self, given, build, flip_average=False):
+    ``mapper(cache)`` returns it, after ``check(cache, mapper)`` ran once (the agreement
+    check: before the first row this runtime computes goes into ``cache``).
+    """
+
+    def __init__(self, given, build, flip_average=False, check=None):
         self.flip_average = flip_average
-        self._build = build
+        self._build, self._check = build, check
         self.built = None if given is None else self._wrap(given)
 
     def _wrap(self, mapper):
         return FlipAveraging(mapper) if self.flip_average else mapper
 
-    def __call__(self):
+    def __call__(self, cache):
         if self.built is None:
             self.built = self._wrap(self._build())
+        if self._check is not None:
+            check, self._check = self._check, None
+            check(cache, self.built)
         return self.built
 
 

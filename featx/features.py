@@ -39,6 +39,7 @@ class ExtractStats:
     reused: bool = False
     runtime: str = ""  # which runtime computed this run's rows ("" when none did)
     device: str = ""  # where the model ran: "CPU", or the GPU's name and the backend
+    batch_size: int = 0  # images per model call (0 when no model ran)
     engine: str = "local"  # what drove the pipeline: "local" or "ray"
     n_shards_reused: int = 0  # ray: shards a stopped run had finished, checked and adopted
     failed: list = dataclasses.field(default_factory=list)

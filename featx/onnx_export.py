@@ -138,6 +138,7 @@ def ensure_fp32(net, store_dir) -> OnnxModel:
     found = verified(path, key)
     if found is not None:
         return found
+    require_tensorflow_backend(net.cfg.name)  # before _exporter_versions imports tf2onnx
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model = _publish(path, lambda tmp: _export_keras(net, tmp), key, "fp32",
@@ -150,14 +151,20 @@ def _export_keras(net, out: Path) -> None:
     keras_to_onnx(net.feature_model(), out, net.cfg.name)
 
 
-def keras_to_onnx(model, out: Path, name: str) -> None:
-    """Convert a Keras model with one batched input (images, or embeddings) to ONNX."""
+def require_tensorflow_backend(name: str) -> None:
+    """The export goes through tf2onnx: on another Keras backend, one line instead of
+    loading TensorFlow beside it."""
     from featx.devices import backend_name
 
     if backend_name() != "tensorflow":
         raise ExportError(f"{name}: the ONNX export runs on Keras' TensorFlow backend "
                           f"(KERAS_BACKEND={backend_name()} here): use --runtime keras, or "
                           "export once with KERAS_BACKEND=tensorflow (the export is stored)")
+
+
+def keras_to_onnx(model, out: Path, name: str) -> None:
+    """Convert a Keras model with one batched input (images, or embeddings) to ONNX."""
+    require_tensorflow_backend(name)
     shape = (1, *model.inputs[0].shape[1:])
     model(np.zeros(shape, model.inputs[0].dtype))  # Keras exports only called models
     try:

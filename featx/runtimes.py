@@ -131,6 +131,11 @@ def _torch_embed(model, size, device):
     import torch
 
     target = model.weights[0].value.device  # where Keras put the weights
+    if (target.type == "cuda") != (device.kind == "gpu"):
+        # Keras' torch backend chose its device when it was imported, before this
+        raise UsageError(f"--device {device.kind}: Keras' torch backend put the model on "
+                         f"{target.type} (it chooses when imported); set KERAS_TORCH_DEVICE "
+                         "before importing Keras")
 
     def embed(images):
         with torch.inference_mode():
@@ -252,7 +257,13 @@ def plan_device(runtime: str = "auto", precision: str = "fp32", device: str = "a
             or (device == "auto" and gpu_present())):
         return chosen, None
     found = setup_device(device)
-    return choose_runtime(runtime, precision, found.kind), found
+    chosen = choose_runtime(runtime, precision, found.kind)
+    if chosen == "keras":
+        return chosen, found
+    if device == "gpu":
+        raise UsageError("--device gpu runs the Keras runtime; ONNX Runtime (--runtime onnx, "
+                         "--precision int8) runs on the CPU here")
+    return chosen, None  # ONNX Runtime: the CPU
 
 
 def batch_size_for(device: Device | None, given: int | None = None) -> int:
@@ -272,4 +283,5 @@ def open_mapper(net, runtime, precision, device, store_dir, batch_size, int8_mod
         if runtime != "auto" or precision != "fp32":
             raise
         log.warning("%s; falling back to the Keras runtime", exc)
-        return KerasMapper(net, batch_size, device=device)
+        # None here means ONNX Runtime was to run on the CPU: so does the fallback
+        return KerasMapper(net, batch_size, device=device or setup_device("cpu"))

@@ -14,6 +14,7 @@ import logging
 import numpy as np
 
 from featx.augment import AugmentOptions, ViewAugmenter
+from featx.devices import backend_name
 from featx.errors import UsageError
 from featx.pipeline import CacheWriter, ImageReader, run_pipeline
 
@@ -32,7 +33,11 @@ def augment_recipe(options, seed: int) -> dict:
     normalised = {name: (float(value) if value else None)
                   for name, value in options.to_dict().items() if name != "flip"}
     normalised["flip"] = bool(options.flip)
-    return {"options": normalised, "seed": int(seed)}
+    recipe = {"options": normalised, "seed": int(seed)}
+    backend = backend_name()
+    if backend != "tensorflow":  # each backend draws other random numbers from a seed
+        recipe["backend"] = backend
+    return recipe
 
 
 def recorded_recipe(cache) -> dict | None:
@@ -117,8 +122,9 @@ def extract_augmented_views(cache, net, root, k: int, options=None, seed: int = 
     progress : bool
         tqdm bar on stderr.
     mapper : callable returning a mapper, optional
-        Builds the runtime that embeds the views (:mod:`featx.runtimes`), called only if
-        views are missing; default: the backbone's Keras model.
+        ``mapper(cache)`` builds the runtime that embeds the views into ``cache``
+        (:mod:`featx.runtimes`), called only if views are missing; default: the backbone's
+        Keras model.
 
     Returns
     -------
@@ -161,10 +167,10 @@ def _append_missing_views(cache, net, root, k, options, seed, batch_size, progre
     if build_mapper is None:
         from featx.runtimes import KerasMapper
 
-        def build_mapper():
+        def build_mapper(cache):
             return KerasMapper(net, batch_size)
 
-    mapper = build_mapper()
+    mapper = build_mapper(cache)
     augmenter = ViewAugmenter(options, seed)
     done = 0
     for view in range(1, k + 1):

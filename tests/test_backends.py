@@ -32,9 +32,23 @@ def cli_script(body: str, hide=("tensorflow",)) -> str:
     """Python source that makes importing the ``hide`` modules raise ImportError, then runs
     ``body``, where ``run(*args)`` invokes featx's CLI in-process."""
     return f"""
-import json, sys
+import json, sys, traceback
 for name in {list(hide)!r}:
     sys.modules[name] = None  # `import name` now raises ImportError
+TENSORFLOW_IMPORTS = []  # where something tried to import TensorFlow (and got ImportError)
+
+class RecordTensorflowImports:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] != "tensorflow":
+            return None
+        stack = traceback.extract_stack()
+        if any(f.filename.endswith(("importlib/util.py", "importlib.util>")) for f in stack):
+            return None  # importlib.util.find_spec: asks whether it is installed; no import
+        TENSORFLOW_IMPORTS.append("".join(traceback.format_list(stack[-6:-1])))
+        raise ImportError("importing tensorflow is not allowed here")
+
+if "tensorflow" not in {list(hide)!r}:
+    sys.meta_path.insert(0, RecordTensorflowImports())
 from click.testing import CliRunner
 from featx.cli import cli
 
@@ -46,6 +60,8 @@ def run(*args):
 
 def run_python(script, backend, **env):
     """Run ``script`` under KERAS_BACKEND=``backend``; the JSON its last line printed."""
+    # on the CPU, whatever the machine has: the tests compare with CPU rows
+    env = {"CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu", **env}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "KERAS_BACKEND": backend, **env})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,19 +98,21 @@ steps = {{
                    {str(data / "cat" / "cat_000.png")!r}, "--json"),
     "backbones": run("backbones", "--json"),
 }}
-print(json.dumps({{"steps": steps, "tensorflow": sys.modules.get("tensorflow") is not None,
-                  "backend": sys.modules["keras"].backend.backend()}}))
-""")
+print(json.dumps({{"steps": steps, "tensorflow_imports": TENSORFLOW_IMPORTS,
+                  "loaded": "tensorflow" in sys.modules,
+                  "backend": "keras" in sys.modules and sys.modules["keras"].backend.backend()}}))
+""", hide=())
     result = run_python(script, backend)
     steps = result["steps"]
     assert {name: step["code"] for name, step in steps.items()} == dict.fromkeys(steps, 0), \
         {name: step["err"][-800:] for name, step in steps.items() if step["code"]}
-    assert result == {**result, "tensorflow": False, "backend": backend}
+    assert result["tensorflow_imports"] == [] and result["loaded"] is False
+    assert result["backend"] == backend
     extracted = json.loads(steps["extract"]["out"].splitlines()[-1])
     assert extracted["n_extracted"] == 12
     assert extracted["computed_by"] == [f"keras/{backend}/cpu"]
     assert f"({backend}, cpu) fp32" in extracted["runtime"]
-    assert extracted["device"] == f"CPU ({backend})"
+    assert extracted["device"] == f"CPU ({backend})" and extracted["batch_size"] == 32
     assert json.loads(steps["fit"]["out"].splitlines()[-1])["extract_reused"] is True
     compared = json.loads(steps["compare"]["out"].splitlines()[-1])
     assert {r["clf"] for r in compared["results"]} == {"logistic", "knn"}
@@ -233,10 +251,10 @@ def test_device_and_batch_size_are_reported(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=2)
     out = last_json(invoke("extract", data, *TINY_ARGS, "--cache-dir", tmp_path / "c",
                            "--runtime", "keras", "--device", "cpu", "--json"))
-    assert out["device"] == "CPU (tensorflow)"
+    assert out["device"] == "CPU (tensorflow)" and out["batch_size"] == 32
     assert out["computed_by"] == ["keras/tensorflow/cpu"]
     text = invoke("extract", data, *TINY_ARGS, "--cache-dir", tmp_path / "c2").stdout
-    assert "on CPU" in text  # ONNX Runtime on the CPU, no framework loaded
+    assert "\ndevice:    CPU\n" in text  # ONNX Runtime on the CPU, no framework loaded
 
 
 def test_mixed_precision_embeddings_stay_close_on_each_backend(tmp_path):
@@ -265,3 +283,39 @@ print(json.dumps(out))
         cosine = (fp32 * fp16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(fp16, axis=1)
         assert cosine.min() >= 0.999, (backend, cosine)
         assert np.abs(fp32 - fp16).max() > 0  # float16 really ran
+
+
+def test_the_gpu_path_keys_mixed_precision_by_backend_and_restores_the_policy(tmp_path,
+                                                                               monkeypatch):
+    """The GPU path's logic on a stand-in GPU (the model really runs on the CPU): the
+    per-device batch size, the device named, mixed_float16 rows in a cache of their own
+    keyed by backend, the caller's policy restored, and fp32 rows of the new device checked
+    against the CPU rows before they join them."""
+    import keras
+
+    from featx import runtimes
+    from featx.devices import Device
+
+    monkeypatch.setattr(runtimes, "setup_device", lambda requested="auto": (
+        Device("cpu", "cpu", "tensorflow") if requested == "cpu"
+        else Device("gpu", "Stand-in GPU", "tensorflow")))
+    monkeypatch.setattr(runtimes, "gpu_present", lambda: True)
+    data = make_dataset(tmp_path / "data", per_class=3)
+    cpu = extract(data, cache_dir=tmp_path / "c", progress=False, runtime="keras",
+                  device="cpu", **TINY)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # the caller's own
+    try:
+        mixed = extract(data, cache_dir=tmp_path / "c", progress=False, mixed_precision=True,
+                        **TINY)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert mixed.cache_path != cpu.cache_path and mixed.stats.n_extracted == 6
+    assert mixed.key == {**cpu.key, "compute_dtype": "mixed_float16",
+                         "compute_backend": "tensorflow"}
+    assert mixed.stats.device == "Stand-in GPU (tensorflow)" and mixed.stats.batch_size == 128
+    assert mixed.stats.runtime.endswith("(tensorflow, Stand-in GPU) mixed_float16")
+    make_dataset(data, per_class=1, start=10)
+    fp32 = extract(data, cache_dir=tmp_path / "c", progress=False, **TINY)
+    assert fp32.cache_path == cpu.cache_path and fp32.stats.n_extracted == 2
+    assert fp32.computed_by == ["keras/tensorflow/cpu", "keras/tensorflow/gpu"]

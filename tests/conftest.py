@@ -84,9 +84,14 @@ def last_json(result):
 
 
 def dogcat_path():
+    from featx.devices import backend_name
+
     value = os.environ.get("FEATX_DOGCAT")
     if not value or not Path(value).is_dir():
         pytest.skip("FEATX_DOGCAT is not set to the dogcat dataset (.ci/run sets it)")
+    if backend_name() != "tensorflow":
+        pytest.skip("the real-data tests run on the TensorFlow backend: on a CPU, JAX and "
+                    "PyTorch embed Lite0 about ten times slower")
     return Path(value)
 
 

@@ -350,6 +350,7 @@ def test_finetuned_model_exports_with_parity(fitted, tmp_path):
 
 
 # ----- real weights, real photos ------------------------------------------------------
+@pytest.mark.tensorflow_only
 @pytest.mark.e2e
 def test_dogcat_export_fp32_and_int8_parity(tmp_path):
     from featx import api

@@ -50,7 +50,7 @@ def spread(values) -> dict:
 def worker(args) -> dict:
     from featx.backbones import create_backbone
     from featx.data import discover
-    from featx.devices import DEFAULT_BATCH_SIZE, set_mixed_precision, setup_device
+    from featx.devices import DEFAULT_BATCH_SIZE, mixed_precision, setup_device
     from featx.extraction import extract
     from featx.options import usable_cores
     from featx.pipeline import ImageReader
@@ -68,15 +68,15 @@ def worker(args) -> dict:
     probe = sorted(paths)[:args.probe]
     out["probe"] = {}
     for precision in precisions:
-        set_mixed_precision(precision == "mixed")
-        mapper = KerasMapper(net if precision == "fp32" else create_backbone(args.backbone),
-                             batch, device=device)
-        out["probe"][precision] = embed_paths(mapper, net, probe, batch).tolist()
-        if args.cpu_reference:
-            continue
-        out[f"a_{precision}"] = model_alone(mapper, net, paths, batch, args.repeats)
-        out[f"c_{precision}"] = end_to_end(extract, args, precision == "mixed", batch)
-        set_mixed_precision(False)
+        mixed = precision == "mixed"
+        with mixed_precision(mixed):  # the model is built (and compiled) under the policy
+            mapper = KerasMapper(create_backbone(args.backbone) if mixed else net, batch,
+                                 device=device)
+            out["probe"][precision] = embed_paths(mapper, net, probe, batch).tolist()
+            if args.cpu_reference:
+                continue
+            out[f"a_{precision}"] = model_alone(mapper, net, paths, batch, args.repeats)
+        out[f"c_{precision}"] = end_to_end(extract, args, mixed, batch)
     if not args.cpu_reference:
         out["b"] = decode_alone(ImageReader, net, paths, batch, args.repeats)
     return out

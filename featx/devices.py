@@ -18,6 +18,7 @@ Setting a device up, once per process and backend:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -83,7 +84,7 @@ class Device:
         return f"{self.name} ({self.backend})" if self.kind == "gpu" else f"CPU ({self.backend})"
 
 
-_SET_UP: dict[tuple[str, str], Device] = {}
+_FOUND: dict[tuple[str, str], Device] = {}  # (backend, requested) -> the device set up
 
 
 def setup_device(requested: str = "auto") -> Device:
@@ -92,9 +93,9 @@ def setup_device(requested: str = "auto") -> Device:
     if requested not in DEVICES:
         raise UsageError(f"unknown device {requested!r}; one of {', '.join(DEVICES)}")
     backend = require_backend()
-    if (backend, requested) not in _SET_UP:
-        _SET_UP[backend, requested] = _SETUP[backend](requested)
-    device = _SET_UP[backend, requested]
+    if (backend, requested) not in _FOUND:
+        _FOUND[backend, requested] = _SETUP_BY_BACKEND[backend](requested)
+    device = _FOUND[backend, requested]
     if requested == "gpu" and device.kind != "gpu":
         raise UsageError(f"--device gpu: {backend} sees no GPU on this machine "
                          f"({_no_gpu_hint(backend)}); drop --device or use --device cpu")
@@ -163,15 +164,24 @@ def _torch(requested) -> Device:
     return Device("gpu", torch.cuda.get_device_name(0), "torch")
 
 
-_SETUP = {"tensorflow": _tensorflow, "jax": _jax, "torch": _torch}
+_SETUP_BY_BACKEND = {"tensorflow": _tensorflow, "jax": _jax, "torch": _torch}
 
 
-def set_mixed_precision(enabled: bool) -> None:
-    """Keras' global dtype policy: mixed_float16 (float16 compute, float32 weights) or
-    float32. Backend-neutral; it applies to models built after the call."""
+@contextlib.contextmanager
+def mixed_precision(enabled: bool = True):
+    """Keras' global dtype policy mixed_float16 (float16 compute, float32 weights) for the
+    models built inside, then the caller's own policy again. Backend-neutral."""
+    if not enabled:
+        yield
+        return
     import keras
 
-    keras.mixed_precision.set_global_policy(MIXED_POLICY if enabled else "float32")
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(MIXED_POLICY)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
 
 
 def set_random_seed(seed: int) -> None:

@@ -20,7 +20,7 @@ from featx import data as featx_data
 from featx import reconcile
 from featx.cache import (CacheLock, CacheSession, FeatureCache, cache_path_for, key_hash,
                          remove_cache)
-from featx.devices import backend_name
+from featx.devices import backend_name, mixed_precision
 from featx.errors import CacheError, DataError, FeatxError, UsageError
 from featx.features import CombinedFeatures, ExtractStats, Features
 from featx.options import ENGINES, ExtractOptions
@@ -160,32 +160,13 @@ def _extract_one(data_dir, options, augment, augment_options, mapper) -> Feature
         key = {**key, **FLIP_KEY}
     cache_path = cache_path_for(options.cache_dir, data_dir, net.cfg.name, net.weights, key)
     run = _Run(net, options, Path(data_dir), cache_path, device, mapper, planned)
-    with _mixed_precision(fp16), CacheLock(cache_path):
+    with mixed_precision(fp16), CacheLock(cache_path):
         recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
         if recovered:
             log.info("recovered %d rows that a stopped run had computed", recovered)
         run.update_cache(key, augment, augment_options)
     run.stats.seconds = time.perf_counter() - started
     return Features(cache_path, run.stats, exclude=run.excluded)
-
-
-@contextlib.contextmanager
-def _mixed_precision(enabled: bool):
-    """Keras' mixed_float16 policy while the model is built and run, then the caller's own
-    policy again."""
-    if not enabled:
-        yield
-        return
-    import keras
-
-    from featx.devices import MIXED_POLICY
-
-    before = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(MIXED_POLICY)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(before)
 
 
 class _Run:

@@ -164,14 +164,11 @@ class ShardEmbedder:
     def __init__(self, spec: WorkerSpec):
         from featx.backbones import create_backbone
         from featx.pipeline import FlipAveraging
-        from featx.devices import setup_device
-        from featx.runtimes import choose_runtime, describe, open_mapper
+        from featx.runtimes import describe, open_mapper, plan_device
 
         self.spec = spec
         net = create_backbone(**spec.backbone)
-        # actors run on CPUs (no GPUs are asked for them)
-        device = setup_device("cpu") if choose_runtime(spec.runtime, spec.precision) == \
-            "keras" else None
+        _, device = plan_device(spec.runtime, spec.precision, "cpu")  # no GPUs asked for
         mapper = open_mapper(net, spec.runtime, spec.precision, device, spec.store_dir,
                              spec.batch_size, spec.int8_model)
         self.mapper = FlipAveraging(mapper) if spec.flip_average else mapper

@@ -21,7 +21,8 @@ import logging
 
 import numpy as np
 
-from featx.devices import DEFAULT_BATCH_SIZE, Device, backend_name, setup_device
+from featx.devices import (DEFAULT_BATCH_SIZE, MIXED_POLICY, Device, backend_name,
+                           setup_device)
 from featx.errors import UsageError
 from featx.options import PRECISIONS, RUNTIMES
 
@@ -79,8 +80,8 @@ class KerasMapper:
         self.n_images = 0
         model = net.feature_model()  # on the device setup_device left as the default
         model.trainable = False
-        self.precision = "mixed_float16" if keras.mixed_precision.global_policy().name == \
-            "mixed_float16" else precision
+        self.precision = MIXED_POLICY if keras.mixed_precision.global_policy().name == \
+            MIXED_POLICY else precision
         self._embed = _COMPILE[self.backend](model, net.input_size, self.device)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -264,15 +264,14 @@ def test_mixed_precision_embeddings_stay_close_on_each_backend(tmp_path):
 import json, sys
 import numpy as np
 from featx.backbones import create_backbone
-from featx.devices import set_mixed_precision
+from featx.devices import mixed_precision
 from featx.runtimes import KerasMapper
 images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
 out = {}
 for mixed in (False, True):
-    set_mixed_precision(mixed)
-    mapper = KerasMapper(create_backbone("efficientnet_lite0", input_size=64), 4)
-    out[mapper.precision] = mapper(images).tolist()
-set_mixed_precision(False)
+    with mixed_precision(mixed):
+        mapper = KerasMapper(create_backbone("efficientnet_lite0", input_size=64), 4)
+        out[mapper.precision] = mapper(images).tolist()
 print(json.dumps(out))
 """
     backends = ["tensorflow"] + [b for b in ("jax", "torch")

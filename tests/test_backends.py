@@ -247,6 +247,37 @@ print(json.dumps(run("extract", {str(data)!r}, *{TINY_ARGS!r}, "--device", "gpu"
     assert len(result["err"].strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_onnx_asked_for_on_another_backend_is_one_line(tmp_path):
+    data = make_dataset(tmp_path / "data", per_class=2)
+    script = cli_script(f"""
+print(json.dumps([run("extract", {str(data)!r}, *{TINY_ARGS!r}, *extra,
+                      "--cache-dir", {str(tmp_path / "c")!r})
+                  for extra in (["--runtime", "onnx"], ["--precision", "int8"])]))
+""")
+    for result in run_python(script, "jax"):
+        assert result["code"] == 2
+        assert result["err"] == (
+            "Error: mobilenet_v2: the ONNX export runs on Keras' TensorFlow backend "
+            "(KERAS_BACKEND=jax here): use --runtime keras, or export once with "
+            "KERAS_BACKEND=tensorflow (the export is stored)\n")
+
+
+def test_gpu_with_onnx_runtime_is_one_line(tmp_path, monkeypatch):
+    from featx import runtimes
+    from featx.devices import Device
+
+    monkeypatch.setattr(runtimes, "setup_device", lambda requested="auto": Device(
+        "gpu", "Stand-in GPU", "tensorflow"))
+    data = make_dataset(tmp_path / "data", per_class=2)
+    for extra in (["--runtime", "onnx"], ["--precision", "int8"]):
+        result = invoke("extract", data, *TINY_ARGS, "--cache-dir", tmp_path / "c",
+                        "--device", "gpu", *extra)
+        assert result.exit_code == 2
+        assert result.stderr == ("Error: --device gpu runs the Keras runtime; ONNX Runtime "
+                                 "(--runtime onnx, --precision int8) runs on the CPU here\n")
+
+
 def test_device_and_batch_size_are_reported(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=2)
     out = last_json(invoke("extract", data, *TINY_ARGS, "--cache-dir", tmp_path / "c",

@@ -50,16 +50,15 @@ def spread(values) -> dict:
 def worker(args) -> dict:
     from featx.backbones import create_backbone
     from featx.data import discover
-    from featx.devices import DEFAULT_BATCH_SIZE, mixed_precision, setup_device
+    from featx.devices import mixed_precision, setup_device
     from featx.extraction import extract
     from featx.options import usable_cores
-    from featx.pipeline import ImageReader
-    from featx.runtimes import KerasMapper
+    from featx.runtimes import KerasMapper, batch_size_for
 
     device = setup_device(args.device)
     manifest = discover(args.data)
     paths = [str(manifest.root / p) for p in manifest.paths]
-    batch = args.batch_size or DEFAULT_BATCH_SIZE[device.kind]
+    batch = batch_size_for(device, args.batch_size)
     out = {"backend": device.backend, "device": str(device), "device_kind": device.kind,
            "batch_size": batch, "n_files": len(paths), "cores": usable_cores()}
     precisions = ["fp32"] + (["mixed"] if device.kind == "gpu" and not args.cpu_reference
@@ -78,25 +77,27 @@ def worker(args) -> dict:
             out[f"a_{precision}"] = model_alone(mapper, net, paths, batch, args.repeats)
         out[f"c_{precision}"] = end_to_end(extract, args, mixed, batch)
     if not args.cpu_reference:
-        out["b"] = decode_alone(ImageReader, net, paths, batch, args.repeats)
+        out["b"] = decode_alone(net, paths, batch, args.repeats)
     return out
 
 
-def embed_paths(mapper, net, paths, batch) -> np.ndarray:
+def decode(net, paths, batch) -> np.ndarray:
+    """The decoded, resized uint8 images of ``paths``, as the pipeline's reader gives them."""
     from featx.pipeline import ImageReader
 
-    images = np.concatenate([b["image"] for b in ImageReader(paths, net.preprocessing, batch)])
+    return np.concatenate([b["image"] for b in ImageReader(paths, net.preprocessing, batch)])
+
+
+def embed_paths(mapper, net, paths, batch) -> np.ndarray:
+    images = decode(net, paths, batch)
     return np.concatenate([mapper(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
 def model_alone(mapper, net, paths, batch, repeats, seconds=3.0) -> dict:
     """Full batches of decoded images (repeated when the folder has fewer), run for at
     least ``seconds`` per repeat, so that a fast GPU is not timed on a few milliseconds."""
-    from featx.pipeline import ImageReader
-
     n = min(len(paths), max(batch * 4, 512))
-    images = np.concatenate([b["image"] for b in ImageReader(paths[:n], net.preprocessing,
-                                                             batch)])
+    images = decode(net, paths[:n], batch)
     images = np.resize(images, (max(len(images), batch), *images.shape[1:]))
     batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
     mapper(batches[0])  # compilation
@@ -111,11 +112,13 @@ def model_alone(mapper, net, paths, batch, repeats, seconds=3.0) -> dict:
     return spread(rates)
 
 
-def decode_alone(reader_class, net, paths, batch, repeats) -> dict:
+def decode_alone(net, paths, batch, repeats) -> dict:
+    from featx.pipeline import ImageReader
+
     rates = []
     for _ in range(repeats + 1):  # the first pass warms the page cache; not counted
         started = time.perf_counter()
-        for _batch in reader_class(paths, net.preprocessing, batch):
+        for _batch in ImageReader(paths, net.preprocessing, batch):
             pass
         rates.append(len(paths) / (time.perf_counter() - started))
     return spread(rates[1:])

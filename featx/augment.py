@@ -287,28 +287,18 @@ class ViewAugmenter:
         import keras
 
         layer = build_augmentation(self.options, view_seed(self.seed, view))
-        if keras.backend.backend() == "tensorflow":
-            return _traced_augmentation(layer)
         ops = keras.ops
 
         def augment(images):
             x = layer(ops.cast(images, "float32"), training=True)
-            return ops.convert_to_numpy(ops.cast(ops.clip(ops.round(x), 0.0, 255.0), "uint8"))
+            # Back to uint8, as if the augmented image had been saved and read again.
+            return ops.cast(ops.clip(ops.round(x), 0.0, 255.0), "uint8")
 
-        return augment
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
 
-
-def _traced_augmentation(layer):
-    """The augmentation as one traced TensorFlow function (several times eager speed)."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def augment(images):
-        x = layer(tf.cast(images, tf.float32), training=True)
-        # Back to uint8, as if the augmented image had been saved and read again.
-        return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
-
-    return augment
+            return tf.function(augment, reduce_retracing=True)  # several times eager speed
+        return lambda images: ops.convert_to_numpy(augment(images))
 
 
 def view_seed(seed: int, view: int) -> int:

@@ -20,7 +20,7 @@ from featx import data as featx_data
 from featx import reconcile
 from featx.cache import (CacheLock, CacheSession, FeatureCache, cache_path_for, key_hash,
                          remove_cache)
-from featx.devices import backend_name, mixed_precision
+from featx.devices import mixed_precision
 from featx.errors import CacheError, DataError, FeatxError, UsageError
 from featx.features import CombinedFeatures, ExtractStats, Features
 from featx.options import ENGINES, ExtractOptions
@@ -179,7 +179,7 @@ class _Run:
         self._planned = planned
         self.device = device  # featx.devices.Device, or None: the CPU, no framework loaded
         self.int8_model = None
-        self.ray_computed_by = ""
+        self.ray_computed_by = []  # what the Ray actors say computed their shards
         self.stats = ExtractStats()
         self.excluded = frozenset()  # relative paths the exclude list names
         self.mapper = _OnDemand(mapper, lambda: open_mapper(
@@ -253,8 +253,7 @@ class _Run:
 
                 stats.runtime = describe(self.mapper.built)
                 who.add(computed_by(self.mapper.built))
-            if self.ray_computed_by and stats.n_extracted:
-                who.add(self.ray_computed_by)
+            who.update(self.ray_computed_by)
             if who:
                 attrs["computed_by"] = sorted({*cache.json_attr("computed_by", []), *who})
             if stats.runtime:
@@ -318,9 +317,8 @@ class _Run:
         stats.engine, stats.n_shards_reused = "ray", outcome["n_reused_shards"]
         stats.n_extracted = outcome["n_extracted"]
         stats.runtime = outcome["runtime"]
-        # the actors' runtime, on their CPUs (no agreement check: the driver builds no model)
-        self.ray_computed_by = "onnxruntime/cpu" if stats.runtime.startswith("onnxruntime") \
-            else f"keras/{backend_name()}/cpu"
+        # no agreement check here: the driver builds no model
+        self.ray_computed_by = outcome["computed_by"]
         stats.model_seconds = outcome["seconds"]
         for path, _, reason in outcome["failed"]:
             log.warning("skipped %s: %s", path, reason)

@@ -134,8 +134,9 @@ def shard_info(done: dict) -> ShardInfo:
 
 
 def embed_shard(item: dict, spec: WorkerSpec, mapper, preprocessing: dict, dim: int,
-                runtime: str = "") -> dict:
-    """Decode, embed and write one shard; returns (and writes) its done marker."""
+                made_by: dict | None = None) -> dict:
+    """Decode, embed and write one shard; returns (and writes) its done marker, which
+    carries ``made_by`` ({"runtime": ..., "computed_by": ...}: what embedded it)."""
     paths, sha256 = list(item["paths"]), list(item["sha256"])
     reader = ImageReader(paths, preprocessing, spec.batch_size, root=Path(spec.root),
                          workers=spec.decode_workers)
@@ -147,7 +148,8 @@ def embed_shard(item: dict, spec: WorkerSpec, mapper, preprocessing: dict, dim: 
     done = {"name": item["name"], "rows": int(ok.sum()), "checksum": "", "size": 0,
             "mtime_ns": 0, "seconds": time.perf_counter() - started,
             "failed": [[p, h, e] for p, h, e in zip(paths, sha256, writer.errors) if e],
-            "node": socket.gethostname(), "runtime": runtime}
+            "node": socket.gethostname(), "runtime": "", "computed_by": "",
+            **(made_by or {})}
     if ok.any():
         columns = {"paths": np.asarray(paths, object)[ok], "sha256": np.asarray(sha256, object)[ok],
                    "view": np.zeros(int(ok.sum()), np.int16)}
@@ -164,7 +166,7 @@ class ShardEmbedder:
     def __init__(self, spec: WorkerSpec):
         from featx.backbones import create_backbone
         from featx.pipeline import FlipAveraging
-        from featx.runtimes import describe, open_mapper, plan_device
+        from featx.runtimes import computed_by, describe, open_mapper, plan_device
 
         self.spec = spec
         net = create_backbone(**spec.backbone)
@@ -174,11 +176,11 @@ class ShardEmbedder:
         self.mapper = FlipAveraging(mapper) if spec.flip_average else mapper
         self.preprocessing = net.preprocessing
         self.dim = getattr(mapper, "dim", None) or net.dim
-        self.runtime = describe(mapper)
+        self.made_by = {"runtime": describe(mapper), "computed_by": computed_by(mapper)}
 
     def __call__(self, batch: dict) -> dict:
         markers = [embed_shard({"name": name, "paths": paths, "sha256": sha256}, self.spec,
-                               self.mapper, self.preprocessing, self.dim, self.runtime)
+                               self.mapper, self.preprocessing, self.dim, self.made_by)
                    for name, paths, sha256 in zip(batch["name"], batch["paths"], batch["sha256"])]
         return {"marker": [json.dumps(m) for m in markers]}
 
@@ -236,7 +238,7 @@ def run(session, columns: dict, spec: WorkerSpec, *, key_digest: str, address=No
     """Embed the files in ``columns`` on Ray into shards the session adopts.
 
     Returns ``{"failed": [(path, sha256, reason)], "n_extracted", "n_reused_shards",
-    "n_shards", "seconds"}``.
+    "n_shards", "runtime", "computed_by", "seconds"}``.
     """
     started = time.perf_counter()
     folder = Path(spec.shard_dir)
@@ -250,17 +252,19 @@ def run(session, columns: dict, spec: WorkerSpec, *, key_digest: str, address=No
         for marker in _run_tasks(todo, columns, spec, address, num_cpus, progress):
             done[marker["name"]] = _fresh_marker(folder, marker)
             n_extracted += marker["rows"]  # images through the model, as the local engine
-    failed, runtimes = [], set()
+    failed, runtimes, computers = [], set(), set()
     for task in tasks:
         marker = done[task.name]
         failed.extend(tuple(row) for row in marker["failed"])
         runtimes.add(marker.get("runtime", ""))
+        computers.add(marker.get("computed_by", ""))
         if marker["rows"]:
             _adopt(session, folder, task, marker, columns)
         else:  # every file failed: nothing to adopt, the marker goes with the next index
             session.remove_after_commit(folder / (task.name + DONE_SUFFIX))
     return {"failed": failed, "n_extracted": n_extracted, "n_shards": len(tasks),
             "runtime": ", ".join(sorted(r for r in runtimes if r)),
+            "computed_by": sorted(c for c in computers if c),
             "n_reused_shards": len(tasks) - len(todo), "seconds": time.perf_counter() - started}
 
 

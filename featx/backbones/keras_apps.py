@@ -91,8 +91,6 @@ def _download(cfg: BackboneCfg, input_size: int):
 
 def build_base(cfg: BackboneCfg, weights: str, input_size: int, seed: int):
     """Registry builder: ``keras.applications`` model without its top."""
-    import keras
-
     if weights == "imagenet":
         file_name, cached = keras_weights_file(cfg, input_size)
         if cached is None and is_offline():

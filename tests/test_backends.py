@@ -248,19 +248,30 @@ print(json.dumps(run("extract", {str(data)!r}, *{TINY_ARGS!r}, "--device", "gpu"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_onnx_asked_for_on_another_backend_is_one_line(tmp_path):
+def test_onnx_on_another_backend_needs_an_export_stored_by_tensorflow(tmp_path, monkeypatch):
+    store = tmp_path / "onnx"  # this test's own: the session's store has the tiny export
+    monkeypatch.setenv("FEATX_ONNX_STORE", str(store))
     data = make_dataset(tmp_path / "data", per_class=2)
-    script = cli_script(f"""
-print(json.dumps([run("extract", {str(data)!r}, *{TINY_ARGS!r}, *extra,
-                      "--cache-dir", {str(tmp_path / "c")!r})
-                  for extra in (["--runtime", "onnx"], ["--precision", "int8"])]))
+
+    def script(*asks):
+        return cli_script(f"""
+print(json.dumps([run("extract", {str(data)!r}, *{TINY_ARGS!r}, *ask,
+                      "--cache-dir", {str(tmp_path / "c")!r}, "--json") for ask in {asks!r}]))
 """)
-    for result in run_python(script, "jax"):
-        assert result["code"] == 2
-        assert result["err"] == (
+
+    for refused in run_python(script(["--runtime", "onnx"], ["--precision", "int8"]), "jax"):
+        assert refused["code"] == 2
+        assert refused["err"] == (
             "Error: mobilenet_v2: the ONNX export runs on Keras' TensorFlow backend "
             "(KERAS_BACKEND=jax here): use --runtime keras, or export once with "
             "KERAS_BACKEND=tensorflow (the export is stored)\n")
+    assert not list(store.glob("*.onnx"))
+    extract(data, cache_dir=tmp_path / "tf", progress=False, runtime="onnx", **TINY)
+    assert list(store.glob("*.onnx"))  # exported once, on TensorFlow
+    (reused,) = run_python(script(["--runtime", "onnx"]), "jax")
+    assert reused["code"] == 0, reused["err"][-800:]
+    out = json.loads(reused["out"].splitlines()[-1])
+    assert out["n_extracted"] == 4 and out["computed_by"] == ["onnxruntime/cpu"]
 
 
 def test_gpu_with_onnx_runtime_is_one_line(tmp_path, monkeypatch):

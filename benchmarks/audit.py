@@ -7,7 +7,7 @@ into another split) and 1% labels moved to another class. Each size runs in a fr
 process, --repeats times, so that the peak resident memory (ru_maxrss) is that size's own
 ("+workers": the proportional set size of the process and its joblib workers, sampled
 every 0.1 s, so that memory-mapped inputs the workers share count once);
-the table gives min / median / max seconds of the whole audit (`featx.audit_checks.audit_rows`:
+the table gives min / median / max seconds of the whole audit (`featx.auditing.audit_rows`:
 near-duplicates, out-of-fold label check, outliers, 2-D map with the default `--map auto`:
 t-SNE up to 5000 rows, PCA beyond) and the median of each check. Making the data is not
 timed. Recall says how many planted faults the audit found (duplicates: planted pairs in
@@ -121,7 +121,7 @@ def tree_rss(root: int) -> int:
 
 def one_size(n: int, seed: int) -> dict:
     """One cold run at one size (called in a fresh process)."""
-    from featx.audit_checks import audit_rows
+    from featx.auditing import audit_rows
     from featx.options import AuditOptions
 
     X, labels, splits, sha, pairs, moved = synthetic(n, seed)

@@ -10,7 +10,7 @@ Data sets:
 
 Tuning policies, each a full compare (tuned; the same evaluation rows):
 - exhaustive: featx 0.1: every grid candidate on 5 folds, classifiers one after another.
-- fewer-folds: 2 folds from 2000 training rows (featx.classifiers.LARGE_CV); every
+- fewer-folds: 2 folds from 2000 training rows (LARGE_CV in featx.classifiers._tuning); every
   candidate on every fold, trees too; one process.
 - fast: the default: fewer folds, candidates raced (a clearly worse one stops after the
   first fold, featx.classifiers.race_tune), trees tuned by depth truncation on a quarter of

@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featx import api  # noqa: E402
-from featx.sample_data import write_digits  # noqa: E402
+from featx.data import write_digits  # noqa: E402
 from _results import write_results  # noqa: E402  (benchmarks/, the script's folder)
 
 L0, L1, L2 = "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"

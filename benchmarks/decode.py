@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from featx import data as featx_data  # noqa: E402
+from featx.data import _images as decoding  # noqa: E402
 
 STAGES = ("read", "decode", "resize_crop", "e2e")
 CHUNK = 64
@@ -65,7 +65,7 @@ def make_large(sources, folder: Path, n: int, height: int, width: int) -> list[P
 
 def decode(raw: np.ndarray, reduced: bool, resize_size: int) -> np.ndarray:
     """The decode step of read_image for JPEGs (the flag choice included)."""
-    flag = featx_data._reduced_flag(raw, resize_size) if reduced else cv2.IMREAD_COLOR
+    flag = decoding._reduced_flag(raw, resize_size) if reduced else cv2.IMREAD_COLOR
     return cv2.cvtColor(cv2.imdecode(raw, flag), cv2.COLOR_BGR2RGB)
 
 
@@ -78,7 +78,7 @@ def staged(files, mapper, reduced, size, resize_size) -> dict[str, float]:
         t1 = time.perf_counter()
         images = list(mapper(lambda r: decode(r, reduced, resize_size), raw))
         t2 = time.perf_counter()
-        list(mapper(lambda im: featx_data.resize_and_crop(im, size, resize_size), images))
+        list(mapper(lambda im: decoding.resize_and_crop(im, size, resize_size), images))
         t3 = time.perf_counter()
         seconds["read"] += t1 - t0
         seconds["decode"] += t2 - t1
@@ -88,7 +88,7 @@ def staged(files, mapper, reduced, size, resize_size) -> dict[str, float]:
 
 def end_to_end(files, mapper, reduced, size, resize_size) -> float:
     start = time.perf_counter()
-    list(mapper(lambda f: featx_data.load_for_model(f, size, resize_size,
+    list(mapper(lambda f: decoding.load_for_model(f, size, resize_size,
                                                     reduced_decode=reduced), files))
     return time.perf_counter() - start
 
@@ -111,9 +111,9 @@ def pixel_difference(files, args) -> dict:
     reduced_files = 0
     for f in files:
         raw = np.fromfile(f, np.uint8)
-        reduced_files += featx_data._reduced_flag(raw, args.resize_size) != cv2.IMREAD_COLOR
-        full = featx_data.load_for_model(f, args.size, args.resize_size)
-        fast = featx_data.load_for_model(f, args.size, args.resize_size, reduced_decode=True)
+        reduced_files += decoding._reduced_flag(raw, args.resize_size) != cv2.IMREAD_COLOR
+        full = decoding.load_for_model(f, args.size, args.resize_size)
+        fast = decoding.load_for_model(f, args.size, args.resize_size, reduced_decode=True)
         diffs.append(np.abs(full.astype(np.int16) - fast).ravel())
     diffs = np.concatenate(diffs)
     return {"files_reduced": int(reduced_files), "mean_abs_diff": float(diffs.mean()),
@@ -164,7 +164,7 @@ def main(argv=None):
             sets["large"] = make_large(sets["dogcat"], Path(tmp), args.large, *args.large_hw)
         for files in sets.values():  # page cache and first-call costs out of the timings
             for f in files:
-                featx_data.load_for_model(f, args.size, args.resize_size)
+                decoding.load_for_model(f, args.size, args.resize_size)
 
         configs = [(name, mode, threads) for name in sets for mode in ("full", "reduced")
                    for threads in args.threads]

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featx import __version__, api  # noqa: E402
 from featx.deploy import ExportedRunner, check_export, export_model  # noqa: E402
-from featx.sample_data import write_digits  # noqa: E402
+from featx.data import write_digits  # noqa: E402
 
 # (features the model is fitted on, export format, export precision)
 VARIANTS = (("fp32", "onnx", "fp32"), ("fp32", "onnx", "int8"), ("fp32", "keras", "fp32"),

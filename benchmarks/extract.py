@@ -2,7 +2,7 @@
 
 One run, the same images, one table (and benchmarks/results/extract-<backbone>.json):
 
-  (a)       TensorFlow model alone: featx.runtimes.KerasMapper on pre-decoded uint8 batches
+  (a)       TensorFlow model alone: featx.extraction.KerasMapper on pre-decoded uint8 batches
             (a fixed subset of --alone-images, decoded once); the reference every ratio uses
   (a_onnx)  the same on ONNX Runtime fp32 (OnnxMapper on featx's export)
   (a_int8)  the same on ONNX Runtime int8 (the very model featx quantised in the warm-up)
@@ -51,8 +51,7 @@ from featx.backbones import create_backbone
 from featx.cache import FeatureCache
 from featx.data import discover, load_for_model
 from featx.extraction import extract
-from featx.onnx_export import ensure_fp32, stored_int8
-from featx.runtimes import KerasMapper, OnnxMapper
+from featx.extraction import KerasMapper, OnnxMapper, ensure_fp32, stored_int8
 
 TARGETS = {"b/a median": 1.8, "b8/a median": 3.0, "lowest/median": 0.85}
 # featx settings the benchmark sets itself, here and in the `featx extract` processes: ONNX

@@ -4,9 +4,9 @@ For each Keras backend asked for (default: jax and torch, those installed), one 
 process with KERAS_BACKEND set measures on --device (default: a GPU where the backend sees
 one, else the CPU), fp32 and mixed precision:
 
-  (a) the model alone: featx.runtimes.KerasMapper on pre-decoded uint8 batches, after a
+  (a) the model alone: featx.extraction.KerasMapper on pre-decoded uint8 batches, after a
       warm-up batch (compilation excluded); images/s
-  (b) decoding and resizing alone: featx.pipeline.ImageReader over every file with a thread
+  (b) decoding and resizing alone: featx.extraction.ImageReader over every file with a thread
       per usable core, nothing else running; images/s
   (c) `featx extract` end to end through the Python API (fresh cache each run): the pipeline
       rate after the first batch (steady), and with it (first-batch compilation included)
@@ -50,10 +50,10 @@ def spread(values) -> dict:
 def worker(args) -> dict:
     from featx.backbones import create_backbone
     from featx.data import discover
-    from featx.devices import mixed_precision, setup_device
+    from featx.extraction import mixed_precision, setup_device
     from featx.extraction import extract
     from featx.options import usable_cores
-    from featx.runtimes import KerasMapper, batch_size_for
+    from featx.extraction import KerasMapper, batch_size_for
 
     device = setup_device(args.device)
     manifest = discover(args.data)
@@ -83,7 +83,7 @@ def worker(args) -> dict:
 
 def decode(net, paths, batch) -> np.ndarray:
     """The decoded, resized uint8 images of ``paths``, as the pipeline's reader gives them."""
-    from featx.pipeline import ImageReader
+    from featx.extraction import ImageReader
 
     return np.concatenate([b["image"] for b in ImageReader(paths, net.preprocessing, batch)])
 
@@ -113,7 +113,7 @@ def model_alone(mapper, net, paths, batch, repeats, seconds=3.0) -> dict:
 
 
 def decode_alone(net, paths, batch, repeats) -> dict:
-    from featx.pipeline import ImageReader
+    from featx.extraction import ImageReader
 
     rates = []
     for _ in range(repeats + 1):  # the first pass warms the page cache; not counted

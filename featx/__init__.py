@@ -13,22 +13,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 
+# The public names: the API's functions and the types they take and return. Lazy, so
+# that `import featx` (and the CLI's --help) imports no framework.
 _LAZY = {
-    "extract": "featx.extraction",
-    "Features": "featx.features",
-    "CombinedFeatures": "featx.features",
-    "ExtractStats": "featx.features",
-    "ExtractOptions": "featx.options",
-    "SplitOptions": "featx.options",
-    "create_backbone": "featx.backbones",
-    "list_backbones": "featx.backbones",
+    **dict.fromkeys(["extract", "fit", "predict", "compare", "audit", "finetune", "export",
+                     "list_caches", "cache_info", "compact_cache", "verify_cache",
+                     "export_embeddings", "augment_preview", "demo"], "featx.api"),
+    **dict.fromkeys(["Features", "CombinedFeatures", "ExtractStats"], "featx.cache"),
+    **dict.fromkeys(["ExtractOptions", "SplitOptions", "AuditOptions", "AugmentOptions"],
+                    "featx.options"),
+    **dict.fromkeys(["create_backbone", "list_backbones"], "featx.backbones"),
     "discover": "featx.data",
-    "fit": "featx.api",
-    "predict": "featx.api",
-    "compare": "featx.api",
-    "audit": "featx.api",
-    "AuditOptions": "featx.options",
-    "finetune": "featx.finetuning",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

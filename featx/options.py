@@ -1,5 +1,5 @@
-"""The options of extraction, of the split and of the audit: one frozen object each,
-listed here once.
+"""The options of extraction, of the split, of augmentation and of the audit: one frozen
+object each, listed here once, with the valid values of every choice.
 
 Every entry point (``extract``, ``fit``, ``compare``, ``finetune``) takes an
 :class:`ExtractOptions` as ``options=`` or the same names as keyword arguments; the CLI
@@ -19,6 +19,7 @@ RUNTIMES = ("auto", "onnx", "keras")
 ENGINES = ("local", "ray")  # what drives the pipeline: this process, or a Ray cluster
 PRECISIONS = ("fp32", "int8")
 POOLINGS = ("avg", "max", "flatten")
+DEVICES = ("auto", "cpu", "gpu")  # where the Keras model runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +48,17 @@ class ExtractOptions:
     layer: str | None = None  # default: the penultimate layer
     pooling: str | None = None  # default: avg
     input_size: int | None = None
-    batch_size: int | None = None  # default: per device (featx.devices)
+    batch_size: int | None = None  # default: per device (featx.extraction)
     cache_dir: str | Path = "cache"
     workers: int | None = None  # decoding threads; default: the usable cores
     mixed_precision: bool = False  # float16 compute on GPU (Keras' mixed_float16 policy)
-    device: str = "auto"  # "auto" | "cpu" | "gpu": where the Keras model runs
+    device: str = "auto"  # one of DEVICES
     runtime: str = "auto"  # "auto" | "onnx" | "keras"
     precision: str = "fp32"  # "fp32" | "int8"
     reduced_decode: bool = False
     flip_average: bool = False  # embed each image and its mirror image; store the mean
     exclude: str | Path | None = None  # a file listing images to leave out (featx audit)
-    engine: str = "local"  # "local" | "ray" (featx.ray_engine)
+    engine: str = "local"  # "local" | "ray" (featx.extraction, Ray Data)
     ray_address: str | None = None  # a Ray cluster to join; default: start a local one
     progress: bool = True
     split: SplitOptions = SplitOptions()
@@ -87,10 +88,90 @@ class ExtractOptions:
     def seed(self) -> int:
         return self.split.seed
 
+    def backbone_args(self, part: str | None = None) -> dict:
+        """``featx.backbones.create_backbone``'s arguments: for :attr:`backbone`, or for
+        ``part`` of a combined one."""
+        return dict(name=part or self.backbone, weights=self.weights, layer=self.layer,
+                    pooling=self.pooling, input_size=self.input_size, seed=self.seed,
+                    reduced_decode=self.reduced_decode)
+
     @property
     def backbone_parts(self) -> tuple[str, ...]:
         """The backbones whose embeddings are concatenated (one for a plain name)."""
         return backbone_parts(self.backbone)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOptions:
+    """Which random transformations to apply; ``None``, ``0`` or ``False`` disables one.
+
+    The defaults follow the keras-io transfer-learning tutorials.
+
+    Parameters
+    ----------
+    zoom : float or None, default 0.5
+        Maximum zoom-in, as the fraction of the side cropped away: each image keeps a
+        centred square of ``1 - zoom`` to 1 times its side, scaled back up (0.5: up to 2x).
+        ``keras.layers.RandomZoom(height_factor=(-zoom, 0))``; width follows height.
+    rotation : float or None, default 15
+        Maximum rotation in degrees, either way (``RandomRotation(rotation / 360)``).
+    brightness : float or None, default 0.2
+        Pixel values are multiplied by a factor drawn uniformly from
+        ``[1 - brightness, 1 + brightness]`` per image, then clipped to [0, 255]
+        (:class:`RandomBrightnessFactor`; Keras' ``RandomBrightness`` adds an offset instead).
+    flip : bool, default True
+        Random horizontal flip.
+    """
+
+    zoom: float | None = 0.5
+    rotation: float | None = 15.0
+    brightness: float | None = 0.2
+    flip: bool = True
+
+    def __post_init__(self):
+        if self.zoom is not None and not 0.0 <= self.zoom < 1.0:
+            raise UsageError(f"augment zoom must be in [0, 1), got {self.zoom}")
+        if self.rotation is not None and not 0.0 <= self.rotation <= 180.0:
+            raise UsageError(f"augment rotation must be in [0, 180] degrees, got {self.rotation}")
+        if self.brightness is not None and not 0.0 <= self.brightness < 1.0:
+            raise UsageError(f"augment brightness must be in [0, 1), got {self.brightness}")
+
+    @classmethod
+    def none(cls) -> "AugmentOptions":
+        """Options with every transformation disabled."""
+        return cls(zoom=None, rotation=None, brightness=None, flip=False)
+
+    @classmethod
+    def coerce(cls, value) -> "AugmentOptions":
+        """Options from ``True``/``None``/``False``, a dict of fields, or options.
+
+        ``True`` and ``{}`` give the defaults; ``False`` and ``None`` disable everything.
+        """
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls()
+        if value is None or value is False:
+            return cls.none()
+        if isinstance(value, dict):
+            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise UsageError(f"unknown augment option(s): {', '.join(sorted(unknown))}")
+            return cls(**value)
+        raise UsageError(f"augment must be True, False, a dict or AugmentOptions, got {value!r}")
+
+    @classmethod
+    def or_default(cls, value) -> "AugmentOptions":
+        """Like :meth:`coerce`, except that ``None`` gives the defaults (an option not set)."""
+        return cls() if value is None else cls.coerce(value)
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one transformation is on."""
+        return bool(self.zoom or self.rotation or self.brightness or self.flip)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 # Cosine similarity at which two images count as near-duplicates, and how it was chosen
@@ -107,7 +188,7 @@ AUDIT_MAPS = ("auto", "tsne", "pca")
 
 @dataclasses.dataclass(frozen=True)
 class AuditOptions:
-    """How `featx audit` looks for faults (:mod:`featx.audit_checks`); the CLI's defaults."""
+    """How `featx audit` looks for faults (:mod:`featx.auditing`); the CLI's defaults."""
 
     threshold: float = DUPLICATE_THRESHOLD  # near-duplicate cosine similarity
     folds: int = 5  # out-of-fold label check

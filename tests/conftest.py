@@ -84,7 +84,7 @@ def last_json(result):
 
 
 def dogcat_path():
-    from featx.devices import backend_name
+    from featx._backend import backend_name
 
     value = os.environ.get("FEATX_DOGCAT")
     if not value or not Path(value).is_dir():
@@ -97,7 +97,7 @@ def dogcat_path():
 
 def pytest_collection_modifyitems(config, items):
     """On Keras' JAX or PyTorch backend (KERAS_BACKEND), skip what needs TensorFlow's."""
-    from featx.devices import backend_name
+    from featx._backend import backend_name
 
     backend = backend_name()
     if backend == "tensorflow":

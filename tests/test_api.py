@@ -100,7 +100,7 @@ def test_class_scores_give_two_columns_for_a_binary_decision_function():
 
 
 def test_the_cli_offers_every_option_of_the_options_object():
-    from featx.cli import extract as extract_command
+    from featx.cli._extract import extract as extract_command
 
     defaults = ExtractOptions()
     params = {p.name: p.default for p in extract_command.params}

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY, dogcat_path, invoke, last_json, make_dataset, write_image
-from featx import audit_checks as featx_audit
+from featx import auditing as featx_audit
 from featx.api import audit, compare, fit
-from featx.audit_report import audit_findings, exclude_entries
+from featx.auditing import audit_findings, exclude_entries
 from featx.cli import cli
 from featx.data import discover, read_exclude_file, write_exclude_file
 from featx.errors import DataError, UsageError
@@ -91,7 +91,7 @@ def test_label_issues_keep_near_duplicates_in_one_fold():
     X, labels = clusters(n_classes=2, per_class=30)
     groups = np.arange(len(labels))
     groups[[0, 1, 2]] = 0  # one group of three
-    cv = featx_audit._folds(labels, groups, 5, seed=0)
+    cv = featx_audit._checks._folds(labels, groups, 5, seed=0)
     fold = cv.test_fold
     assert fold[0] == fold[1] == fold[2]
     assert sorted(np.bincount(fold).tolist())[0] >= 10  # still about a fifth each
@@ -196,10 +196,10 @@ def test_copies_to_drop_keep_one_training_copy():
 # ----- end to end on generated images ---------------------------------------------------------
 def counting_mapper(monkeypatch):
     """Count the images every runtime built from now on embeds."""
-    from featx import runtimes
+    from featx.extraction import _run
 
     calls = {"images": 0}
-    real = runtimes.open_mapper
+    real = _run.open_mapper
 
     def open_counting(*args, **kwargs):
         mapper = real(*args, **kwargs)
@@ -210,7 +210,7 @@ def counting_mapper(monkeypatch):
 
         return counted
 
-    monkeypatch.setattr(runtimes, "open_mapper", open_counting)
+    monkeypatch.setattr(_run, "open_mapper", open_counting)
     return calls
 
 
@@ -309,7 +309,7 @@ def test_audit_of_a_tiny_folder_says_what_it_skipped(tmp_path):
 
 
 def test_map_of_many_classes_without_findings(tmp_path):
-    from featx.audit_report import embedding_map_png
+    from featx.auditing import embedding_map_png
 
     X, labels = clusters(n_classes=25, per_class=4)
     result = featx_audit.Audit(options=AuditOptions(), duplicates=[], label_errors=[],
@@ -401,7 +401,7 @@ def test_audit_finds_planted_faults_in_real_photos(tmp_path, monkeypatch):
 
 
 def test_report_of_a_long_duplicate_chain_stays_readable(tmp_path):
-    from featx.audit_report import write_audit_report
+    from featx.auditing import write_audit_report
 
     group = {"kind": "same class", "exact": False, "conflicting_labels": False,
              "similarity": 0.95, "members": list(range(15))}

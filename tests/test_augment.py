@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, class_image, make_dataset, write_image
-from featx.augment import (
+from featx.data.augment import (
     AugmentOptions,
     RandomBrightnessFactor,
     augment_preview,
@@ -13,7 +13,7 @@ from featx.augment import (
 from featx.cache import FeatureCache
 from featx.errors import UsageError
 from featx.extraction import extract
-from featx.views import augment_recipe, missing_views
+from featx.extraction._views import augment_recipe, missing_views
 
 
 def _images(n=6, size=32, seed=0):
@@ -198,7 +198,7 @@ def test_changed_augment_options_recompute_every_view(tmp_path, caplog):
         assert cache.json_attr("augment_recipe") == augment_recipe(zoomed, seed=42)
     before = _view_embeddings(first)
 
-    with caplog.at_level("INFO", logger="featx.views"):
+    with caplog.at_level("INFO", logger="featx.extraction"):
         second = extract(data, augment_options=flat, **kw)
     assert second.stats.n_augmented == n_views  # every view, not 0
     assert "recipe changed" in caplog.text

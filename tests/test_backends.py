@@ -184,7 +184,7 @@ class Shifted:
 def test_a_runtime_that_disagrees_never_adds_rows(tmp_path):
     from featx.backbones import create_backbone
     from featx.cache import FeatureCache
-    from featx.runtimes import KerasMapper
+    from featx.extraction import KerasMapper
 
     data = make_dataset(tmp_path / "data", per_class=4)
     first = extract(data, cache_dir=tmp_path / "c", progress=False, runtime="keras", **TINY)
@@ -228,7 +228,7 @@ print(json.dumps(run("extract", {str(data)!r}, *{TINY_ARGS!r}, "--runtime", "ker
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_gpu_asked_for_where_none_is_visible_is_one_line(tmp_path):
-    from featx.runtimes import gpu_present
+    from featx.extraction import gpu_present
 
     if gpu_present():
         pytest.skip("this machine has a GPU")
@@ -275,8 +275,8 @@ print(json.dumps([run("extract", {str(data)!r}, *{TINY_ARGS!r}, *ask,
 
 
 def test_gpu_with_onnx_runtime_is_one_line(tmp_path, monkeypatch):
-    from featx import runtimes
-    from featx.devices import Device
+    from featx.extraction import _runtimes as runtimes
+    from featx.extraction import Device
 
     monkeypatch.setattr(runtimes, "setup_device", lambda requested="auto": Device(
         "gpu", "Stand-in GPU", "tensorflow"))
@@ -306,8 +306,8 @@ def test_mixed_precision_embeddings_stay_close_on_each_backend(tmp_path):
 import json, sys
 import numpy as np
 from featx.backbones import create_backbone
-from featx.devices import mixed_precision
-from featx.runtimes import KerasMapper
+from featx.extraction import mixed_precision
+from featx.extraction import KerasMapper
 images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
 out = {}
 for mixed in (False, True):
@@ -334,8 +334,8 @@ def test_the_gpu_path_keys_mixed_precision_by_backend_and_restores_the_policy(tm
     against the CPU rows before they join them."""
     import keras
 
-    from featx import runtimes
-    from featx.devices import Device
+    from featx.extraction import _runtimes as runtimes
+    from featx.extraction import Device
 
     monkeypatch.setattr(runtimes, "setup_device", lambda requested="auto": (
         Device("cpu", "cpu", "tensorflow") if requested == "cpu"

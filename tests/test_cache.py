@@ -420,7 +420,7 @@ def test_an_update_writes_only_what_changed(path):
 
 
 def test_parts_are_committed_a_shard_at_a_time(path, monkeypatch):
-    monkeypatch.setattr("featx.cache.rows_per_shard", lambda dim: 10)
+    monkeypatch.setattr("featx.cache._session.rows_per_shard", lambda dim: 10)
     data = vectors(35)
     with CacheSession(path, key=KEY, dim=DIM, attrs=ATTRS) as session:
         for start in range(0, 35, 4):
@@ -756,7 +756,7 @@ def sorted_embeddings(cache_path):
 
 
 def test_read_rows_in_blocks_equals_fancy_indexing(tmp_path):
-    from featx.shards import read_rows
+    from featx.cache import read_rows
 
     data = vectors(300)
     rng = np.random.default_rng(1)

@@ -38,7 +38,7 @@ def _read_csv(path):
 
 
 def test_npy_rows_align_with_the_cache(cache_file, tmp_path):
-    from featx.cache_export import export_embeddings
+    from featx.cache import export_embeddings
 
     record = export_embeddings(cache_file, "npy", tmp_path / "out")
     X, meta, _ = _expected(cache_file)
@@ -56,7 +56,7 @@ def test_npy_rows_align_with_the_cache(cache_file, tmp_path):
 def test_csv_and_parquet_hold_the_same_rows(cache_file, tmp_path):
     import pyarrow.parquet as pq
 
-    from featx.cache_export import export_embeddings
+    from featx.cache import export_embeddings
 
     X, meta, _ = _expected(cache_file)
     export_embeddings(cache_file, "csv", tmp_path / "csv")
@@ -74,7 +74,7 @@ def test_csv_and_parquet_hold_the_same_rows(cache_file, tmp_path):
 
 def test_export_streams_in_chunks(cache_file, tmp_path, monkeypatch):
     from featx.cache import FeatureCache
-    from featx.cache_export import export_embeddings
+    from featx.cache import export_embeddings
 
     export_embeddings(cache_file, "npy", tmp_path / "whole")
     spans = []
@@ -99,7 +99,7 @@ def test_export_streams_in_chunks(cache_file, tmp_path, monkeypatch):
 @pytest.mark.parametrize("format", ["npy", "csv", "parquet"])
 def test_a_failure_half_way_leaves_no_file(cache_file, tmp_path, monkeypatch, format):
     from featx.cache import FeatureCache
-    from featx.cache_export import export_embeddings
+    from featx.cache import export_embeddings
 
     original = FeatureCache.row_range
 
@@ -116,7 +116,7 @@ def test_a_failure_half_way_leaves_no_file(cache_file, tmp_path, monkeypatch, fo
 
 def test_an_empty_cache_exports_empty_files(tmp_path):
     from featx.cache import FeatureCache
-    from featx.cache_export import export_embeddings
+    from featx.cache import export_embeddings
 
     path = tmp_path / "empty.h5"
     with FeatureCache.open_for_write(path, key={"backbone": "x"}, dim=4,
@@ -130,7 +130,7 @@ def test_an_empty_cache_exports_empty_files(tmp_path):
 
 
 def test_views_add_the_augmented_rows(cache_file, tmp_path):
-    from featx.cache_export import export_embeddings
+    from featx.cache import export_embeddings
 
     record = export_embeddings(cache_file, "npy", tmp_path / "out", views=True)
     X, meta, views = _expected(cache_file, views=True)
@@ -142,7 +142,7 @@ def test_views_add_the_augmented_rows(cache_file, tmp_path):
 
 
 def test_missing_pyarrow_is_one_clear_line(cache_file, tmp_path, monkeypatch):
-    from featx.cache_export import export_embeddings
+    from featx.cache import export_embeddings
     from featx.cli import cli
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)

@@ -12,7 +12,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from conftest import ArrayFeatures
-from featx import classifiers, persist
+from featx import classifiers
+from featx.classifiers import _model_files as persist
 from featx.classifiers import (CLASSIFIERS, ClassifierSpec, classifier_names, compare, evaluate,
                                fit_classifier, make_classifier)
 from featx.errors import DataError, UsageError
@@ -251,7 +252,7 @@ def test_tuning_folds_stay_inside_the_train_rows(monkeypatch):
 def saved(tmp_path):
     X, y, Xv, _ = blobs()
     estimator = fit_classifier("svm", X, y, tune=False).estimator
-    path = persist.save_model(estimator, tmp_path / "models", "svm-toy",
+    path = classifiers.save_model(estimator, tmp_path / "models", "svm-toy",
                               {"classifier": "svm", "class_names": ["a", "b", "c"],
                                "backbone": "toy", "best_params": {"clf__C": 1.0}})
     return path, estimator, Xv
@@ -261,7 +262,7 @@ def test_save_load_round_trip(saved, caplog):
     path, estimator, Xv = saved
     assert path.name == "svm-toy.joblib" and path.with_suffix(".json").is_file()
     persist._warned = False
-    with caplog.at_level(logging.WARNING, logger="featx.persist"):
+    with caplog.at_level(logging.WARNING, logger="featx.classifiers"):
         for p in (path, path.with_suffix(".json")):
             loaded, metadata = persist.load_model(p)
             np.testing.assert_array_equal(loaded.predict(Xv), estimator.predict(Xv))
@@ -292,4 +293,4 @@ def test_missing_files_are_data_errors(saved, tmp_path):
     with pytest.raises(UsageError):
         persist.load_model(tmp_path / "model.pkl")
     with pytest.raises(UsageError):
-        persist.save_model(object(), tmp_path, "../escape", {})
+        classifiers.save_model(object(), tmp_path, "../escape", {})

@@ -81,12 +81,12 @@ def test_compare_writes_report_and_reuses_cache(dataset, tmp_path):
 
 
 def test_compare_warm_cache_runs_no_images_through_model(dataset, tmp_path, monkeypatch):
-    from featx import runtimes
+    from featx.extraction import _run
 
     cache_dir = tmp_path / "cache"
     assert invoke("extract", dataset, *TINY_ARGS, "--cache-dir", cache_dir).exit_code == 0
     built = []
-    monkeypatch.setattr(runtimes, "open_mapper", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(_run, "open_mapper", lambda *a, **k: built.append(a))
     out = last_json(invoke("compare", dataset, "--clf", "softmax,knn", "--no-tune", *TINY_ARGS,
                            "--cache-dir", cache_dir, "--report-dir", tmp_path / "r", "--json"))
     assert built == []  # no runtime was even built

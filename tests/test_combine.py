@@ -13,9 +13,9 @@ from featx import api
 from featx.cli import cli
 from featx.errors import DataError, UsageError
 from featx.extraction import extract
-from featx.features import CombinedFeatures, ExtractStats
+from featx.cache import CombinedFeatures, ExtractStats
 from featx.options import backbone_parts
-from featx.pipeline import FlipAveraging
+from featx.extraction import FlipAveraging
 
 PAIR = "toy_cnn+toy_wide"
 
@@ -36,7 +36,7 @@ def toys(monkeypatch):
 @pytest.fixture
 def model_calls(monkeypatch):
     """Images each backbone's Keras model was called on, by input size."""
-    from featx.runtimes import KerasMapper
+    from featx.extraction import KerasMapper
 
     calls = {}
     original = KerasMapper.__call__
@@ -156,7 +156,7 @@ def test_cached_parts_are_reused_with_zero_forward_passes(toys, image_folder, ca
 
 def test_a_file_that_fails_in_one_part_only_is_left_out_and_reported(toys, image_folder,
                                                                      cache_dir, monkeypatch):
-    import featx.pipeline
+    from featx.extraction import _reader
     from featx.data import load_for_model
     from featx.errors import ImageDecodeError
 
@@ -165,7 +165,7 @@ def test_a_file_that_fails_in_one_part_only_is_left_out_and_reported(toys, image
             raise ImageDecodeError(path, "planted failure")
         return load_for_model(path, size, *args, **kw)
 
-    monkeypatch.setattr(featx.pipeline.featx_data, "load_for_model", failing_at_48)
+    monkeypatch.setattr(_reader, "load_for_model", failing_at_48)
     result = CliRunner().invoke(cli, [
         "extract", str(image_folder), "-b", PAIR, "--weights", "random", "--runtime", "keras",
         "--cache-dir", str(cache_dir), "--no-progress", "--json"])

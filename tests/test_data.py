@@ -607,7 +607,7 @@ def test_resize_and_crop_interpolation(monkeypatch):
         calls.append(interpolation)
         return real(img, dsize, interpolation=interpolation)
 
-    monkeypatch.setattr(data.cv2, "resize", spy)
+    monkeypatch.setattr(data._images.cv2, "resize", spy)
     resize_and_crop(tiny(0, (300, 500, 3)), 32, 40)
     resize_and_crop(tiny(0, (10, 20, 3)), 32, 40)
     resize_and_crop(tiny(0, (10, 20, 3)), 32, 40, interpolation="bilinear")
@@ -704,7 +704,7 @@ def test_reduced_decode_is_close_to_full_decode(tmp_path, progressive):
 def test_reduced_decode_not_used_when_the_source_is_too_small(tmp_path, monkeypatch):
     flags = []
     real = cv2.imdecode
-    monkeypatch.setattr(data.cv2, "imdecode",
+    monkeypatch.setattr(data._images.cv2, "imdecode",
                         lambda buf, flag: flags.append(flag) or real(buf, flag))
     small = write_image(tmp_path / "small.jpg", photo_like(511, 700))  # 511 < 2 * 256
     png = write_image(tmp_path / "big.png", photo_like(1200, 1600))

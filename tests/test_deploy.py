@@ -54,7 +54,8 @@ def test_folded_head_gives_scikit_learns_scores(clf, n_classes):
     import keras
 
     from featx.classifiers import class_scores, make_classifier
-    from featx.deploy import _head_layers, linear_head
+    from featx.deploy import linear_head
+    from featx.deploy._graph import _head_layers
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(n_classes), 20)
@@ -73,7 +74,7 @@ def test_stock_normalization_equals_featx_normalization(mode):
     import keras
 
     from featx.backbones.layers import Normalization
-    from featx.deploy import _stock_normalization
+    from featx.deploy._graph import _stock_normalization
 
     pixels = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
     x = image = keras.Input((5, 5, 3), dtype="uint8")
@@ -99,7 +100,7 @@ def test_knn_and_tree_are_not_one_graph(clf):
 @pytest.mark.parametrize("clf", ["softmax", "logistic", "svm"])
 def test_onnx_export_equals_predict(fitted, clf, tmp_path):
     from featx.deploy import check_export, export_model, read_export_metadata
-    from featx.persist import read_metadata
+    from featx.classifiers import read_metadata
 
     data, models, _ = fitted
     exported = export_model(models[clf], "onnx", out=tmp_path / "model.onnx")
@@ -117,7 +118,7 @@ def test_onnx_export_equals_predict(fitted, clf, tmp_path):
 
 def test_keras_export_runs_without_featx(fitted, tmp_path):
     from featx.deploy import ExportedRunner, check_export, export_model
-    from featx.pipeline import ImageReader
+    from featx.extraction import ImageReader
 
     data, models, _ = fitted
     exported = export_model(models["softmax"], "keras", out=tmp_path / "model.keras")
@@ -188,7 +189,7 @@ def test_cli_exits_1_when_the_check_fails(fitted, tmp_path, monkeypatch):
     from featx import deploy
 
     data, models, _ = fitted
-    monkeypatch.setattr(deploy, "FP32_SCORE_TOLERANCE", -1.0)  # no difference can pass
+    monkeypatch.setattr(deploy._parity, "FP32_SCORE_TOLERANCE", -1.0)  # no difference can pass
     result = _cli("export", models["svm"], "-o", tmp_path / "svm.onnx", "--check", data)
     assert result.exit_code == 1
     assert "parity FAILED on 6 val images" in result.output
@@ -284,7 +285,7 @@ def test_int8_export_of_a_model_fitted_on_int8_features_matches_predict(fitted, 
 
     from featx import api
     from featx.deploy import check_export, export_model
-    from featx.persist import read_metadata
+    from featx.classifiers import read_metadata
 
     data, _, _ = fitted
     model = api.fit(data, "softmax", tune=False, out=tmp_path / "m8", precision="int8",

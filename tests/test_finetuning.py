@@ -125,7 +125,8 @@ def test_unfreeze_must_be_positive_or_all():
 def test_batchnorm_statistics_do_not_move_in_stage2(toy):
     import keras
 
-    from featx.finetuning import _compile, build_model, freeze_base, unfreeze_top
+    from featx.finetuning._model import _compile
+    from featx.finetuning import build_model, freeze_base, unfreeze_top
 
     net = _toy_net()
     train, inference = build_model(net, 2)
@@ -275,7 +276,8 @@ def test_predict_rows_of_a_finetuned_model_say_why_a_file_was_skipped(good_run, 
 
 
 def test_finetune_row_matches_compare_schema(good_run):
-    from featx.reports import NOT_SERIALISED, finetune_row
+    from featx.classifiers import NOT_SERIALISED
+    from featx.finetuning import finetune_row
 
     result, _ = good_run
     row = finetune_row(result, "toy_cnn", "random")
@@ -301,7 +303,7 @@ def test_finetune_row_matches_compare_schema(good_run):
 def test_split_comes_from_the_cache_when_there_is_one(toy, tmp_path):
     from featx.cache import CacheLock, FeatureCache
     from featx.extraction import extract
-    from featx.reconcile import resolve_split
+    from featx.cache.reconcile import resolve_split
 
     data = make_dataset(tmp_path / "data", per_class=5)
     net = _toy_net()

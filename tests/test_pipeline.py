@@ -5,7 +5,7 @@ import pytest
 
 from conftest import TINY, make_dataset
 from featx.extraction import extract
-from featx.pipeline import ArrayWriter, CacheWriter, ImageReader, run_pipeline
+from featx.extraction import ArrayWriter, CacheWriter, ImageReader, run_pipeline
 
 PREP = {"input_size": 16, "resize_size": 18, "interpolation": "area"}
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import TINY, invoke, make_dataset
-from featx import ray_engine
+from featx.extraction import _ray_engine as ray_engine
 from featx.cache import CacheSession, FeatureCache
-from featx.devices import backend_name
+from featx._backend import backend_name
 from featx.errors import UsageError
 from featx.extraction import extract
-from featx.shards import DONE_SUFFIX, is_intact
+from featx.cache import DONE_SUFFIX, is_intact
 
 DIM = 4
 

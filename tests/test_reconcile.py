@@ -1,11 +1,11 @@
-"""Reconciling a folder with its cache (featx.reconcile), on synthetic columns: no model."""
+"""Reconciling a folder with its cache (featx.cache.reconcile), on synthetic columns: no model."""
 
 from types import SimpleNamespace
 
 import numpy as np
 
 from conftest import make_dataset
-from featx import reconcile
+from featx.cache import reconcile
 from featx.cache import FeatureCache, cache_path_for
 from featx.options import SplitOptions
 

@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY, make_dataset
-from featx import onnx_export
 from featx.backbones import create_backbone
+from featx.data import file_sha256
 from featx.cli import cli
 from featx.errors import UsageError
-from featx.extraction import extract
-from featx.runtimes import KerasMapper, OnnxMapper, choose_runtime
+from featx.extraction import KerasMapper, OnnxMapper, choose_runtime, extract
+from featx.extraction import _onnx_store as onnx_export
 
 # ONNX Runtime against Keras: the export runs on the TensorFlow backend
 pytestmark = pytest.mark.tensorflow_only
@@ -36,7 +36,7 @@ def test_choose_runtime(monkeypatch):
     assert choose_runtime("auto", "int8", device="gpu") == "onnx"
     with pytest.raises(UsageError, match="ONNX Runtime only"):
         choose_runtime("keras", "int8")
-    monkeypatch.setattr("featx.runtimes.onnxruntime_available", lambda: False)
+    monkeypatch.setattr("featx.extraction._runtimes.onnxruntime_available", lambda: False)
     assert choose_runtime("auto") == "keras"
     for runtime, precision in (("onnx", "fp32"), ("auto", "int8")):
         with pytest.raises(UsageError, match="pip install onnxruntime"):
@@ -44,7 +44,7 @@ def test_choose_runtime(monkeypatch):
 
 
 def test_cli_runtime_onnx_without_onnxruntime_exits_2(tmp_path, monkeypatch):
-    monkeypatch.setattr("featx.runtimes.onnxruntime_available", lambda: False)
+    monkeypatch.setattr("featx.extraction._runtimes.onnxruntime_available", lambda: False)
     data = make_dataset(tmp_path / "data", per_class=2)
     result = CliRunner().invoke(cli, ["extract", str(data), "--runtime", "onnx", "--backbone",
                                       "mobilenet_v2", "--weights", "random", "--input-size",
@@ -75,10 +75,10 @@ def test_corrupt_or_stale_export_is_rebuilt_never_used(tmp_path, caplog):
     store = tmp_path / "onnx"
     model = onnx_export.ensure_fp32(_tiny(), store)
     model.path.write_bytes(model.path.read_bytes()[:1000])  # truncated
-    with caplog.at_level("WARNING", logger="featx.onnx_export"):
+    with caplog.at_level("WARNING", logger="featx.extraction"):
         rebuilt = onnx_export.ensure_fp32(_tiny(), store)
     assert rebuilt.built and "SHA-256 differs" in caplog.text
-    assert rebuilt.sha256 == onnx_export.sha256_file(rebuilt.path)
+    assert rebuilt.sha256 == file_sha256(rebuilt.path)
 
     sidecar = rebuilt.path.with_suffix(".json")
     meta = json.loads(sidecar.read_text())
@@ -130,7 +130,7 @@ def test_export_failure_falls_back_under_auto_and_fails_when_asked(tmp_path, mon
 
 # ----- int8 --------------------------------------------------------------------------
 def test_weights_lose_a_bit_only_where_int8_products_would_saturate():
-    from featx.onnx_export import QUANTIZATION, cpu_has_vnni
+    from featx.extraction import QUANTIZATION, cpu_has_vnni
 
     assert cpu_has_vnni("flags : fpu avx2 avx512f avx512_vnni", "x86_64")
     assert cpu_has_vnni("flags : fpu avx2 avx_vnni", "x86_64")

@@ -7,12 +7,12 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.tree import DecisionTreeClassifier
 
 from conftest import ArrayFeatures
-from featx import uncertainty
+from featx.classifiers import _uncertainty as uncertainty
 from featx.classifiers import (compare, compare_repeated, depth_tune, fit_classifier,
                                predict_probabilities, significance, CLASSIFIERS, make_classifier)
 from featx.errors import DataError
 from featx.inference import UNKNOWN, label_rows
-from featx.resampling import plan_repeats
+from featx.classifiers import plan_repeats
 
 
 # ----- intervals ---------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_label_rows_with_min_score_says_unknown_and_keeps_the_best_guess():
 def test_depth_truncation_scores_equal_depth_limited_trees():
     X, y = make_classification(n_samples=400, n_features=10, n_informative=6, n_classes=3,
                                random_state=0)
-    from featx.classifiers import _truncated_scores
+    from featx.classifiers._tuning import _truncated_scores
 
     train, test = np.arange(300), np.arange(300, 400)
     got = _truncated_scores(make_classifier("tree", seed=0), X[train], y[train], X[test],
@@ -274,8 +274,8 @@ def test_race_tune_stops_clearly_worse_candidates_after_one_fold(monkeypatch):
                                random_state=0)
     spec = ClassifierSpec(lambda w, s: make_classifier("tree"), {"clf__max_depth": [1, 12]}, "t")
     fits = []
-    real = classifiers._held_out_hits
-    monkeypatch.setattr(classifiers, "_held_out_hits",
+    real = classifiers._tuning._held_out_hits
+    monkeypatch.setattr(classifiers._tuning, "_held_out_hits",
                         lambda *a: fits.append(a[1]) or real(*a))
     folds = StratifiedKFold(3, shuffle=True, random_state=0)
     params, score, not_converged = race_tune(spec, make_classifier("tree"), X, y, folds, 1,
@@ -286,7 +286,7 @@ def test_race_tune_stops_clearly_worse_candidates_after_one_fold(monkeypatch):
 
 
 def test_race_keeps_close_candidates_to_the_end():
-    from featx.classifiers import _still_racing
+    from featx.classifiers._tuning import _still_racing
 
     rng = np.random.default_rng(0)
     a = rng.random(200) < 0.80
@@ -319,7 +319,7 @@ def test_rows_scored_on_other_images_are_not_tested_against_the_best():
 
 
 def test_min_score_is_refused_when_a_class_is_named_unknown():
-    from featx.api import _check_unknown_free
+    from featx.inference import check_unknown_free as _check_unknown_free
     from featx.errors import UsageError
 
     _check_unknown_free(["cat", "dog"], 0.9, "m.joblib")

@@ -218,11 +218,11 @@ def create_backbone(name: str, weights="imagenet", *, layer: str | None = None,
     layer = layer if layer is not None else cfg.default_layer
     imagenet_file = entry.imagenet_file(cfg, size) if entry.imagenet_file else None
     kind, arg, weights_id = resolve(cfg, weights, seed, imagenet_file)
-    net = Backbone(entry, kind, arg, weights_id, layer=layer, pooling=pooling,
-                   input_size=size, seed=int(seed))
+    backbone = Backbone(entry, kind, arg, weights_id, layer=layer, pooling=pooling,
+                        input_size=size, seed=int(seed))
     if reduced_decode:
-        net.preprocessing["reduced_decode"] = True
-    return net
+        backbone.preprocessing["reduced_decode"] = True
+    return backbone
 
 
 def load_keras_model(path, **kwargs):

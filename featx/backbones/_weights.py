@@ -31,7 +31,7 @@ def offline_error(cfg: BackboneCfg, reason: str) -> WeightsUnavailableError:
 
 @functools.lru_cache(maxsize=16)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    from featx.data import file_sha256
+    from featx._io import file_sha256
 
     return file_sha256(path)
 

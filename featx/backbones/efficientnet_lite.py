@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.devices import set_random_seed
+from featx._backend import set_random_seed
 from featx.errors import WeightsUnavailableError
 
 from ._config import BackboneCfg

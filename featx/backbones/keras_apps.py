@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from featx.devices import set_random_seed
+from featx._backend import set_random_seed
 
 from ._config import BackboneCfg, resize_size_for
 from ._registry import register_backbone

@@ -1,0 +1,128 @@
+"""Shard files: the immutable HDF5 files that hold a cache's embeddings.
+
+A shard is written once, under a temporary name that is renamed when the file is complete
+and on disk, and never changed after: its rows' embeddings (``embeddings``, float32) and,
+so that a shard can be told apart on its own, their ``paths``, ``sha256`` and ``view``.
+What a cache knows of each shard (:class:`ShardInfo`) includes a SHA-256 of the embedding
+bytes: a shard whose content no longer matches is never read as embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from featx._io import atomic_path
+
+SHARD_BYTES = 32 * 2**20  # a shard's embeddings: big enough for few files, small for RAM
+COLUMNS = ("paths", "sha256", "view")
+DONE_SUFFIX = ".done"  # marker beside a shard an engine finished but no index lists yet
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """One shard as a cache index records it."""
+
+    name: str  # file name inside the cache's shard folder
+    rows: int
+    checksum: str  # sha256 of the embeddings' bytes (float32, C order)
+    size: int  # file size and mtime: a shard whose stat is unchanged is not re-hashed
+    mtime_ns: int
+
+
+def rows_per_shard(dim: int) -> int:
+    return max(256, SHARD_BYTES // (4 * max(1, dim)))
+
+
+def _h5py():
+    import h5py
+
+    return h5py
+
+
+def write_shard(path, dim: int, blocks, columns: dict) -> ShardInfo:
+    """Write ``blocks`` (float32 arrays of ``dim`` columns, in row order) as shard ``path``.
+
+    ``columns`` holds the rows' ``paths``, ``sha256`` and ``view``. Blocks are written as
+    they come, so memory holds one block; the file appears under its name only complete.
+    """
+    h5py = _h5py()
+    path = Path(path)
+    n = len(columns["paths"])
+    digest = hashlib.sha256()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", locking=False) as h5:
+        data = h5.create_dataset("embeddings", shape=(n, dim), dtype="float32")
+        start = 0
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            data[start:start + len(block)] = block
+            digest.update(block)  # the buffer itself: no copy
+            start += len(block)
+        if start != n:
+            raise ValueError(f"{path.name}: {start} embeddings for {n} rows")
+        strings = h5py.string_dtype("utf-8")
+        h5.create_dataset("paths", data=[str(p) for p in columns["paths"]], dtype=strings)
+        h5.create_dataset("sha256", data=[str(s) for s in columns["sha256"]], dtype=strings)
+        h5.create_dataset("view", data=np.asarray(columns["view"], dtype=np.int16))
+        h5.attrs["checksum"] = digest.hexdigest()
+        h5.flush()
+        os.fsync(h5.id.get_vfd_handle())
+    stat = path.stat()
+    return ShardInfo(path.name, n, digest.hexdigest(), stat.st_size, stat.st_mtime_ns)
+
+
+def checksum(path, block_rows: int = 8192) -> str:
+    """SHA-256 of a shard's embedding bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with _h5py().File(path, "r", locking=False) as h5:
+        data = h5["embeddings"]
+        for start in range(0, data.shape[0], block_rows):
+            digest.update(np.ascontiguousarray(data[start:start + block_rows]))
+    return digest.hexdigest()
+
+
+def is_intact(folder, info: ShardInfo, full: bool = False) -> bool:
+    """Whether shard ``info`` in ``folder`` holds what was written. Unless ``full``, a file
+    whose size and mtime are as recorded is trusted (as unchanged image files are)."""
+    path = Path(folder) / info.name
+    try:
+        stat = path.stat()
+        if not full and (stat.st_size, stat.st_mtime_ns) == (info.size, info.mtime_ns):
+            return True
+        return checksum(path) == info.checksum
+    except (OSError, KeyError):
+        return False
+
+
+def read_rows(data, rows, block_rows: int = 4096, out=None, at=None) -> np.ndarray:
+    """``data[rows]`` for an HDF5 dataset, ``rows`` in any order, repeats allowed; with
+    ``out``, written into ``out[at]`` instead (``at``: one position per row).
+
+    Reads in blocks of ``block_rows``, so memory holds the result plus one block: a span
+    of rows that are mostly wanted is read as slices (one read beats a point list), sparse
+    rows as point selections (which h5py wants increasing and distinct).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if out is None:
+        out = np.empty((rows.size,) + data.shape[1:], dtype=data.dtype)
+        at = np.arange(rows.size)
+    if not rows.size:
+        return out
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    first, last = int(ordered[0]), int(ordered[-1])
+    if last - first + 1 <= 2 * np.unique(ordered).size:  # dense
+        for start in range(first, last + 1, block_rows):
+            lo, hi = np.searchsorted(ordered, [start, start + block_rows])
+            if lo < hi:
+                block = data[start:int(ordered[hi - 1]) + 1]
+                out[at[order[lo:hi]]] = block[ordered[lo:hi] - start]
+        return out
+    for lo in range(0, rows.size, block_rows):
+        unique, inverse = np.unique(ordered[lo:lo + block_rows], return_inverse=True)
+        out[at[order[lo:lo + block_rows]]] = data[unique][inverse]
+    return out

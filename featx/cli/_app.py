@@ -1,0 +1,104 @@
+"""The ``featx`` group, and what every command shares: logging on stderr, one line and an
+exit code per error, one JSON object as the last line of stdout.
+
+Results go to stdout (with --json, one JSON object as the last line); logs, warnings and
+progress bars go to stderr. Exit codes: 0 success (also when some files were skipped),
+2 usage or data errors, 1 internal errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+
+import click
+
+from featx import __version__
+from featx._backend import backend_name, require_backend
+from featx._io import json_default
+from featx.errors import FeatxError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+log = logging.getLogger("featx")
+
+
+def _configure_logging(verbose: int):
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("featx: %(levelname)s: %(message)s"))
+    root = logging.getLogger("featx")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def handle_errors(func):
+    """Turn featx errors into one line on stderr and their exit code; others into exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FeatxError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the contract is one line and exit 1
+            if isinstance(exc, ModuleNotFoundError):
+                _missing_backend(exc)
+            if os.environ.get("FEATX_DEBUG"):
+                raise
+            click.echo(f"Internal error: {type(exc).__name__}: {exc} "
+                       "(set FEATX_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _missing_backend(exc: ModuleNotFoundError):
+    """Keras' backend failed to import: the one line require_backend gives, exit 2."""
+    if exc.name and exc.name.split(".")[0] == backend_name():
+        try:
+            require_backend()
+        except FeatxError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(error.exit_code)
+
+
+def emit_json(obj):
+    """Print ``obj`` as one JSON line, the last line of stdout."""
+    click.echo(json.dumps(obj, default=json_default))
+
+
+def printed_json(result, json_: bool) -> bool:
+    """With ``--json``: print the result's ``to_dict()`` (a list's, row by row); says
+    whether it did, so the command stops there."""
+    if json_:
+        emit_json([r.to_dict() for r in result] if isinstance(result, list)
+                  else result.to_dict())
+    return json_
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="featx")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+def cli(verbose):
+    """featx: transfer learning by feature extraction.
+
+    Embed a folder of labelled images once with a frozen ImageNet ConvNet (cached in HDF5),
+    then train and compare classifiers on the cached embeddings in seconds.
+
+    Example:
+
+        featx extract path/to/images
+        featx compare path/to/images --report-dir reports/
+    """
+    _configure_logging(verbose)
+
+
+def main():
+    cli(prog_name="featx")

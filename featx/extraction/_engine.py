@@ -1,0 +1,84 @@
+"""The local engine: reader -> mapper -> writer, batch after batch, in this process.
+
+Every place that turns image files into embeddings (or scores) goes through here:
+extraction and its augmented views, ``predict`` on files that are not cached, fine-tuned
+models' predictions and an export's parity check (:func:`map_files`), and each Ray actor
+on its shard. Each stage is an object passed in, so another runtime or engine plugs in
+without touching the others, and tests inject fakes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from featx.base import Mapper, Writer
+
+from ._reader import ImageReader, decoded
+from ._writers import ArrayWriter
+
+
+@dataclasses.dataclass
+class PipelineTiming:
+    seconds: float
+    n_images: int = 0  # images that went through the mapper
+    first_batch_images: int = 0
+    first_batch_seconds: float = 0.0  # includes one-off costs (tracing, session start)
+
+
+def run_pipeline(reader: ImageReader, mapper: Mapper, writer: Writer, *,
+                 progress: bool = True, desc: str = "extract") -> PipelineTiming:
+    """The local engine: each reader batch through the mapper, then to the writer.
+
+    Rows whose file could not be decoded skip the mapper (their embedding is zeros and
+    their ``error`` says why); the writer decides what to do with them. The writer is
+    closed (flushed) even when a stage raises.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    timing = PipelineTiming(0.0)
+    bar = tqdm(total=len(reader), unit="img", disable=not progress, desc=desc,
+               dynamic_ncols=True, smoothing=0.1)
+    try:
+        for batch in reader:
+            ok = decoded(batch)
+            batch["embedding"] = _map_rows(mapper, batch["image"], ok)
+            writer.put(batch)
+            n = len(batch["index"])
+            timing.n_images += int(ok.sum())
+            bar.update(n)
+            if not timing.first_batch_images:
+                timing.first_batch_images = n
+                timing.first_batch_seconds = time.perf_counter() - start
+    finally:
+        bar.close()
+        writer.close()
+    timing.seconds = time.perf_counter() - start
+    return timing
+
+
+def _map_rows(mapper, images, ok) -> np.ndarray:
+    """Embeddings of the ``ok`` rows; zeros elsewhere (no columns when no row is ok)."""
+    if ok.all():
+        return np.asarray(mapper(images), dtype=np.float32)
+    if not ok.any():
+        return np.zeros((len(ok), 0), np.float32)
+    mapped = np.asarray(mapper(images[ok]), dtype=np.float32)
+    embeddings = np.zeros((len(ok), mapped.shape[1]), np.float32)
+    embeddings[ok] = mapped
+    return embeddings
+
+
+def map_files(paths, preprocessing: dict, mapper: Mapper, width: int, *,
+              batch_size: int = 32, root=None, workers: int | None = None,
+              progress: bool = False, desc: str = "embed") -> tuple[np.ndarray, list[str]]:
+    """Files through reader -> ``mapper`` -> an :class:`ArrayWriter`: the outputs
+    (float32, ``(len(paths), width)``; zeros where a file could not be read) and each
+    file's error (``""`` when it was read)."""
+    reader = ImageReader(paths, preprocessing, batch_size, root=root, workers=workers)
+    writer = ArrayWriter(len(reader), width)
+    run_pipeline(reader, mapper, writer, progress=progress, desc=desc)
+    return writer.embeddings, writer.errors

@@ -3,13 +3,12 @@ the embedding map, from the findings of :mod:`._findings`."""
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
 import numpy as np
 
-from featx._io import json_default
+from featx._io import to_json
 from featx.data import read_image
 from featx.errors import ImageDecodeError
 from featx.options import THRESHOLD_EVIDENCE
@@ -56,7 +55,7 @@ def write_audit_report(audit, findings, dataset: dict, report_dir, *, labels) ->
     files["json"] = str(report_dir / "audit.json")
     files["markdown"] = str(report_dir / "audit.md")
     summary["files"] = files
-    Path(files["json"]).write_text(json.dumps(summary, indent=2, default=json_default))
+    Path(files["json"]).write_text(to_json(summary, indent=2))
     Path(files["markdown"]).write_text(audit_markdown(summary))
     return files
 

@@ -68,22 +68,22 @@ def export_embeddings(cache_path, format: str, out_dir, *, views: bool = False,
         columns = list(METADATA_COLUMNS) + (["view"] if views else [])
         writer = WRITERS[format](int(wanted.sum()), cache.dim, columns)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_rows(cache, writer, out_dir, wanted, chunk_rows, views)
+        classes = cache.json_attr("class_names", [])
+        _write_rows(cache, writer, out_dir, wanted, chunk_rows, views, classes)
         record = EmbeddingExport(
             cache=str(cache.path), root=cache.attr("root"), format=format,
             files=list(writer.names), n_rows=int(wanted.sum()), dim=cache.dim, columns=columns,
             includes_augmented_views=views, backbone=cache.attr("backbone"),
             weights_id=cache.attr("weights_id"), precision=cache.key.get("precision", "fp32"),
-            key=cache.key, class_names=cache.json_attr("class_names", []), out=str(out_dir))
+            key=cache.key, class_names=classes, out=str(out_dir))
     written = {k: v for k, v in record.to_dict().items() if k != "out"}
     write_text_atomic(out_dir / "export.json", to_json(written, indent=2) + "\n")
     return record
 
 
-def _write_rows(cache, writer, out_dir, wanted, chunk_rows, views) -> None:
+def _write_rows(cache, writer, out_dir, wanted, chunk_rows, views, classes) -> None:
     """The wanted rows, chunk by chunk, into the writer's files (renamed into place when
     every row is written; removed if anything fails)."""
-    classes = cache.json_attr("class_names", [])
     with contextlib.ExitStack() as stack:
         paths = [stack.enter_context(atomic_path(out_dir / name)) for name in writer.names]
         with writer.open(paths):

@@ -9,7 +9,6 @@ progress bars go to stderr. Exit codes: 0 success (also when some files were ski
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ import click
 
 from featx import __version__
 from featx._backend import backend_name, require_backend
-from featx._io import json_default
+from featx._io import to_json
 from featx.errors import FeatxError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -71,7 +70,7 @@ def _missing_backend(exc: ModuleNotFoundError):
 
 def emit_json(obj):
     """Print ``obj`` as one JSON line, the last line of stdout."""
-    click.echo(json.dumps(obj, default=json_default))
+    click.echo(to_json(obj))
 
 
 def printed_json(result, json_: bool) -> bool:

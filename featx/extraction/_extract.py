@@ -111,13 +111,14 @@ def _naming_part(name, part):
 def _extract_one(data_dir, options, augment, augment_options, mapper) -> Features:
     started = time.perf_counter()
     backbone = create_backbone(**options.backbone_args())
-    fp16, device = _mixed_precision_device(options, mapper)
+    planned = _planned(options, mapper)
+    fp16, device = _mixed_precision_device(options, planned)
     key = run_key(backbone.key(), compute_backend=device.backend if fp16 else None,
                   int8=options.precision == "int8", flip_average=options.flip_average)
     cache_path = cache_path_for(options.cache_dir, data_dir, backbone.cfg.name,
                                 backbone.weights, key)
     run = Run(backbone, options, Path(data_dir), cache_path, device, mapper,
-              planned=_planned(options, mapper))
+              planned=planned)
     with mixed_precision(fp16), CacheLock(cache_path):
         recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
         if recovered:
@@ -133,14 +134,14 @@ def _planned(options, mapper) -> bool:
     return mapper is None and (options.mixed_precision or options.device == "gpu")
 
 
-def _mixed_precision_device(options, mapper):
+def _mixed_precision_device(options, planned: bool):
     """(float16 compute on, the device when it had to be planned before the run, else None).
 
     Float16 compute needs the Keras runtime on a GPU: elsewhere --mixed-precision is ignored
     with a warning (it is slower on a CPU)."""
     runtime = choose_runtime(options.runtime, options.precision)  # bad combinations fail here
     device = None
-    if _planned(options, mapper):
+    if planned:
         runtime, device = plan_device(options.runtime, options.precision, options.device,
                                       options.mixed_precision)
     fp16 = (options.mixed_precision and device is not None and device.kind == "gpu"

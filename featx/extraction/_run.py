@@ -52,7 +52,6 @@ class Run:
         self.ray_computed_by = []  # what the Ray actors say computed their shards
         self.stats = ExtractStats()
         self.excluded = frozenset()  # relative paths the exclude list names
-        self._augment_seconds = 0.0
         self.mapper = _OnDemand(mapper, lambda: open_mapper(
             backbone, options.runtime, options.precision, self._device(), self._store(),
             self._batch_size(), self.int8_model), flip_average=options.flip_average,
@@ -89,8 +88,9 @@ class Run:
         cache = CacheSession(self.cache_path, key=key, attrs=attrs,
                              dim=None if state is not None else given_dim or self.backbone.dim)
         try:
-            cache, failed = self._write(cache, plan, current, key, augment, augment_options)
-            cache.set_attrs(**self._provenance(cache, attrs))
+            cache, failed, augment_seconds = self._write(cache, plan, current, key, augment,
+                                                         augment_options)
+            cache.set_attrs(**self._provenance(cache, attrs, augment_seconds))
         finally:
             cache.close()
         self._count(manifest, failed)
@@ -121,21 +121,21 @@ class Run:
 
     def _write(self, cache, plan, current, key, augment, augment_options):
         """Apply the plan, embed the new files and the missing views: (the session to go
-        on with, every failed file as (path, sha256, reason))."""
+        on with, every failed file as (path, sha256, reason), the views' seconds)."""
         cache, self.stats.n_copied = reconcile.apply_plan(cache, plan, current)
         new_failed = self._embed_new(cache, plan.extract, current, key) \
             if plan.extract.size else []
-        cache, self._augment_seconds = self._augment(cache, augment, augment_options)
+        cache, augment_seconds = self._augment(cache, augment, augment_options)
         failed = plan.known_failed + new_failed
         cache.set_failed(failed)
-        return cache, failed
+        return cache, failed, augment_seconds
 
-    def _provenance(self, cache, attrs) -> dict:
+    def _provenance(self, cache, attrs, augment_seconds) -> dict:
         """``attrs`` plus what the cached rows cost (summed over runs, for cost comparisons)
         and what computed them."""
         stats = self.stats
         attrs["extraction_seconds"] = float(cache.attr("extraction_seconds", 0.0)) + \
-            stats.model_seconds + self._augment_seconds
+            stats.model_seconds + augment_seconds
         who = set(self.ray_computed_by)
         if self.mapper.built is not None and (stats.n_extracted or stats.n_augmented):
             stats.runtime = describe(self.mapper.built)

@@ -73,11 +73,11 @@ class Predictions(list):
     @property
     def sources(self) -> list[str]:
         """Where the embeddings came from, once each."""
-        return sorted({row.get("embedded_by", "") for row in self.rows} - {""})
+        return sorted({row.get("embedded_by", "") for row in self} - {""})
 
     @property
     def failed(self) -> list[tuple[str, str]]:
-        return [(row["path"], row["error"]) for row in self.rows if row["error"]]
+        return [(row["path"], row["error"]) for row in self if row["error"]]
 
     def to_dict(self) -> dict:
         return {"model": self.model, "predictions": self.rows}
@@ -91,7 +91,7 @@ class Predictions(list):
         for k in range(1, self.top_k + 1):
             header += [f"top{k}_label", f"top{k}_score"]
         writer.writerow(header + ["error"])
-        for row in self.rows:
+        for row in self:
             cells = [row["path"], row["label"],
                      "" if row["score"] is None else f"{row['score']:.6f}"]
             if best_guess:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx._io import featx_version, json_default
+from featx._io import featx_version, to_json
 from featx.classifiers import NOT_SERIALISED, REQUIRED, ranking_key
 
 from ._figures import (_confusion_names, _confusion_title, plot_accuracy_vs_fit_time,
@@ -113,9 +113,9 @@ def write_compare_report(results, dataset: dict, report_dir, *, notes: list[str]
     }
     (report_dir / "report.md").write_text(_markdown(ordered, dataset, notes, files, repeated),
                                           encoding="utf-8")
-    (report_dir / "report.json").write_text(
-        json.dumps(report, indent=2, default=json_default) + "\n", encoding="utf-8")
-    return json.loads(json.dumps(report, default=json_default))
+    text = to_json(report, indent=2)
+    (report_dir / "report.json").write_text(text + "\n", encoding="utf-8")
+    return json.loads(text)
 
 
 def _draw_figures(ordered, dataset, report_dir: Path) -> dict:

@@ -9,6 +9,9 @@ import os
 # Doubles TensorFlow's CPU throughput on the machines we measured; it must be set before
 # TensorFlow is imported, so it lives here rather than next to the model code.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+# TensorFlow's C++ log level, also read at import: whether the user chose one is kept, so
+# that the CLI's quiet default and its -v leave a chosen level alone.
+TF_LOG_LEVEL_CHOSEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"

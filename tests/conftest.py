@@ -1,24 +1,52 @@
 """Shared fixtures: isolated environment, small generated image folders, a tiny backbone."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from keras_marker import backends_hidden, mark_keras_tests
 
 # A tiny random-weight backbone keeps the suite fast; tests that need real weights say so.
 TINY = dict(backbone="mobilenet_v2", weights="random", input_size=32)
 TOY = dict(backbone="toy_cnn", weights="random")
 
 
+def pytest_configure(config):
+    """Quick XLA compiles for JAX, whose tests compile many small models and run each once
+    (unoptimised code, a third less time; results within the tests' tolerances), and its
+    persistent compilation cache, one per run and shared by the run's processes (xdist's
+    workers and the tests' subprocesses inherit both): a model compiles once per run."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                                       "--xla_llvm_disable_expensive_passes=true")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="featx-tests-jax-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config.featx_jax_cache = folder
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "featx_jax_cache", None):
+        shutil.rmtree(config.featx_jax_cache, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def onnx_store(tmp_path_factory):
-    return tmp_path_factory.mktemp("onnx_store")
+    """The session's ONNX store; pytest-xdist's workers (each with a temporary folder of its
+    own below a shared one) share one, so each export is built once per run."""
+    base = tmp_path_factory.getbasetemp()
+    store = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "onnx_store"
+    store.mkdir(exist_ok=True)
+    return store
 
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory, monkeypatch, onnx_store):
-    """No downloads, no user config: every test gets its own Keras home.
+    """No downloads, no user config, nothing written where pytest was started: every test
+    gets its own Keras home and working directory.
 
     ONNX exports of the tiny backbone are shared by the whole session (FEATX_ONNX_STORE),
     as they are shared by every dataset of a user; tests of the store use their own.
@@ -29,6 +57,7 @@ def isolated_env(tmp_path_factory, monkeypatch, onnx_store):
     monkeypatch.setenv("FEATX_OFFLINE", "1")
     monkeypatch.delenv("FEATX_CACHE_DIR", raising=False)
     monkeypatch.delenv("FEATX_BACKBONE", raising=False)
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def write_image(path: Path, image: np.ndarray):
@@ -95,10 +124,33 @@ def dogcat_path():
     return Path(value)
 
 
+@pytest.fixture(scope="session")
+def dogcat_cache(tmp_path_factory, onnx_store):
+    """dogcat extracted once with the real Lite0 weights: ``(data, cache_dir, features)``,
+    shared by the end-to-end tests that read its embeddings (and by pytest-xdist's workers:
+    the first extracts under a file lock, the others then find every row cached)."""
+    import fcntl
+
+    from featx.extraction import extract
+
+    data = dogcat_path()
+    cache_dir = onnx_store.parent / "dogcat_cache"
+    cache_dir.mkdir(exist_ok=True)
+    with open(cache_dir.with_suffix(".lock"), "w") as lock, pytest.MonkeyPatch.context() as env:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env.setenv("FEATX_ONNX_STORE", str(onnx_store))  # what isolated_env gives a test
+        env.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras_home")))
+        env.setenv("FEATX_OFFLINE", "1")
+        features = extract(data, cache_dir=cache_dir, progress=False)
+    return data, cache_dir, features
+
+
 def pytest_collection_modifyitems(config, items):
-    """On Keras' JAX or PyTorch backend (KERAS_BACKEND), skip what needs TensorFlow's."""
+    """Mark the tests that exercise a Keras backend (:mod:`keras_marker`); on Keras' JAX or
+    PyTorch backend (KERAS_BACKEND), skip what needs TensorFlow's."""
     from featx._backend import backend_name
 
+    mark_keras_tests(items)
     backend = backend_name()
     if backend == "tensorflow":
         return
@@ -106,6 +158,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tensorflow_only" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def no_backend_unless_marked(request):
+    """A test not marked ``keras`` runs with the Keras backends unimportable."""
+    if request.node.get_closest_marker("keras") is not None:
+        yield
+        return
+    with backends_hidden():
+        yield
 
 
 # ----- a toy backbone ----------------------------------------------------------------

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY, dogcat_path, invoke, last_json, make_dataset, write_image
+from conftest import (TINY, TOY, dogcat_path, invoke, last_json, make_dataset, register_toy,
+                      write_image)
 from featx import auditing as featx_audit
 from featx.api import audit, compare, fit
 from featx.auditing import audit_findings, exclude_entries
@@ -276,15 +277,15 @@ def test_exclude_only_skips_listed_files_and_keeps_splits(tmp_path):
     np.testing.assert_array_equal(X, Y)
 
 
-def test_finetune_leaves_out_excluded_images(tmp_path):
+def test_finetune_leaves_out_excluded_images(tmp_path, monkeypatch):
     from featx.finetuning import finetune
 
+    register_toy(monkeypatch)  # the exclusion, not the network, is under test
     data = make_dataset(tmp_path / "data", per_class=8)
     exclude = write_exclude_file(tmp_path / "x.txt", [("cat/cat_001.png", "t"),
                                                       ("dog/dog_002.png", "t")])
     result = finetune(data, warmup_epochs=1, epochs=0, batch_size=8, out=tmp_path / "m",
-                      cache_dir=tmp_path / "cache", exclude=exclude, progress=False,
-                      backbone="mobilenet_v2", weights="random", input_size=32)
+                      cache_dir=tmp_path / "cache", exclude=exclude, progress=False, **TOY)
     assert result.n_excluded == 2 and sum(result.split_counts.values()) == 14
 
 

@@ -299,7 +299,8 @@ def test_device_and_batch_size_are_reported(tmp_path):
     assert "\ndevice:    CPU\n" in text  # ONNX Runtime on the CPU, no framework loaded
 
 
-def test_mixed_precision_embeddings_stay_close_on_each_backend(tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", *OTHER_BACKENDS])
+def test_mixed_precision_embeddings_stay_close_on_each_backend(backend):
     """The mixed_float16 policy, backend-neutral: the path --mixed-precision takes on a GPU,
     run here on the CPU (where float16 is emulated, so extraction ignores the flag)."""
     script = """
@@ -316,14 +317,11 @@ for mixed in (False, True):
         out[mapper.precision] = mapper(images).tolist()
 print(json.dumps(out))
 """
-    backends = ["tensorflow"] + [b for b in ("jax", "torch")
-                                 if importlib.util.find_spec(b) is not None]
-    for backend in backends:
-        out = run_python(script, backend)
-        fp32, fp16 = (np.asarray(out[k], np.float64) for k in ("fp32", "mixed_float16"))
-        cosine = (fp32 * fp16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(fp16, axis=1)
-        assert cosine.min() >= 0.999, (backend, cosine)
-        assert np.abs(fp32 - fp16).max() > 0  # float16 really ran
+    out = run_python(script, backend)
+    fp32, fp16 = (np.asarray(out[k], np.float64) for k in ("fp32", "mixed_float16"))
+    cosine = (fp32 * fp16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(fp16, axis=1)
+    assert cosine.min() >= 0.999, (backend, cosine)
+    assert np.abs(fp32 - fp16).max() > 0  # float16 really ran
 
 
 def test_the_gpu_path_keys_mixed_precision_by_backend_and_restores_the_policy(tmp_path,

@@ -1,6 +1,10 @@
 """The CLI contract scripts rely on: JSON last line, exit codes, one-line errors."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -94,3 +98,55 @@ def test_every_command_has_help():
         result = invoke(*path, "--help")
         assert result.exit_code == 0, path
         assert command.help, f"{' '.join(path)} has no docstring"
+
+
+# featx's own stderr: its log lines, the demo's one note, and tqdm's progress bars
+FEATX_STDERR = re.compile(r"featx: (DEBUG|INFO|WARNING|ERROR): |wrote scikit-learn's digits "
+                          r"|[\w .()-]*: *\d+%\|")
+
+
+@pytest.mark.e2e
+def test_demo_prints_every_classifier_and_nothing_but_featx(tmp_path):
+    """``featx demo`` on a folder, in a fresh process as a user runs it (TensorFlow logs
+    from C++ at import): a line per classifier with its interval, a report, and on stderr
+    featx's lines and progress bars only: no TensorFlow or absl log lines, no CUDA
+    probing, no library warnings."""
+    data = make_dataset(tmp_path / "photos", per_class=10)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["FEATX_ONNX_STORE"] = str(tmp_path / "onnx")  # nothing exported: TensorFlow must load
+    done = subprocess.run([sys.executable, "-c", "from featx.cli import main; main()", "demo",
+                           str(data), "--report-dir", str(tmp_path / "reports"),
+                           "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "val accuracy" in line]
+    assert len(lines) == 5 and all("(95% " in line for line in lines)
+    assert (tmp_path / "reports" / "report.md").exists()
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":  # else Keras runs it
+        assert list((tmp_path / "onnx").glob("*.onnx")), "the demo exported no backbone"
+    lines = [part for line in done.stderr.splitlines() for part in line.split("\r")
+             if part.strip()]
+    assert [line for line in lines if not FEATX_STDERR.match(line)] == []
+
+
+@pytest.mark.parametrize("verbose,tf_level,library_level", [(0, "3", "ERROR"),
+                                                            (1, "0", "NOTSET")])
+def test_verbose_lets_the_libraries_speak(monkeypatch, verbose, tf_level, library_level):
+    import logging
+    import warnings
+
+    from featx.cli import _app
+
+    monkeypatch.setattr(_app, "TF_LOG_LEVEL_CHOSEN", False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    with warnings.catch_warnings():
+        _app._quiet_libraries(verbose)
+        quiet = any(f[0] == "ignore" and f[2] is Warning for f in warnings.filters)
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == tf_level
+    assert logging.getLevelName(logging.getLogger("tensorflow").level) == library_level
+    assert quiet == (verbose == 0)
+    monkeypatch.setattr(_app, "TF_LOG_LEVEL_CHOSEN", True)
+    _app._quiet_libraries(verbose)
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == tf_level  # a chosen level is left alone
+    for name in _app.LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)

@@ -1,15 +1,23 @@
 """featx finetune / augment-preview / predict MODEL.keras / compare --finetune through the CLI."""
 
-from conftest import invoke, last_json, make_dataset
+import pytest
 
-TINY_ARGS = ["--backbone", "mobilenet_v2", "--weights", "random", "--input-size", "32",
-             "--no-progress"]
-QUICK = ["--warmup-epochs", "1", "--epochs", "1", "--batch-size", "8", "--unfreeze", "5"]
+from conftest import invoke, last_json, make_dataset, register_toy
+
+# the three-layer toy CNN: the commands' plumbing, not the network, is tested here
+# (tests/test_finetuning.py trains MobileNetV2 and the toy through the API)
+TOY_ARGS = ["--backbone", "toy_cnn", "--weights", "random", "--no-progress"]
+QUICK = ["--warmup-epochs", "1", "--epochs", "1", "--batch-size", "8", "--unfreeze", "3"]
+
+
+@pytest.fixture(autouse=True)
+def toy(monkeypatch):
+    register_toy(monkeypatch)
 
 
 def test_finetune_then_predict_keras_model(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=8)
-    out = last_json(invoke("finetune", data, *TINY_ARGS, *QUICK, "--out", tmp_path / "m",
+    out = last_json(invoke("finetune", data, *TOY_ARGS, *QUICK, "--out", tmp_path / "m",
                            "--cache-dir", tmp_path / "cache", "--json"))
     for key in ("model", "val_accuracy", "val_macro_f1", "seconds", "epochs_run"):
         assert key in out
@@ -23,7 +31,7 @@ def test_finetune_then_predict_keras_model(tmp_path):
 def test_compare_with_finetune_row_states_cost(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=8)
     reports = tmp_path / "reports"
-    out = last_json(invoke("compare", data, *TINY_ARGS, "--clf", "softmax", "--no-tune",
+    out = last_json(invoke("compare", data, *TOY_ARGS, "--clf", "softmax", "--no-tune",
                            "--finetune", "--finetune-epochs", "1", "--finetune-warmup-epochs",
                            "1", "--cache-dir", tmp_path / "cache", "--report-dir", reports,
                            "--json"))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import TOY, dogcat_path, make_dataset, register_toy
+from conftest import TOY, make_dataset, register_toy
 from featx.errors import DataError, UsageError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -353,13 +353,13 @@ def test_finetuned_model_exports_with_parity(fitted, tmp_path):
 # ----- real weights, real photos ------------------------------------------------------
 @pytest.mark.tensorflow_only
 @pytest.mark.e2e
-def test_dogcat_export_fp32_and_int8_parity(tmp_path):
+def test_dogcat_export_fp32_and_int8_parity(tmp_path, dogcat_cache):
     from featx import api
     from featx.deploy import INT8_MIN_AGREEMENT, check_export, export_model
 
-    data = dogcat_path()
+    data, cache_dir, _ = dogcat_cache
     model = api.fit(data, "logistic", tune=False, out=tmp_path / "models",
-                    cache_dir=tmp_path / "cache", progress=False)["model"]
+                    cache_dir=cache_dir, progress=False)["model"]
     fp32 = check_export(export_model(model, "onnx").path, model, data)
     assert fp32.n_images == 280 and fp32.agreement == 1.0 and fp32.max_score_diff < 1e-4
     # an int8 export of this fp32 model: held to the bound measured on photos

@@ -2,18 +2,9 @@
 
 import pytest
 
-from conftest import dogcat_path
 from featx.extraction import extract
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def dogcat_cache(tmp_path_factory):
-    data = dogcat_path()
-    cache_dir = tmp_path_factory.mktemp("dogcat_cache")
-    features = extract(data, cache_dir=cache_dir, progress=False)
-    return data, cache_dir, features
 
 
 def test_dogcat_extracts_with_real_weights(dogcat_cache):

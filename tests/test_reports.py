@@ -138,3 +138,62 @@ def test_results_need_the_required_keys(tmp_path):
         write_compare_report([{"clf": "x", "backbone": "b", "weights": "w", "split": "val",
                                "accuracy": 1, "balanced_accuracy": 1, "macro_f1": 1}],
                              {}, tmp_path)
+
+
+def texts_outside_the_figure(fig) -> list[str]:
+    """The texts a draw of ``fig`` puts past its edges (drawn ones only: tick labels beyond
+    the view limits exist as artists but are never drawn)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    drawn, draw_text = [], renderer.draw_text
+
+    def record(gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        drawn.append(mtext)
+        return draw_text(gc, x, y, s, prop, angle, ismath=ismath, mtext=mtext)
+
+    renderer.draw_text = record
+    fig.draw(renderer)
+    edge = fig.bbox.padded(1)
+    return [text.get_text() for text in drawn if text is not None
+            and not all(edge.contains(*corner)
+                        for corner in text.get_window_extent(renderer).corners())]
+
+
+def many_results(results, n_classifiers, n_backbones):
+    """``results`` repeated under more classifier and backbone names (long ones, random
+    weights among them), as a compare of that many would give."""
+    out = []
+    for b in range(n_backbones):
+        for c in range(n_classifiers):
+            r = dict(results[c % len(results)], clf=f"{results[c % len(results)]['clf']}{c}",
+                     backbone=f"efficientnet_lite{b}+efficientnet_lite2+mobilenet_v2",
+                     weights="random" if b == 1 else "imagenet")
+            out.append(dict(r, fit_seconds=10.0 ** (c - 2), accuracy=min(1.0, 0.9 + 0.02 * c)))
+    return out
+
+
+def test_the_overflow_check_sees_a_label_past_the_edge():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3), layout="constrained")
+    fig.subplots().plot([0, 1], [0, 1])
+    fig.text(0.9, 0.5, "a label that runs past the right edge")
+    assert texts_outside_the_figure(fig) == ["a label that runs past the right edge"]
+
+
+@pytest.mark.parametrize("n_classifiers,n_backbones", [(1, 1), (5, 1), (5, 4), (12, 8)])
+def test_plot_labels_stay_inside_the_figure(results, n_classifiers, n_backbones):
+    from featx.reports._figures import (_confusion_title, accuracy_vs_fit_time_figure,
+                                        confusion_figure, coverage_figure, history_figure,
+                                        reliability_figure)
+
+    rows = many_results(results, n_classifiers, n_backbones)
+    figures = {"accuracy_vs_fit_time": accuracy_vs_fit_time_figure(rows),
+               "reliability": reliability_figure(rows), "coverage": coverage_figure(rows),
+               "confusion": confusion_figure(np.eye(3, dtype=int) * 5, ["a", "b", "c"],
+                                             _confusion_title(rows[-1])),
+               "history": history_figure({"loss": [1.0, 0.5], "val_loss": [1.1, 0.6]},
+                                         stage1_epochs=1, best_epoch=2, title=rows[-1]["clf"])}
+    outside = {name: texts_outside_the_figure(fig) for name, fig in figures.items()}
+    assert outside == dict.fromkeys(figures, [])

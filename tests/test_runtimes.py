@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY, make_dataset
+from conftest import TINY, make_dataset, register_toy
 from featx.backbones import create_backbone
 from featx.data import file_sha256
 from featx.cli import cli
@@ -22,6 +22,13 @@ pytestmark = pytest.mark.tensorflow_only
 
 def _tiny():
     return create_backbone("mobilenet_v2", "random", input_size=32, seed=1)
+
+
+def _toy(monkeypatch, seed=1):
+    """The three-layer toy CNN: the store's bookkeeping does not depend on the network, and
+    it exports in a second where MobileNetV2 takes ten."""
+    register_toy(monkeypatch)
+    return create_backbone("toy_cnn", "random", seed=seed)
 
 
 def _images(n=4, size=32, seed=0):
@@ -55,28 +62,27 @@ def test_cli_runtime_onnx_without_onnxruntime_exits_2(tmp_path, monkeypatch):
 
 
 # ----- the export store --------------------------------------------------------------
-def test_export_is_built_once_and_reused(tmp_path):
+def test_export_is_built_once_and_reused(tmp_path, monkeypatch):
     store = tmp_path / "onnx"
     before = onnx_export.exports_built
-    first = onnx_export.ensure_fp32(_tiny(), store)
-    again = onnx_export.ensure_fp32(_tiny(), store)  # another Backbone object, same key
+    first = onnx_export.ensure_fp32(_toy(monkeypatch), store)
+    again = onnx_export.ensure_fp32(_toy(monkeypatch), store)  # another Backbone, same key
     assert first.built and not again.built
     assert onnx_export.exports_built == before + 1
     assert again.path == first.path and again.sha256 == first.sha256
     sidecar = json.loads(first.path.with_suffix(".json").read_text())
-    assert sidecar["sha256"] == first.sha256 and sidecar["key"]["backbone"] == "mobilenet_v2"
-    # another backbone configuration is another export
-    other = onnx_export.ensure_fp32(create_backbone("mobilenet_v2", "random", input_size=48,
-                                                    seed=1), store)
+    assert sidecar["sha256"] == first.sha256 and sidecar["key"]["backbone"] == "toy_cnn"
+    # another backbone configuration (other weights) is another export
+    other = onnx_export.ensure_fp32(_toy(monkeypatch, seed=2), store)
     assert other.built and other.path != first.path
 
 
-def test_corrupt_or_stale_export_is_rebuilt_never_used(tmp_path, caplog):
+def test_corrupt_or_stale_export_is_rebuilt_never_used(tmp_path, caplog, monkeypatch):
     store = tmp_path / "onnx"
-    model = onnx_export.ensure_fp32(_tiny(), store)
+    model = onnx_export.ensure_fp32(_toy(monkeypatch), store)
     model.path.write_bytes(model.path.read_bytes()[:1000])  # truncated
     with caplog.at_level("WARNING", logger="featx.extraction"):
-        rebuilt = onnx_export.ensure_fp32(_tiny(), store)
+        rebuilt = onnx_export.ensure_fp32(_toy(monkeypatch), store)
     assert rebuilt.built and "SHA-256 differs" in caplog.text
     assert rebuilt.sha256 == file_sha256(rebuilt.path)
 
@@ -84,7 +90,7 @@ def test_corrupt_or_stale_export_is_rebuilt_never_used(tmp_path, caplog):
     meta = json.loads(sidecar.read_text())
     meta["key"]["impl"] = -1  # recorded for another version of the port
     sidecar.write_text(json.dumps(meta))
-    assert onnx_export.ensure_fp32(_tiny(), store).built
+    assert onnx_export.ensure_fp32(_toy(monkeypatch), store).built
 
 
 def test_onnx_fp32_equals_keras_on_the_tiny_backbone(tmp_path):
@@ -163,8 +169,11 @@ def test_int8_rows_are_recomputed_when_their_model_is_gone(tmp_path, caplog):
     data = make_dataset(tmp_path / "data", per_class=4)
     kw = dict(cache_dir=tmp_path / "cache", progress=False, precision="int8", **TINY)
     first = extract(data, **kw)
-    for path in Path(os.environ["FEATX_ONNX_STORE"]).glob("*-int8-*"):
-        path.unlink()
+    # its model only: the store is the session's, and other tests' int8 models stay
+    (used,) = [path for path in Path(os.environ["FEATX_ONNX_STORE"]).glob("*-int8-*.onnx")
+               if file_sha256(path) == first.key["int8_model_sha256"]]
+    used.unlink()
+    used.with_suffix(".json").unlink()
     again = extract(data, **kw)
     # quantisation is deterministic: the same calibration sample rebuilds the same model
     assert again.key == first.key and again.stats.n_extracted == 0
@@ -184,14 +193,16 @@ def _photos():
 
 
 @pytest.mark.e2e
-def test_lite0_onnx_matches_keras_and_int8_stays_close(tmp_path):
+def test_lite0_onnx_matches_keras_and_int8_stays_close(onnx_store):
+    """On the session's store: the Lite0 export the end-to-end tests use (built by whichever
+    test needs it first) is the one checked here."""
     net = create_backbone("efficientnet_lite0")
     images, calibration = _photos()
     keras_out = KerasMapper(net, 2)(images)
-    fp32 = OnnxMapper(onnx_export.ensure_fp32(net, tmp_path))(images)
+    fp32 = OnnxMapper(onnx_export.ensure_fp32(net, onnx_store))(images)
     # measured 4.2e-6 (embedding values up to about 4): one cache key for both is safe
     assert np.abs(keras_out - fp32).max() < 2e-5
-    model = onnx_export.ensure_int8(net, tmp_path, calibration,
+    model = onnx_export.ensure_int8(net, onnx_store, calibration,
                                     onnx_export.calibration_id(["photos at four scales"]))
     int8 = OnnxMapper(model)(images)
     cosine = (int8 * fp32).sum(1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(fp32, axis=1)

@@ -9,8 +9,8 @@ import featx
 
 PACKAGE = Path(featx.__file__).parent
 # The ground floor, then one package per stage of an image's route, then the entry points.
-ORDER = ["errors", "options", "_io", "base", "_backend", "data", "backbones", "cache",
-         "extraction", "classifiers", "auditing", "reports", "finetuning", "inference",
+ORDER = ["errors", "options", "_io", "base", "_backend", "_native_logs", "data", "backbones",
+         "cache", "extraction", "classifiers", "auditing", "reports", "finetuning", "inference",
          "deploy", "api", "cli", "__main__"]
 # Inside a package, a module imports only the modules before it; its __init__ any of them.
 MODULES = {

@@ -12,11 +12,13 @@ import functools
 import logging
 import os
 import sys
+import warnings
 
 import click
 
-from featx import __version__
+from featx import TF_LOG_LEVEL_CHOSEN, __version__
 from featx._backend import backend_name, require_backend
+from featx._native_logs import native_logs_dropped
 from featx._io import to_json
 from featx.errors import FeatxError
 
@@ -32,6 +34,28 @@ def _configure_logging(verbose: int):
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+# Loggers of the libraries featx drives, quiet below -v: TensorFlow's Python side, absl
+# (which Keras and TensorFlow log through), the ONNX converters, JAX's platform probing, Ray.
+LIBRARY_LOGGERS = ("tensorflow", "absl", "tf2onnx", "onnx", "onnxruntime", "keras", "jax",
+                   "jax._src.xla_bridge", "ray", "h5py", "matplotlib", "PIL")
+
+
+def _quiet_libraries(verbose: int):
+    """A normal run prints featx's lines and progress bars only; ``-v`` lets the libraries
+    speak again (TensorFlow's C++ log included, unless TF_CPP_MIN_LOG_LEVEL was set). The
+    native lines that ignore the level are dropped by main() (:mod:`featx._native_logs`).
+
+    TensorFlow reads its C++ log level when it is imported, which no command does before
+    this runs."""
+    if not TF_LOG_LEVEL_CHOSEN:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3" if verbose == 0 else "0"
+    level = logging.ERROR if verbose == 0 else logging.NOTSET
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    if verbose == 0:
+        warnings.filterwarnings("ignore")
 
 
 def handle_errors(func):
@@ -84,7 +108,9 @@ def printed_json(result, json_: bool) -> bool:
 
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="featx")
-@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More logging on stderr (-vv for debug); also shows the libraries' own "
+                   "log lines and warnings, which a normal run keeps quiet.")
 def cli(verbose):
     """featx: transfer learning by feature extraction.
 
@@ -93,11 +119,22 @@ def cli(verbose):
 
     Example:
 
+    \b
         featx extract path/to/images
         featx compare path/to/images --report-dir reports/
     """
     _configure_logging(verbose)
+    _quiet_libraries(verbose)
+    if verbose == 0 and _RUN_AS_PROGRAM:
+        click.get_current_context().with_resource(native_logs_dropped())
+
+
+# Set by main(), the `featx` program; not when a test or a script calls `cli` in-process,
+# where stderr's file descriptor is not featx's to replace.
+_RUN_AS_PROGRAM = False
 
 
 def main():
+    global _RUN_AS_PROGRAM
+    _RUN_AS_PROGRAM = True
     cli(prog_name="featx")

@@ -43,6 +43,7 @@ def audit(data, json_, report_dir, top, threshold, folds, neighbours, map_, writ
 
     Example:
 
+    \b
         featx audit photos/ --write-exclude exclude.txt
         featx compare photos/ --exclude exclude.txt
     """

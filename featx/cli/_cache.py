@@ -23,6 +23,7 @@ def cache_ls(cache_dir, json_):
 
     Example:
 
+    \b
         featx cache ls --cache-dir cache/
     """
     from featx.api import list_caches
@@ -51,6 +52,7 @@ def cache_info(path, json_):
 
     Example:
 
+    \b
         featx cache info cache/photos-1a2b3c4d/efficientnet_lite0-imagenet-0123456789ab.h5
     """
     from featx.api import cache_info as read_info
@@ -81,6 +83,7 @@ def cache_compact(path, json_):
 
     Example:
 
+    \b
         featx cache compact cache/photos-1a2b3c4d/efficientnet_lite0-imagenet-0123456789ab.h5
     """
     from featx.api import compact_cache
@@ -109,6 +112,7 @@ def cache_verify(path, json_):
 
     Example:
 
+    \b
         featx cache verify cache/photos-1a2b3c4d/efficientnet_lite0-imagenet-0123456789ab.h5
     """
     from featx.api import verify_cache
@@ -135,6 +139,7 @@ def cache_export(path, format_, output, views, json_):
 
     Example:
 
+    \b
         featx cache export cache/photos-1a2b3c4d/efficientnet_lite0-imagenet-0123456789ab.h5 \\
             --format parquet -o embeddings/
     """

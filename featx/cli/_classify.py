@@ -36,6 +36,7 @@ def fit(data, clf, json_, tune, class_weight, cv, tuning, calibrate, calibration
 
     Example:
 
+    \b
         featx fit photos/ --clf svm --json
     """
     from featx.api import fit as run_fit
@@ -86,6 +87,7 @@ def predict(model, paths, top_k, batch_size, output, json_, runtime, min_score):
 
     Example:
 
+    \b
         featx predict models/svm-efficientnet_lite0-photos.joblib new_photos/ > labels.csv
     """
     from featx.api import predict as run_predict
@@ -135,6 +137,7 @@ def compare(data, clfs, backbone, json_, tune, class_weight, cv, tuning, calibra
 
     Example:
 
+    \b
         featx compare photos/ --report-dir reports/ --json
     """
     from featx.api import compare as run_compare

@@ -24,6 +24,7 @@ def demo(data, report_dir, cache_dir, backbone):
 
     Example:
 
+    \b
         featx demo            # on the digits
         featx demo photos/    # on your own folder
     """

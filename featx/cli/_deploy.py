@@ -35,6 +35,7 @@ def export_cmd(model, format_, precision, output, check, json_):
 
     Example:
 
+    \b
         featx export models/svm-efficientnet_lite0-photos.joblib --check photos/
     """
     from featx.api import export as run_export

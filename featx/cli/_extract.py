@@ -37,6 +37,7 @@ def extract(data, json_, augment, **kw):
 
     Example:
 
+    \b
         featx extract photos/ --backbone efficientnet_lite0 --json
     """
     from featx.api import extract as run_extract
@@ -87,6 +88,7 @@ def backbones(pattern, json_):
 
     Example:
 
+    \b
         featx backbones 'efficientnet*'
     """
     from featx.api import describe_backbones
@@ -118,6 +120,7 @@ def augment_preview(image, out_png, n, seed, size, **kw):
 
     Example:
 
+    \b
         featx augment-preview photos/cat/cat.1.jpg --out preview.png
     """
     from featx.api import augment_preview as run_preview

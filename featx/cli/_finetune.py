@@ -44,6 +44,7 @@ def finetune(data, json_, augment, **kw):
 
     Example:
 
+    \b
         featx finetune photos/ --warmup-epochs 3 --epochs 5 --unfreeze 20 --json
     """
     from featx.api import finetune as run_finetune

@@ -35,6 +35,10 @@ def plot_confusion(matrix, class_names, path, title="") -> Path:
     Counts are written in the cells up to 30 classes; beyond that the figure grows, labels
     shrink and cells are left to the colour scale so that 100 classes stay legible.
     """
+    return _save(confusion_figure(matrix, class_names, title), path)
+
+
+def confusion_figure(matrix, class_names, title=""):
     from matplotlib.figure import Figure
 
     cm = np.asarray(matrix, dtype=float)
@@ -58,45 +62,56 @@ def plot_confusion(matrix, class_names, path, title="") -> Path:
     ax.set_xlabel("predicted class", fontsize=axis_size)
     ax.set_ylabel("true class", fontsize=axis_size)
     if title:
-        ax.set_title(title, fontsize=axis_size)
+        ax.set_title(title, fontsize=axis_size, wrap=True)
     if n <= CELL_TEXT_MAX_CLASSES:
         for i in range(n):
             for j in range(n):
                 if cm[i, j] or i == j:
                     ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
                             fontsize=label_size, color="white" if fraction[i, j] > 0.5 else "black")
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    return fig
 
 
 def plot_accuracy_vs_fit_time(results, path) -> Path:
-    """Scatter of accuracy against fit seconds (log x), one labelled point per result."""
-    from matplotlib.figure import Figure
+    """Scatter of accuracy against fit seconds (log x): one point per result, the marker
+    says the classifier and the colour the backbone, both named in a legend outside the
+    axes (labels next to the points collide and overflow once there are more than a few)."""
+    return _save(accuracy_vs_fit_time_figure(results), path)
 
-    several_backbones = len({r["backbone"] for r in results}) > 1
+
+def accuracy_vs_fit_time_figure(results):
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    classifiers = list(dict.fromkeys(r["clf"] for r in results))
+    backbones = list(dict.fromkeys((r["backbone"], r["weights"]) for r in results))
+    colours = _backbone_colours(backbones)
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
-    for i, r in enumerate(sorted(results, key=lambda r: float(r["fit_seconds"]))):
+    for r in results:
         seconds = max(float(r["fit_seconds"]), 1e-3)  # log axis: keep instant fits visible
-        label = f"{r['clf']}/{r['backbone']}" if several_backbones else r["clf"]
-        if r["weights"] == "random":
-            label += " (RANDOM)"
-        ax.scatter(seconds, r["accuracy"], s=36, color="tab:red" if r["weights"] == "random"
-                   else "tab:blue")
-        ax.annotate(label, (seconds, r["accuracy"]), textcoords="offset points",
-                    xytext=(5, 4 + 10 * (i % 3)), fontsize=8)  # staggered: near ties
+        ax.scatter(seconds, r["accuracy"], s=40, marker=_MARKERS[classifiers.index(r["clf"])
+                   % len(_MARKERS)], color=colours[(r["backbone"], r["weights"])])
+    handles = [Line2D([], [], marker=_MARKERS[i % len(_MARKERS)], linestyle="", color="dimgrey",
+                      label=clf) for i, clf in enumerate(classifiers)]
+    handles += [Line2D([], [], marker="s", linestyle="", color=colours[key],
+                       label=_backbone_label(*key)) for key in backbones]
     ax.set_xscale("log")
     ax.set_xlabel("fit time including tuning (s, log scale)")
     ax.set_ylabel(f"accuracy ({', '.join(sorted({r['split'] for r in results}))} split)")
     ax.set_title("accuracy vs fit time")
     ax.grid(True, which="both", alpha=0.3)
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    _legend_outside(fig, handles)
+    return fig
 
 
 def plot_reliability(results, path) -> Path:
     """Reliability diagram: accuracy against mean top probability per bin, one line per
     classifier with probabilities; the diagonal is perfect calibration."""
+    return _save(reliability_figure(results), path)
+
+
+def reliability_figure(results):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 6), layout="constrained")
@@ -111,15 +126,18 @@ def plot_reliability(results, path) -> Path:
     ax.set_xlabel("mean top probability in the bin")
     ax.set_ylabel("accuracy in the bin")
     ax.set_title("reliability diagram")
-    ax.legend(fontsize=8, loc="upper left")
     ax.grid(True, alpha=0.3)
-    fig.savefig(path, dpi=100)
-    return Path(path)
+    _legend_outside(fig, ax.get_lines())
+    return fig
 
 
 def plot_coverage(results, path) -> Path:
     """Accuracy on the answered images against the share answered, as the minimum top
     probability rises (every distinct probability is a point of the curve)."""
+    return _save(coverage_figure(results), path)
+
+
+def coverage_figure(results):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 5), layout="constrained")
@@ -132,8 +150,41 @@ def plot_coverage(results, path) -> Path:
     ax.set_xlabel("coverage (share of images answered)")
     ax.set_ylabel("accuracy on the answered images")
     ax.set_title("abstaining below a minimum score")
-    ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
+    _legend_outside(fig, ax.get_lines())
+    return fig
+
+
+_MARKERS = "osD^vP*Xph<>8dH"
+LEGEND_ROWS = 24
+
+
+def _backbone_colours(backbones) -> dict:
+    """One colour per (backbone, weights); random weights always red, so they stand out."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(backbones) <= 10 else "tab20"]
+    real = [key for key in backbones if key[1] != "random"]
+    colours = {key: palette(i % palette.N) for i, key in enumerate(real)}
+    return {key: colours.get(key, "tab:red") for key in backbones}
+
+
+def _backbone_label(backbone, weights) -> str:
+    return f"{backbone} (RANDOM weights)" if weights == "random" else backbone
+
+
+def _legend_outside(fig, handles):
+    """The legend right of the axes, in as many columns as keep it within the figure's
+    height; the figure widens by the legend's width, so the axes keep theirs."""
+    handles = list(handles)
+    columns = max(1, math.ceil(len(handles) / LEGEND_ROWS))
+    legend = fig.legend(handles=handles, loc="outside right upper", fontsize=8, ncols=columns)
+    width, height = fig.get_size_inches()
+    legend_width = legend.get_window_extent().width / fig.dpi
+    fig.set_size_inches(width + legend_width, height)
+
+
+def _save(fig, path) -> Path:
     fig.savefig(path, dpi=100)
     return Path(path)
 
@@ -165,6 +216,11 @@ def plot_history(history: dict, out_png, *, stage1_epochs: int, best_epoch: int 
         1-based epoch kept; marked on the val_loss curve when > 0.
     title : str
     """
+    return _save(history_figure(history, stage1_epochs=stage1_epochs, best_epoch=best_epoch,
+                                title=title), out_png)
+
+
+def history_figure(history: dict, *, stage1_epochs: int, best_epoch: int = 0, title: str = ""):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -188,8 +244,6 @@ def plot_history(history: dict, out_png, *, stage1_epochs: int, best_epoch: int 
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, wrap=True)
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=100)
-    return out_png
+    return fig

@@ -72,9 +72,11 @@ def test_export_is_built_once_and_reused(tmp_path, monkeypatch):
     assert again.path == first.path and again.sha256 == first.sha256
     sidecar = json.loads(first.path.with_suffix(".json").read_text())
     assert sidecar["sha256"] == first.sha256 and sidecar["key"]["backbone"] == "toy_cnn"
-    # another backbone configuration (other weights) is another export
-    other = onnx_export.ensure_fp32(_toy(monkeypatch, seed=2), store)
-    assert other.built and other.path != first.path
+    # another backbone configuration (other weights, another input size) is another export
+    for other in (_toy(monkeypatch, seed=2), create_backbone("toy_cnn", "random", input_size=48,
+                                                              seed=1)):
+        exported = onnx_export.ensure_fp32(other, store)
+        assert exported.built and exported.path != first.path
 
 
 def test_corrupt_or_stale_export_is_rebuilt_never_used(tmp_path, caplog, monkeypatch):

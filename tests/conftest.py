@@ -51,13 +51,18 @@ def isolated_env(tmp_path_factory, monkeypatch, onnx_store):
     ONNX exports of the tiny backbone are shared by the whole session (FEATX_ONNX_STORE),
     as they are shared by every dataset of a user; tests of the store use their own.
     """
-    monkeypatch.setenv("FEATX_ONNX_STORE", str(onnx_store))
-    home = tmp_path_factory.mktemp("keras_home")
-    monkeypatch.setenv("KERAS_HOME", str(home))
-    monkeypatch.setenv("FEATX_OFFLINE", "1")
-    monkeypatch.delenv("FEATX_CACHE_DIR", raising=False)
-    monkeypatch.delenv("FEATX_BACKBONE", raising=False)
+    offline_env(monkeypatch, tmp_path_factory, onnx_store)
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+def offline_env(env: pytest.MonkeyPatch, tmp_path_factory, onnx_store):
+    """The environment every test runs in: offline, the session's ONNX store, a Keras home
+    of its own, and none of the user's featx settings."""
+    env.setenv("FEATX_ONNX_STORE", str(onnx_store))
+    env.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras_home")))
+    env.setenv("FEATX_OFFLINE", "1")
+    env.delenv("FEATX_CACHE_DIR", raising=False)
+    env.delenv("FEATX_BACKBONE", raising=False)
 
 
 def write_image(path: Path, image: np.ndarray):
@@ -138,9 +143,7 @@ def dogcat_cache(tmp_path_factory, onnx_store):
     cache_dir.mkdir(exist_ok=True)
     with open(cache_dir.with_suffix(".lock"), "w") as lock, pytest.MonkeyPatch.context() as env:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        env.setenv("FEATX_ONNX_STORE", str(onnx_store))  # what isolated_env gives a test
-        env.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras_home")))
-        env.setenv("FEATX_OFFLINE", "1")
+        offline_env(env, tmp_path_factory, onnx_store)  # set up before any test's
         features = extract(data, cache_dir=cache_dir, progress=False)
     return data, cache_dir, features
 

@@ -83,17 +83,18 @@ def accuracy_vs_fit_time_figure(results):
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    classifiers = list(dict.fromkeys(r["clf"] for r in results))
+    classifiers = dict.fromkeys(r["clf"] for r in results)
+    markers = {clf: _MARKERS[i % len(_MARKERS)] for i, clf in enumerate(classifiers)}
     backbones = list(dict.fromkeys((r["backbone"], r["weights"]) for r in results))
     colours = _backbone_colours(backbones)
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     for r in results:
         seconds = max(float(r["fit_seconds"]), 1e-3)  # log axis: keep instant fits visible
-        ax.scatter(seconds, r["accuracy"], s=40, marker=_MARKERS[classifiers.index(r["clf"])
-                   % len(_MARKERS)], color=colours[(r["backbone"], r["weights"])])
-    handles = [Line2D([], [], marker=_MARKERS[i % len(_MARKERS)], linestyle="", color="dimgrey",
-                      label=clf) for i, clf in enumerate(classifiers)]
+        ax.scatter(seconds, r["accuracy"], s=40, marker=markers[r["clf"]],
+                   color=colours[(r["backbone"], r["weights"])])
+    handles = [Line2D([], [], marker=marker, linestyle="", color="dimgrey", label=clf)
+               for clf, marker in markers.items()]
     handles += [Line2D([], [], marker="s", linestyle="", color=colours[key],
                        label=_backbone_label(*key)) for key in backbones]
     ax.set_xscale("log")

@@ -1,7 +1,8 @@
 """featx export: one graph from uint8 image to scores, equal to `featx predict`.
 
 Models are fitted on the toy CNN backbone (it gives informative features at 32 px, so labels
-are not ties); the dogcat test uses the real Lite0 weights.
+are not ties). The export of a model on the real Lite0 weights and dogcat is in
+tests/test_e2e.py, beside the other tests that read the shared dogcat cache.
 """
 
 import json
@@ -348,24 +349,6 @@ def test_finetuned_model_exports_with_parity(fitted, tmp_path):
         assert exported.metadata["output"] == "probabilities"
         parity = check_export(exported.path, result.model_path, data)
         assert parity.agreement == 1.0 and parity.max_score_diff < 1e-4, parity.line()
-
-
-# ----- real weights, real photos ------------------------------------------------------
-@pytest.mark.tensorflow_only
-@pytest.mark.e2e
-def test_dogcat_export_fp32_and_int8_parity(tmp_path, dogcat_cache):
-    from featx import api
-    from featx.deploy import INT8_MIN_AGREEMENT, check_export, export_model
-
-    data, cache_dir, _ = dogcat_cache
-    model = api.fit(data, "logistic", tune=False, out=tmp_path / "models",
-                    cache_dir=cache_dir, progress=False)["model"]
-    fp32 = check_export(export_model(model, "onnx").path, model, data)
-    assert fp32.n_images == 280 and fp32.agreement == 1.0 and fp32.max_score_diff < 1e-4
-    # an int8 export of this fp32 model: held to the bound measured on photos
-    int8 = check_export(export_model(model, "onnx", precision="int8").path, model, data)
-    assert int8.passed, int8.line()
-    assert int8.agreement >= INT8_MIN_AGREEMENT
 
 
 def test_a_calibrated_model_is_refused_with_one_line():

@@ -32,3 +32,19 @@ def test_dogcat_best_classifier_reaches_097(dogcat_cache, tmp_path):
     best = max(results, key=lambda r: r["accuracy"])
     assert best["accuracy"] >= 0.97, best
     assert (tmp_path / "report" / "report.md").exists()
+
+
+@pytest.mark.tensorflow_only
+def test_dogcat_export_fp32_and_int8_parity(tmp_path, dogcat_cache):
+    from featx import api
+    from featx.deploy import INT8_MIN_AGREEMENT, check_export, export_model
+
+    data, cache_dir, _ = dogcat_cache
+    model = api.fit(data, "logistic", tune=False, out=tmp_path / "models",
+                    cache_dir=cache_dir, progress=False)["model"]
+    fp32 = check_export(export_model(model, "onnx").path, model, data)
+    assert fp32.n_images == 280 and fp32.agreement == 1.0 and fp32.max_score_diff < 1e-4
+    # an int8 export of this fp32 model: held to the bound measured on photos
+    int8 = check_export(export_model(model, "onnx", precision="int8").path, model, data)
+    assert int8.passed, int8.line()
+    assert int8.agreement >= INT8_MIN_AGREEMENT

@@ -263,9 +263,9 @@ class CompareSummary(Result):
     report_files: dict  # the content of report.json
     dataset: dict
     JSON_KEYS = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
-                 "macro_f1", "intervals", "vs_best", "ece", "calibration", "fit_seconds",
-                 "predict_seconds", "extract_seconds", "extract_parts", "flip_average",
-                 "augmented_views", "best_params", "runtime", "precision")
+                 "macro_f1", "intervals", "interval_methods", "vs_best", "ece", "calibration",
+                 "fit_seconds", "predict_seconds", "extract_seconds", "extract_parts",
+                 "flip_average", "augmented_views", "best_params", "runtime", "precision")
 
     def to_dict(self) -> dict:
         """What ``featx compare --json`` prints: the report and each row's headline fields."""

@@ -1,5 +1,7 @@
 """Intervals, paired tests, calibration error, abstention and repeated splits."""
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.datasets import make_classification
@@ -9,7 +11,8 @@ from sklearn.tree import DecisionTreeClassifier
 from conftest import ArrayFeatures
 from featx.classifiers import _uncertainty as uncertainty
 from featx.classifiers import (compare, compare_repeated, depth_tune, fit_classifier,
-                               predict_probabilities, significance, CLASSIFIERS, make_classifier)
+                               predict_probabilities, significance, CLASSIFIERS, make_classifier,
+                               classification_metrics, uncertainty_summary)
 from featx.errors import DataError
 from featx.inference import UNKNOWN, label_rows
 from featx.classifiers import plan_repeats
@@ -17,38 +20,106 @@ from featx.classifiers import plan_repeats
 
 # ----- intervals ---------------------------------------------------------------------
 
-def test_resampled_metrics_of_the_data_itself_are_scikit_learns():
+def test_metric_weights_give_scikit_learns_metrics():
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 5, 200)
     y_pred = np.where(rng.random(200) < 0.7, y_true, rng.integers(0, 6, 200))  # class 5: never true
-    got = uncertainty.resampled_metrics(y_true, y_pred, 6, np.ones((1, 200)))
-    assert got["accuracy"][0] == pytest.approx(accuracy_score(y_true, y_pred))
-    assert got["balanced_accuracy"][0] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
-    assert got["macro_f1"][0] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    right = y_true == y_pred
+    weights = uncertainty.metric_weights(y_true, y_pred, 6)
+    share = {name: (w * right).sum() / w.sum() for name, w in weights.items()}
+    assert share["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert share["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert share["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
 
 
-def test_95_percent_intervals_cover_the_true_accuracy_at_about_the_nominal_rate():
-    true_accuracy, n, trials = 0.8, 300, 300
-    covered = 0
+def test_the_accuracy_interval_is_scipys_exact_binomial_interval():
+    from scipy.stats import binomtest
+
+    for k, n in [(0, 40), (3, 40), (20, 40), (39, 40), (40, 40), (250, 256)]:
+        y_true = np.zeros(n, dtype=int)
+        y_pred = np.where(np.arange(n) < k, 0, 1)
+        exact = binomtest(k, n).proportion_ci(0.95, method="exact")
+        got = uncertainty.score_intervals(y_true, y_pred, 2)["accuracy"]
+        assert got == pytest.approx([exact.low, exact.high])
+
+
+def test_a_perfect_score_on_256_images_keeps_a_lower_bound_near_0_986():
+    y = np.repeat([0, 1], 128)
+    perfect = uncertainty.score_intervals(y, y, 2)
+    for metric in uncertainty.METRICS:  # Clopper-Pearson for 256 of 256: 0.9857-1
+        assert perfect[metric][0] == pytest.approx(0.9857, abs=5e-4)
+        assert perfect[metric][1] == 1.0
+    wrong = uncertainty.score_intervals(y, 1 - y, 2)
+    assert wrong["accuracy"] == pytest.approx([0.0, 0.0143], abs=5e-4)
+    small = classification_metrics(np.array([0] * 50 + [1] * 4), np.array([0] * 50 + [1] * 4),
+                                   ["big", "small"])
+    low, high = small["per_class"][1]["recall_interval"]  # a class of 4, all right
+    assert low == pytest.approx(0.3976, abs=5e-4) and high == 1.0
+
+
+def _simulated(true_accuracy, sizes, seed, classes=None):
+    """Labels of a classifier right with probability true_accuracy, its errors spread evenly
+    over the other classes."""
+    classes = classes or len(sizes)
+    rng = np.random.default_rng(seed)
+    y_true = np.repeat(np.arange(len(sizes)), sizes)
+    right = rng.random(len(y_true)) < true_accuracy
+    return y_true, np.where(right, y_true, (y_true + rng.integers(1, classes, len(y_true)))
+                            % classes)
+
+
+# Stated band: at least 95% minus 3 Monte Carlo standard errors; the exact interval is
+# conservative, so coverage may reach 100% (at 0.999 with 100 images it is 99.5%).
+@pytest.mark.parametrize("true_accuracy", [0.5, 0.9, 0.99, 0.999])
+@pytest.mark.parametrize("n", [100, 500])
+def test_accuracy_intervals_keep_95_percent_coverage_up_to_the_edge(true_accuracy, n):
+    trials = 4000
+    rng = np.random.default_rng(n)
+    successes = rng.binomial(n, true_accuracy, trials)  # the interval depends on k alone
+    covers = {}
+    for k in np.unique(successes):
+        low, high = uncertainty.score_intervals(np.zeros(n, int), (np.arange(n) >= k) * 1,
+                                                2)["accuracy"]
+        covers[k] = low <= true_accuracy <= high
+    coverage = np.mean([covers[k] for k in successes])
+    assert 0.95 - 3 * np.sqrt(0.95 * 0.05 / trials) <= coverage <= 1.0
+
+
+def _population_macro_f1(true_accuracy, sizes):
+    support = np.asarray(sizes, dtype=float)
+    missed = support * (1 - true_accuracy)
+    wrongly_predicted = (missed.sum() - missed) / (len(sizes) - 1)
+    hits = support * true_accuracy
+    return float(np.mean(2 * hits / (2 * hits + missed + wrongly_predicted)))
+
+
+@pytest.mark.parametrize("true_accuracy", [0.5, 0.9, 0.99, 0.999])
+def test_balanced_accuracy_and_macro_f1_intervals_keep_their_coverage(true_accuracy):
+    sizes, trials = [10, 40, 150, 300], 300  # unequal classes: the weights matter
+    truth = {"balanced_accuracy": true_accuracy,
+             "macro_f1": _population_macro_f1(true_accuracy, sizes)}
+    covered = dict.fromkeys(truth, 0)
     for seed in range(trials):
-        rng = np.random.default_rng(seed)
-        y_true = rng.integers(0, 4, n)
-        correct = rng.random(n) < true_accuracy  # a classifier that is right 80% of the time
-        y_pred = np.where(correct, y_true, (y_true + 1) % 4)
-        low, high = uncertainty.bootstrap_intervals(y_true, y_pred, 4, n_resamples=1000,
-                                                    seed=seed)["accuracy"]
-        covered += low <= true_accuracy <= high
-    assert 0.90 <= covered / trials <= 0.99
+        y_true, y_pred = _simulated(true_accuracy, sizes, seed)
+        intervals = uncertainty.score_intervals(y_true, y_pred, len(sizes))
+        for metric, value in truth.items():
+            covered[metric] += intervals[metric][0] <= value <= intervals[metric][1]
+    for metric in truth:
+        assert covered[metric] / trials >= 0.95 - 3 * np.sqrt(0.95 * 0.05 / trials), metric
 
 
-def test_intervals_are_seeded_and_bracket_the_point_estimate():
+def test_intervals_bracket_the_point_estimate_and_tiny_sets_give_no_warning():
     y_true = np.repeat([0, 1, 2], 30)
     y_pred = np.roll(y_true, 7)
-    a = uncertainty.bootstrap_intervals(y_true, y_pred, 3, seed=3)
-    assert a == uncertainty.bootstrap_intervals(y_true, y_pred, 3, seed=3)
-    point = accuracy_score(y_true, y_pred)
-    assert a["accuracy"][0] <= point <= a["accuracy"][1]
+    a = uncertainty.score_intervals(y_true, y_pred, 3)
+    assert a["accuracy"][0] <= accuracy_score(y_true, y_pred) <= a["accuracy"][1]
     assert a["accuracy"][1] - a["accuracy"][0] > 0.05  # 90 images: a wide interval
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Mean of empty slice", no division by zero
+        tiny = uncertainty.score_intervals([0, 2, 2], [0, 2, 1], 3)  # class 1 has no image
+        uncertainty.repeated_interval([([0, 1], [0, 2], [0, 2]), ([2], [2], [1])], 3)
+        uncertainty_summary([1], [1], np.array([0.9]), 3)
+    assert tiny["accuracy"][0] > 0.0 and tiny["accuracy"][1] < 1.0
 
 
 # ----- paired tests ------------------------------------------------------------------
@@ -302,11 +373,35 @@ def test_repeats_that_share_images_do_not_narrow_the_interval():
     rows = np.arange(150)
     y_true = rng.integers(0, 3, 150)
     y_pred = np.where(rng.random(150) < 0.8, y_true, (y_true + 1) % 3)
-    single = uncertainty.bootstrap_intervals(y_true, y_pred, 3, seed=0)["accuracy"]
+    single = uncertainty.score_intervals(y_true, y_pred, 3)
     # k-fold repeats evaluate the same images: five identical repeats are one repeat
-    repeated = uncertainty.repeated_interval([(rows, y_true, y_pred)] * 5, 3,
-                                             seed=0)["accuracy"]
-    assert (repeated[1] - repeated[0]) == pytest.approx(single[1] - single[0], rel=0.15)
+    repeated = uncertainty.repeated_interval([(rows, y_true, y_pred)] * 5, 3)
+    for metric in uncertainty.METRICS:
+        assert repeated[metric] == pytest.approx(single[metric])
+
+
+def test_perfect_rows_tie_in_the_report_with_intervals_below_1_and_no_warning():
+    from featx.reports._markdown import _markdown
+
+    features = _features(n=180, classes=2)
+    features.X[:, 0] = np.where(features.labels == 1, 50.0, -50.0)  # separable by one feature
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = compare([features], ["softmax", "logistic", "knn"], cv=3, n_jobs=1)
+        significance(rows)
+        plan = plan_repeats(features.paths, features.labels, np.arange(180), repeats=3,
+                            layout="pool", eval_fraction=1 / 3, seed=0)
+        repeated = compare_repeated(features, ["softmax", "knn"], plan, cv=3, n_jobs=1)
+        markdown = _markdown(rows, {"root": "/data/toy"}, [], {}, repeated)
+    assert all(r["accuracy"] == 1.0 for r in rows)
+    for r in rows:
+        assert 0.94 < r["intervals"]["accuracy"][0] < 1.0 == r["intervals"]["accuracy"][1]
+        assert r["vs_best"] is None or (r["vs_best"]["p_value"] == 1.0
+                                        and not r["vs_best"]["significant"])
+    for s in repeated:
+        assert s["std"]["accuracy"] == 0.0 and s["interval"]["accuracy"][0] < 1.0
+    assert "exact binomial (Clopper-Pearson)" in markdown and "1.000-1.000" not in markdown
+    assert markdown.count("| 1 | ") == 3  # equal accuracies share rank 1
 
 
 def test_rows_scored_on_other_images_are_not_tested_against_the_best():

@@ -1,7 +1,7 @@
 """The fourth room of an image's route: cached embeddings -> fitted classifiers -> scores
 with their uncertainty.
 
-Modules, in import order: ``_uncertainty`` (bootstrap intervals, McNemar + Holm,
+Modules, in import order: ``_uncertainty`` (intervals, McNemar + Holm,
 calibration error, coverage), ``_registry`` (the classifiers and their grids),
 ``_evaluate`` (metrics), ``_tuning`` (cross-validated choice of hyperparameters,
 calibration), ``_fit`` (one classifier), ``_resampling`` (re-drawn splits),
@@ -21,20 +21,22 @@ from ._resampling import Repeat, RepeatPlan, kfold_splits, plan_repeats
 from ._rows import (NOT_SERIALISED, REQUIRED, UNSET, CompareRow, extraction_costs, ranking_key,
                     uncertainty_summary)
 from ._tuning import CALIBRATION_METHODS, TUNERS, calibrated, depth_tune, grid_tune, race_tune
-from ._uncertainty import (ALPHA, CALIBRATION_BINS, METRICS, N_RESAMPLES, bootstrap_intervals,
+from ._uncertainty import (ALPHA, CALIBRATION_BINS, INTERVAL_METHODS, METRICS,
                            coverage_curve, coverage_points, expected_calibration_error, holm,
-                           mcnemar, reliability_bins, repeated_interval)
+                           metric_weights, mcnemar, proportion_interval, reliability_bins,
+                           repeated_interval, score_intervals)
 
 __all__ = [
     "ALPHA", "CALIBRATION_BINS", "CALIBRATION_METHODS", "CLASSIFIERS", "COST_ORDER",
-    "ClassifierSpec", "CompareRow", "FitResult", "METRICS", "NOT_SERIALISED", "N_RESAMPLES",
-    "REQUIRED", "Repeat", "RepeatPlan", "SUMMARY_METRICS", "TRUST_WARNING", "TUNERS",
-    "TUNINGS", "UNSET", "bootstrap_intervals", "calibrated", "check_names", "class_scores",
+    "ClassifierSpec", "CompareRow", "FitResult", "INTERVAL_METHODS", "METRICS",
+    "NOT_SERIALISED", "REQUIRED", "Repeat", "RepeatPlan", "SUMMARY_METRICS", "TRUST_WARNING",
+    "TUNERS", "TUNINGS", "UNSET", "calibrated", "check_names", "class_scores",
     "classification_metrics", "classifier_metadata", "classifier_names", "compare",
     "compare_repeated", "compare_rows", "coverage_curve", "coverage_points", "depth_tune",
     "evaluate", "expected_calibration_error", "extraction_costs", "feature_source",
     "fit_and_score", "fit_classifier", "grid_tune", "holm", "kfold_splits", "load_model",
-    "make_classifier", "mcnemar", "plan_repeats", "predict_probabilities", "race_tune",
-    "ranking_key", "read_metadata", "reliability_bins", "repeated_interval", "save_model",
-    "significance", "summary_metrics", "uncertainty_summary",
+    "make_classifier", "mcnemar", "metric_weights", "plan_repeats", "predict_probabilities",
+    "proportion_interval", "race_tune", "ranking_key", "read_metadata", "reliability_bins",
+    "repeated_interval", "save_model", "score_intervals", "significance", "summary_metrics",
+    "uncertainty_summary",
 ]

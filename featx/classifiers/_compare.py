@@ -95,7 +95,7 @@ def compare_rows(features, clfs, train, evaluation, *, split="val", groups=None,
         row = CompareRow.from_fit(name, features, fit, scores, split, seed)
         if summarise:
             row.update(uncertainty_summary(y_eval, predicted, confidence,
-                                           len(features.class_names), seed))
+                                           len(features.class_names)))
         row.eval_rows = {"paths": np.asarray(features.paths)[evaluation], "y_true": y_eval,
                          "y_pred": predicted, "confidence": confidence}
         log.info("%s on %s: %s accuracy %.4f, fit %.2f s", name, features.backbone, split,
@@ -160,9 +160,9 @@ def compare_repeated(features, clfs, plan, *, tune=True, class_weight=None, cv=5
     Each dict has ``clf``, ``backbone``, ``weights``, ``protocol``, ``description``,
     ``repeats``, ``per_repeat`` (one dict of metrics per repeat, ``seed`` included),
     ``mean``, ``std`` (sample standard deviation over repeats), ``min``, ``max`` and
-    ``interval`` (95% paired bootstrap interval of the mean over the evaluated images,
+    ``interval`` (95% interval of the mean, each evaluated image counted once,
     :func:`featx.classifiers.repeated_interval`): dicts over accuracy, balanced accuracy
-    and macro-F1.
+    and macro-F1; ``interval_methods``.
     """
     clfs = check_names(clfs)
     n_classes = len(features.class_names)
@@ -197,8 +197,8 @@ def compare_repeated(features, clfs, plan, *, tune=True, class_weight=None, cv=5
             "std": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in values.items()},
             "min": {m: float(v.min()) for m, v in values.items()},
             "max": {m: float(v.max()) for m, v in values.items()},
-            "interval": uncertainty.repeated_interval(outcomes[name], n_classes,
-                                                      seed=plan.repeats[0].seed)})
+            "interval": uncertainty.repeated_interval(outcomes[name], n_classes),
+            "interval_methods": dict(uncertainty.INTERVAL_METHODS)})
     return summaries
 
 

@@ -11,6 +11,8 @@ import numpy as np
 
 from featx.errors import DataError
 
+from ._uncertainty import proportion_interval
+
 
 def _blas_limit(threads):
     if threads is None:
@@ -38,9 +40,9 @@ def evaluate(estimator, X, y, class_names, *, blas_threads: int | None = 1) -> d
     dict
         ``n``, ``accuracy``, ``balanced_accuracy``, ``macro_f1`` (over the classes present in
         ``y`` or predicted), ``per_class`` (one dict per class name, in order: ``class``,
-        ``precision``, ``recall``, ``f1``, ``support``), ``confusion_matrix`` (list of lists,
-        rows = true class, columns = predicted, every class in order), ``predict_seconds``,
-        ``predict_ms_per_image``.
+        ``precision``, ``recall``, ``f1``, ``support``, ``recall_interval``),
+        ``confusion_matrix`` (list of lists, rows = true class, columns = predicted, every
+        class in order), ``predict_seconds``, ``predict_ms_per_image``.
     """
     X, y = np.asarray(X), np.asarray(y)
     if len(y) == 0:
@@ -72,7 +74,8 @@ def classification_metrics(y_true, y_pred, class_names) -> dict:
     dict
         ``n``, ``accuracy``, ``balanced_accuracy``, ``macro_f1`` (over the classes present
         in ``y_true`` or predicted), ``per_class`` (one dict per class name, in order:
-        ``class``, ``precision``, ``recall``, ``f1``, ``support``), ``confusion_matrix``
+        ``class``, ``precision``, ``recall``, ``f1``, ``support``, ``recall_interval``: the
+        exact 95% interval of the recall, None without support), ``confusion_matrix``
         (list of lists, rows = true class, columns = predicted, every class in order).
     """
     from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
@@ -85,10 +88,13 @@ def classification_metrics(y_true, y_pred, class_names) -> dict:
         balanced = balanced_accuracy_score(y_true, y_pred)
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
+    hits = np.bincount(np.asarray(y_true)[np.asarray(y_true) == np.asarray(y_pred)],
+                       minlength=len(class_names))
     per_class = [
         {"class": str(c), "precision": float(p), "recall": float(r), "f1": float(f),
-         "support": int(s)}
-        for c, p, r, f, s in zip(class_names, precision, recall, f1, support)]
+         "support": int(s),
+         "recall_interval": proportion_interval(int(k), int(s)) if s else None}
+        for c, p, r, f, s, k in zip(class_names, precision, recall, f1, support, hits)]
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),

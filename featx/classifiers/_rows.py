@@ -71,10 +71,11 @@ class CompareRow(Mapping):
     calibration: Any = UNSET  # None, "sigmoid" or "isotonic"
     model_path: Any = UNSET  # the fine-tuning row's saved model
     estimator: Any = UNSET  # the fitted pipeline (not serialised)
-    # trust (uncertainty_summary): 95% bootstrap intervals per metric, calibration error
-    # and bins, coverage against a minimum score (None without probabilities)
+    # trust (uncertainty_summary): 95% intervals per metric and the method of each,
+    # calibration error and bins, coverage against a minimum score (None without
+    # probabilities)
     intervals: Any = UNSET
-    interval_resamples: Any = UNSET
+    interval_methods: Any = UNSET
     ece: Any = UNSET
     reliability: Any = UNSET
     coverage: Any = UNSET
@@ -164,11 +165,12 @@ def ranking_key(row):
     return -row["accuracy"], row["fit_seconds"]
 
 
-def uncertainty_summary(y_true, y_pred, confidence, n_classes, seed=0) -> dict:
-    """The trust fields of a compare row: ``intervals`` (95% bootstrap, per metric),
-    ``ece``, ``reliability`` and ``coverage`` (None without probabilities)."""
-    out = {"intervals": uncertainty.bootstrap_intervals(y_true, y_pred, n_classes, seed=seed),
-           "interval_resamples": uncertainty.N_RESAMPLES,
+def uncertainty_summary(y_true, y_pred, confidence, n_classes) -> dict:
+    """The trust fields of a compare row: ``intervals`` (95%, per metric:
+    :func:`~featx.classifiers.score_intervals`), ``interval_methods``, ``ece``,
+    ``reliability`` and ``coverage`` (None without probabilities)."""
+    out = {"intervals": uncertainty.score_intervals(y_true, y_pred, n_classes),
+           "interval_methods": dict(uncertainty.INTERVAL_METHODS),
            "ece": None, "reliability": None, "coverage": None}
     if confidence is not None:
         correct = np.asarray(y_true) == np.asarray(y_pred)

@@ -1,10 +1,10 @@
-"""How far a score can be trusted: bootstrap intervals, paired tests, calibration, abstention.
+"""How far a score can be trusted: intervals, paired tests, calibration, abstention.
 
 Everything here works on predictions that are already computed (labels, top-label
 confidences), so it costs milliseconds, never a forward pass or a refit.
 
-- :func:`bootstrap_intervals`: percentile intervals of accuracy, balanced accuracy and
-  macro-F1, resampling the evaluation images (seeded).
+- :func:`score_intervals`: intervals of accuracy (exact binomial), balanced accuracy and
+  macro-F1 (the same at an effective sample size) that stay honest at 0 and 1.
 - :func:`mcnemar` and :func:`holm`: is one classifier better than another on the same images?
 - :func:`expected_calibration_error` and :func:`reliability_bins`: do the probabilities mean
   what they say?
@@ -13,126 +13,139 @@ confidences), so it costs milliseconds, never a forward pass or a refit.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
-N_RESAMPLES = 2000
 CONFIDENCE = 0.95
+INTERVAL_METHODS = {
+    "accuracy": "exact binomial (Clopper-Pearson)",
+    "balanced_accuracy": "Clopper-Pearson at the Kish effective sample size (Korn-Graubard)",
+    "macro_f1": "Clopper-Pearson at the Kish effective sample size (Korn-Graubard)",
+}
 ALPHA = 0.05
 CALIBRATION_BINS = 15
 COVERAGE_THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-# Resamples drawn at once: bounds the (chunk, n) count matrices (5M cells, ~40 MB int64).
-_CHUNK_CELLS = 5_000_000
 
 
 # ----- intervals ---------------------------------------------------------------------
 
-def resampled_metrics(y_true, y_pred, n_classes: int, counts) -> dict[str, np.ndarray]:
-    """Accuracy, balanced accuracy and macro-F1 of each resample, all at once.
+def proportion_interval(successes, n, confidence: float = CONFIDENCE) -> list[float]:
+    """Exact binomial (Clopper-Pearson) interval of a proportion: its coverage is at least
+    ``confidence`` at every true proportion, 0 and 1 included.
 
-    ``counts`` (B, n) says how many times each row is drawn in each resample; per-class
-    counts are sums over the rows of each class (O(B n), whatever the number of classes).
-    Balanced accuracy averages recall over the classes present in that resample's true
-    labels and macro-F1 averages F1 over the classes present in its true or predicted
-    labels: scikit-learn's definitions, so a resample equal to the data gives
-    scikit-learn's numbers.
+    ``successes`` and ``n`` may be fractional (an effective sample size); the beta quantiles
+    that define the interval take them as they are.
     """
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    counts = np.asarray(counts, dtype=np.float32)
-    hit = y_true == y_pred
-    support = _class_sums(counts, y_true, n_classes)
-    predicted = _class_sums(counts, y_pred, n_classes)
-    correct = _class_sums(counts[:, hit], y_true[hit], n_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(support > 0, correct / support, np.nan)
-        involved = (support + predicted) > 0
-        f1 = np.where(involved, 2 * correct / (support + predicted), np.nan)
-        accuracy = counts[:, hit].sum(axis=1) / counts.sum(axis=1)
-    return {"accuracy": accuracy,
-            "balanced_accuracy": np.nanmean(recall, axis=1),
-            "macro_f1": np.nanmean(f1, axis=1)}
+    from scipy.stats import beta
+
+    tail = (1 - confidence) / 2
+    low = 0.0 if successes <= 0 else float(beta.ppf(tail, successes, n - successes + 1))
+    high = 1.0 if successes >= n else float(beta.ppf(1 - tail, successes + 1, n - successes))
+    return [low, high]
 
 
-def _class_sums(counts, labels, n_classes) -> np.ndarray:
-    """(B, n_classes): the sum of ``counts`` over the rows of each class."""
-    out = np.zeros((counts.shape[0], n_classes), dtype=np.float32)
-    if len(labels) == 0:
-        return out
-    order = np.argsort(labels, kind="stable")
-    present, starts = np.unique(labels[order], return_index=True)
-    out[:, present] = np.add.reduceat(counts[:, order], starts, axis=1)
-    return out
+def score_intervals(y_true, y_pred, n_classes: int, *, confidence: float = CONFIDENCE,
+                    images=None) -> dict[str, list]:
+    """95% interval of each metric over the evaluation images, honest at 0 and 1 too.
 
-
-def bootstrap_intervals(y_true, y_pred, n_classes: int, *, n_resamples: int = N_RESAMPLES,
-                        confidence: float = CONFIDENCE, seed: int = 0) -> dict[str, list]:
-    """Percentile bootstrap interval of each metric over the evaluation images.
+    Each metric is a weighted share of correctly labelled images (:func:`metric_weights`):
+    accuracy weighs every image alike, so its interval is the exact binomial
+    (Clopper-Pearson) one; balanced accuracy and macro-F1 weigh images by their classes,
+    and get the Clopper-Pearson interval at the Kish effective sample size (Korn and
+    Graubard, 1998). None of them collapses to a point when every image is right (or wrong),
+    and each contains its point estimate, scikit-learn's figure.
 
     Parameters
     ----------
     y_true, y_pred : array-like of int of shape (n,)
     n_classes : int
-    n_resamples : int
-        Resamples of n images drawn with replacement (at least 1000 for a 95% interval).
     confidence : float
-    seed : int
-        The same seed gives the same intervals, and the same resamples for every
-        classifier scored on the same images (so their intervals are comparable).
+    images : array-like of shape (n,), optional
+        Which image each row is. An image evaluated several times (in several repeats)
+        weighs 1 in all, shared evenly among its rows, and counts as one unit of the
+        sample size, so repeats of the same images do not pass for independent evidence.
 
     Returns
     -------
     dict
         ``{metric: [low, high]}`` for :data:`METRICS`.
     """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
     if len(y_true) == 0:
-        raise ValueError("no evaluation rows to resample")
-    one_repeat = (np.arange(len(y_true)), y_true, y_pred)
-    return repeated_interval([one_repeat], n_classes, n_resamples=n_resamples,
-                             confidence=confidence, seed=seed)
+        raise ValueError("no evaluation rows to score")
+    images = np.arange(len(y_true)) if images is None else np.asarray(images)
+    _, unit, evaluations = np.unique(images, return_inverse=True, return_counts=True)
+    share = 1.0 / evaluations[unit]
+    correct = (y_true == y_pred).astype(float)
+    out = {}
+    for name, weight in metric_weights(y_true, y_pred, n_classes, share).items():
+        per_image = np.bincount(unit, weights=weight)
+        right = np.bincount(unit, weights=weight * correct)
+        total = per_image.sum()
+        point = right.sum() / total
+        n_effective = total ** 2 / np.square(per_image).sum()
+        low, high = proportion_interval(point * n_effective, n_effective, confidence)
+        out[name] = [min(low, point), max(high, point)]
+    return out
 
 
-def _resample_counts(n, n_resamples, seed):
-    """Chunks of (B, n) draw counts: B resamples of n rows with replacement, seeded."""
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // n)
-    for start in range(0, n_resamples, chunk):
-        size = min(chunk, n_resamples - start)
-        drawn = rng.integers(0, n, size=(size, n)) + (np.arange(size) * n)[:, None]
-        yield np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n)
+def metric_weights(y_true, y_pred, n_classes: int, share=None) -> dict[str, np.ndarray]:
+    """How much each row counts in each metric, as a weighted share of right rows.
+
+    Accuracy: ``share`` (1 per row by default). Balanced accuracy: share / (classes with
+    true rows x the row's class size). Macro-F1: class c's F1 is TP / (TP + (FP + FN) / 2),
+    so a right row counts 1 / (classes involved x m) for its class's m = (support +
+    predicted) / 2, and a wrong row half that for its true class plus half for its
+    predicted class. The weighted share of right rows is then exactly scikit-learn's
+    balanced accuracy and macro-F1.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    share = np.ones(len(y_true)) if share is None else np.asarray(share, dtype=float)
+    support = np.bincount(y_true, weights=share, minlength=n_classes)
+    predicted = np.bincount(y_pred, weights=share, minlength=n_classes)
+    present = int((support > 0).sum())
+    half_total = (support + predicted) / 2
+    involved = int((half_total > 0).sum())
+    per_class = np.divide(1.0, involved * half_total, out=np.zeros(n_classes),
+                          where=half_total > 0)
+    right = y_true == y_pred
+    f1_weight = np.where(right, per_class[y_true],
+                         (per_class[y_true] + per_class[y_pred]) / 2)
+    return {"accuracy": share,
+            "balanced_accuracy": share / (present * support[y_true]),
+            "macro_f1": share * f1_weight}
 
 
 def repeated_interval(per_repeat: list[tuple], n_classes: int, *,
-                      n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
-                      seed: int = 0) -> dict[str, list]:
-    """Interval of the mean over repeats, by a paired bootstrap over images (with one
-    repeat, :func:`bootstrap_intervals`).
+                      confidence: float = CONFIDENCE) -> dict[str, list]:
+    """Interval of the mean over repeats, counting each distinct image once.
 
     ``per_repeat``: one ``(rows, y_true, y_pred)`` per repeat, ``rows`` identifying the
-    images evaluated (an image may be evaluated in several repeats). Each resample draws
-    the distinct images once, with replacement, and gives every repeat's copy of an image
-    the same weight, so repeats that share images do not pass for independent evidence.
-    The spread between repeats (training variation) is reported separately.
+    images evaluated (an image may be evaluated in several repeats): :func:`score_intervals`
+    on every evaluation, with ``images`` set, so repeats that share images do not pass for
+    independent evidence. The spread between repeats (training variation) is reported
+    separately. Each interval also contains the mean over repeats.
     """
-    images = np.unique(np.concatenate([np.asarray(rows) for rows, _, _ in per_repeat]))
-    positions = [np.searchsorted(images, rows) for rows, _, _ in per_repeat]
-    means = {name: [] for name in METRICS}
-    for counts in _resample_counts(len(images), n_resamples, seed):
-        scores = [resampled_metrics(y_true, y_pred, n_classes, counts[:, where])
-                  for where, (_, y_true, y_pred) in zip(positions, per_repeat)]
-        for name in METRICS:
-            with warnings.catch_warnings():  # a repeat none of whose images was drawn
-                warnings.simplefilter("ignore", RuntimeWarning)
-                means[name].append(np.nanmean([s[name] for s in scores], axis=0))
-    tail = 100 * (1 - confidence) / 2
-    out = {}
-    for name in METRICS:
-        values = np.concatenate(means[name])
-        out[name] = [float(np.nanpercentile(values, tail)),
-                     float(np.nanpercentile(values, 100 - tail))]
+    out = score_intervals(np.concatenate([t for _, t, _ in per_repeat]),
+                          np.concatenate([p for _, _, p in per_repeat]), n_classes,
+                          confidence=confidence,
+                          images=np.concatenate([r for r, _, _ in per_repeat]))
+    means = np.mean([list(point_metrics(t, p, n_classes).values()) for _, t, p in per_repeat],
+                    axis=0)
+    for name, mean in zip(METRICS, means):
+        out[name] = [min(out[name][0], float(mean)), max(out[name][1], float(mean))]
     return out
+
+
+def point_metrics(y_true, y_pred, n_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro-F1: scikit-learn's figures, from
+    :func:`metric_weights` (without the warnings a class missing from a tiny set raises)."""
+    right = np.asarray(y_true) == np.asarray(y_pred)
+    return {name: float((weight * right).sum() / weight.sum())
+            for name, weight in metric_weights(y_true, y_pred, n_classes).items()}
 
 
 # ----- paired tests ------------------------------------------------------------------

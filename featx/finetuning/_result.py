@@ -151,7 +151,7 @@ def finetune_row(result, backbone=None, weights=None, split=None) -> CompareRow:
     rows = (getattr(result, "eval_rows", None) or {}).get(split)
     if rows is not None:
         row.update(uncertainty_summary(rows["y_true"], rows["y_pred"], rows["confidence"],
-                                       len(result.class_names), result.recipe.get("seed", 0)))
+                                       len(result.class_names)))
         row.eval_rows = rows
     return row
 

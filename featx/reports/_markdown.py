@@ -93,9 +93,13 @@ def extraction_cell(r) -> str:
 
 
 def _per_class_table(result) -> list[str]:
-    lines = ["| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    lines = ["| class | precision | recall (95% interval) | F1 | support |",
+             "|---|---:|---:|---:|---:|"]
     for row in result["per_class"]:
-        lines.append(f"| {_md(row['class'])} | {row['precision']:.4f} | {row['recall']:.4f} | "
+        interval = row.get("recall_interval")
+        recall = f"{row['recall']:.4f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})"
+                                           if interval else "")
+        lines.append(f"| {_md(row['class'])} | {row['precision']:.4f} | {recall} | "
                      f"{row['f1']:.4f} | {row['support']} |")
     return lines
 
@@ -155,8 +159,7 @@ def _trust_lines(ordered) -> list[str]:
     if not any(r.get("intervals") for r in ordered):
         return []
     n = ordered[0].get("n_eval")
-    lines = [f"Intervals: 95% percentile bootstrap over the evaluation images "
-             f"({ordered[0].get('interval_resamples', '?')} resamples, seeded)."]
+    lines = [interval_methods_line(next(r for r in ordered if r.get("intervals")))]
     if n:
         lines[0] += f" On {n} images one image is {100 / n:.2f} points of accuracy."
     if tested:
@@ -169,6 +172,20 @@ def _trust_lines(ordered) -> list[str]:
                      f"{best['backbone']}, on the images both were scored on, Holm-corrected "
                      f"over {len(tested)} comparisons (alpha {ALPHA}). {verdict}")
     return lines
+
+
+def interval_methods_line(row) -> str:
+    """Which method made each of a row's intervals, in one sentence."""
+    by_method = {}
+    for metric, method in row["interval_methods"].items():
+        by_method.setdefault(method, []).append(METRIC_NAMES.get(metric, metric))
+    parts = [f"{' and '.join(metrics)}: {method}" for method, metrics in by_method.items()]
+    return ("Intervals (95%, over the evaluation images): " + "; ".join(parts) + ". They "
+            "stay honest at 0 and 1: a perfect score on n images keeps a lower bound below 1.")
+
+
+METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+                "macro_f1": "macro-F1"}
 
 
 def _calibration_section(ordered, files) -> list[str]:
@@ -213,9 +230,9 @@ def _repeated_section(repeated) -> list[str]:
     lines = ["## Repeated evaluation", "", f"Protocol: {repeated[0]['description']}. Every "
              "classifier is tuned inside each repeat's training rows; no evaluation image of a "
              "repeat is used to fit or tune it. Mean +/- standard deviation over repeats; the "
-             "interval is a 95% bootstrap interval of the mean, resampling the evaluated "
-             "images (an image evaluated in several repeats is drawn once for all of "
-             "them).", "",
+             "interval is a 95% interval of the mean (exact binomial, Clopper-Pearson, at the "
+             "effective sample size), each evaluated image counted once however many repeats "
+             "evaluated it.", "",
              "| classifier | backbone | repeats | accuracy | interval | balanced accuracy | "
              "macro-F1 | min-max accuracy |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(repeated, key=lambda r: -r["mean"]["accuracy"]):

@@ -2,7 +2,8 @@
 
 TensorFlow's C++ runtime, absl and XLA write straight to file descriptor 2, below Python:
 oneDNN notices, CUDA probing ("Could not find cuda drivers", a ``cuInit`` error) and absl's
-"before absl::InitializeLog()" warning, which ignores ``TF_CPP_MIN_LOG_LEVEL``. While
+"before absl::InitializeLog()" warning, which ignores ``TF_CPP_MIN_LOG_LEVEL``; Ray's core
+worker logs its retries the same way. While
 :func:`native_logs_dropped` is active, descriptor 2 is a pipe: a thread passes every line
 on to the real stderr except those in the native log format, so featx's own lines and
 progress bars (which Python also writes to descriptor 2) still arrive, in order.
@@ -16,9 +17,11 @@ import re
 import sys
 import threading
 
-# "I0000 00:00:1796627658.766790   24221 port.cc:153] ..." (absl / TensorFlow / XLA)
+# "I0000 00:00:1796627658.766790   24221 port.cc:153] ..." (absl / TensorFlow / XLA) and
+# "[2026-12-07 14:10:32,241 W 20166 20166] gcs_client.cc:210: ..." (Ray's core worker)
 NATIVE_LOG_LINE = re.compile(
     rb"[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.+-]+:\d+\] "
+    rb"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] [\w.+-]+:\d+: "
     rb"|WARNING: All log messages before absl::InitializeLog\(\) is called")
 _PIECES = re.compile(rb"(?<=[\n\r])")  # split after each line end, keeping it
 # Written through the pipe at the end: once the forwarder reaches it, all that came before

@@ -58,7 +58,7 @@ class ExtractOptions:
     reduced_decode: bool = False
     flip_average: bool = False  # embed each image and its mirror image; store the mean
     exclude: str | Path | None = None  # a file listing images to leave out (featx audit)
-    engine: str = "local"  # "local" | "ray" (featx.extraction, Ray Data)
+    engine: str = "local"  # "local" | "ray" (featx.extraction, Ray actors)
     ray_address: str | None = None  # a Ray cluster to join; default: start a local one
     progress: bool = True
     split: SplitOptions = SplitOptions()

@@ -12,11 +12,13 @@ ONEDNN = (b"I0000 00:00:1796641133.119013   26478 port.cc:153] oneDNN custom ope
           b"on.\n")
 CUINIT = (b"E0000 00:00:1796641137.958900   26478 cuda_platform.cc:52] failed call to cuInit: "
           b"INTERNAL: CUDA error\n")
+RAY = (b"[2026-12-07 14:10:32,241 W 20166 20166] gcs_client.cc:210: Failed to get cluster ID "
+       b"from GCS server: Unauthenticated: RPC error: InvalidAuthToken\n")
 
 
 def test_native_lines_are_dropped_and_the_rest_kept_in_order(capfd):
     with native_logs_dropped():
-        os.write(2, ABSL + ONEDNN + b"featx: INFO: first\n")
+        os.write(2, ABSL + ONEDNN + RAY + b"featx: INFO: first\n")
         os.write(2, b"extract:  50%|#####     | 1/2\r")  # a progress bar
         os.write(2, CUINIT[:20])  # a native line that arrives in two writes
         os.write(2, CUINIT[20:] + b"featx: WARNING: second\n")

@@ -1,8 +1,18 @@
-"""The Ray Data engine: shards by content hash, resumable, and the same cache as the local
-engine. The first tests need no Ray; the last ones share one local Ray (num_cpus=2)."""
+"""The Ray engine: shards by content hash, resumable, and the same cache as the local
+engine. The first tests need no Ray; the last ones share one real cluster, started with
+`ray start --head` and token authentication, as a user's would be."""
 
 import hashlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -110,7 +120,7 @@ def test_the_ray_engine_without_ray_installed_fails_in_one_line(image_folder, ca
                     *TINY_ARGS)
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        "Error: --engine ray needs Ray Data, which is not installed: pip install 'featx[ray]'"]
+        "Error: --engine ray needs Ray, which is not installed: pip install 'featx[ray]'"]
     assert not cache_dir.exists()  # failed before any work
 
 
@@ -123,16 +133,86 @@ TINY_ARGS = ("--backbone", TINY["backbone"], "--weights", TINY["weights"], "--in
              TINY["input_size"], "--no-progress")
 
 
-# ----- on a local Ray -------------------------------------------------------------------
+# ----- on a real cluster -----------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes_of(marker: str) -> list[int]:
+    """The processes whose command line names ``marker``, and all their descendants."""
+    parents, found = {}, set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            parents[int(entry.name)] = int(_stat(entry.name)[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if marker in cmdline:
+            found.add(int(entry.name))
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return sorted(found)
+
+
+def _stat(pid) -> list[str]:
+    """/proc/PID/stat's fields after the command name: state, parent, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _alive(pid) -> bool:
+    try:
+        return _stat(pid)[0] != "Z"  # a zombie has exited; its parent has yet to reap it
+    except (OSError, IndexError):
+        return False
+
+
+def _stop(pids):
+    for sig, grace in ((signal.SIGTERM, 1), (signal.SIGKILL, 5)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the tests that run one: start-up is most of their time."""
+def ray_cluster(tmp_path_factory):
+    """A head node started with `ray start --head` on free local ports, token
+    authentication on, stopped at the end by its own process ids (not `ray stop`, which
+    would stop every cluster on the machine). Yields (address, token); this process sends
+    the token as a user's shell would, through RAY_AUTH_TOKEN."""
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'featx[ray]'")
-    ray = ray_engine.require_ray()  # with featx's Ray settings (no usage statistics sent)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
+    ray_program = shutil.which("ray", path=str(Path(sys.executable).parent))
+    if ray_program is None:
+        pytest.skip("the `ray` program is not beside this Python")
+    token = secrets.token_hex(32)
+    temp_dir = tempfile.mkdtemp(prefix="featx-ray-")  # short: Ray's socket paths are limited
+    port = _free_port()
+    env = {**os.environ, "HOME": str(tmp_path_factory.mktemp("ray_home")),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [ray_program, "start", "--head", f"--port={port}", "--num-cpus=2",
+               "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+               f"--ray-client-server-port={_free_port()}",
+               f"--dashboard-agent-listen-port={_free_port()}"]
+    try:
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RAY_AUTH_MODE", "token")
+            patch.setenv("RAY_AUTH_TOKEN", token)
+            yield f"127.0.0.1:{port}", token
+    finally:
+        _stop(_processes_of(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -163,9 +243,12 @@ def assert_same_cache(one, other):
     assert one.stats.failed == other.stats.failed
 
 
-def test_the_ray_cache_equals_the_local_one(local_ray, ray_data, tmp_path):
+def test_the_ray_cache_equals_the_local_one(ray_cluster, ray_data, tmp_path, capfd, caplog,
+                                           recwarn):
+    address, token = ray_cluster
     local = extract(ray_data, cache_dir=tmp_path / "local", **OPTIONS)
-    on_ray = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
+    on_ray = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", ray_address=address,
+                     **OPTIONS)
     assert on_ray.stats.engine == "ray" and on_ray.stats.n_extracted == 40
     assert local.stats.n_extracted == 40
     assert [path for path, _ in on_ray.stats.failed] == ["cat/broken.png"]
@@ -178,25 +261,37 @@ def test_the_ray_cache_equals_the_local_one(local_ray, ray_data, tmp_path):
         expected = cache.embeddings()
     with h5py.File(on_ray.cache_path, "r") as h5:  # the index reads every row with h5py
         np.testing.assert_array_equal(h5["embeddings"][:], expected)
-    again = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
+    again = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", ray_address=address,
+                    **OPTIONS)
     assert again.stats.n_extracted == 0 and again.stats.reused  # Ray not even needed
+    output = capfd.readouterr()  # the token is in no output, log record or cache file
+    assert token not in output.out + output.err + caplog.text
+    # no deprecated Ray API, and no actor whose restart Ray warns about (its arguments inline)
+    assert not [w for w in recwarn if "deprecated" in str(w.message)]
+    assert "constructor arguments in the object store" not in output.err
+    assert not any(token.encode() in path.read_bytes()
+                   for path in (tmp_path / "ray").rglob("*") if path.is_file())
 
 
-def test_a_run_whose_driver_died_resumes_its_finished_shards(local_ray, ray_data, tmp_path,
+def test_a_run_whose_driver_died_resumes_its_finished_shards(ray_cluster, ray_data, tmp_path,
                                                              monkeypatch):
+    address, _ = ray_cluster
+
     def die(*args):
         raise RuntimeError("the driver died")
 
     with monkeypatch.context() as patch:  # every shard done, no index written
         patch.setattr(ray_engine, "_adopt", die)
         with pytest.raises(RuntimeError, match="driver died"):
-            extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
+            extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", ray_address=address,
+                    **OPTIONS)
     (shard_dir,) = (tmp_path / "ray").glob("*/*.shards")
     names = sorted(p.name for p in shard_dir.glob("ray-*.h5"))
     assert len(names) == 4 and len(list(shard_dir.glob("*" + DONE_SUFFIX))) == 4
     with h5py.File(shard_dir / names[0], "a") as h5:
         h5["embeddings"][0] += 1  # and one finished shard is damaged
-    resumed = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray", **OPTIONS)
+    resumed = extract(ray_data, cache_dir=tmp_path / "ray", engine="ray",
+                      ray_address=address, **OPTIONS)  # against the same cluster
     assert resumed.stats.n_shards_reused == 3
     assert 0 < resumed.stats.n_extracted < 40
     local = extract(ray_data, cache_dir=tmp_path / "local", **OPTIONS)
@@ -211,3 +306,28 @@ def test_an_address_that_does_not_answer_fails_in_one_line(image_folder, cache_d
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1].startswith(
         "Error: --ray-address 127.0.0.1:9: no Ray cluster answers there")
+
+
+@pytest.mark.parametrize("token", ["wrong", None])
+def test_a_wrong_or_missing_token_gives_one_line(ray_cluster, image_folder, cache_dir, token,
+                                                 monkeypatch, tmp_path):
+    address, _ = ray_cluster
+    import ray
+
+    if not hasattr(ray.exceptions, "AuthenticationError"):
+        pytest.skip(f"Ray {ray.__version__} has no token authentication: any client is let in")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no default token file either
+    if token:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    else:
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+        monkeypatch.delenv("RAY_AUTH_MODE")
+    result = invoke("extract", image_folder, "--engine", "ray", "--ray-address", address,
+                    "--cache-dir", cache_dir, *TINY_ARGS)
+    assert result.exit_code == 2
+    refusal = ("refused the authentication token from RAY_AUTH_TOKEN" if token
+               else "wants an authentication token and none was found")
+    assert result.stderr.strip().splitlines() == [
+        f"Error: --ray-address {address}: the Ray cluster {refusal}: "
+        f"{ray_engine.AUTH_HELP}"]
+    assert not cache_dir.exists()  # refused before any file was hashed

@@ -5,7 +5,7 @@ the cache, batch by batch: reader -> mapper -> writer, driven by an engine.
 model runs), ``_reader``, ``_writers`` and ``_engine`` (the pipeline's stages and the local
 engine), ``_quantize`` and ``_onnx_store`` (ONNX exports of backbones, int8), ``_runtimes``
 (the mappers: ONNX Runtime or Keras), ``_int8``, ``_views`` (augmented views),
-``_ray_engine`` (the Ray Data engine), ``_run`` (one run on a locked cache), ``_extract``.
+``_ray_engine`` (the Ray engine), ``_run`` (one run on a locked cache), ``_extract``.
 """
 
 from ._devices import (DEFAULT_BATCH_SIZE, MIXED_POLICY, Device, gpu_present, mixed_precision,

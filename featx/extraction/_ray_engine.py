@@ -1,14 +1,17 @@
-"""The Ray Data engine: extraction spread over the machines of a Ray cluster.
+"""The Ray engine: extraction spread over the machines of a Ray cluster.
 
-The files to embed are split into shards by content hash (:func:`plan_shards`), never by
-Ray's blocks, so a shard's name depends only on the files in it and the cache key. A Ray
-Data pipeline sends each shard's paths (not pixels) to an actor of :class:`ShardEmbedder`,
-which builds the model once and runs the local pipeline on its shard: decode on the
+The files to embed are split into shards by content hash (:func:`plan_shards`), so a
+shard's name depends only on the files in it and the cache key. A pool of Ray actors
+(:class:`ShardEmbedder`, one per CPU) receives each shard's paths (not pixels); an actor
+builds the model once and runs the local pipeline on its shard: decode on the
 actor's machine, embed, write the shard file (temporary name, then rename) and a done
 marker beside it. The driver alone writes the cache index, adopting the finished shards
 (:meth:`featx.cache.CacheSession.adopt_shard`). A rerun after any failure finds the
 finished shards by their markers, checks each against its checksum, and embeds only the
 rest. The data folder and the cache folder must be on a filesystem every node sees.
+
+A cluster with token authentication (Ray's default since 2.59) gets the token from where
+Ray looks for it (:func:`use_available_token`); a refusal is one line that says why.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +49,8 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_NUM_REDIS_GET_RETRIES": "1",
            "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "5",
            "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "5"}
 ACTOR_RESTARTS = 2  # an actor that dies is restarted this often, then the run stops
+AUTH_HELP = ("set RAY_AUTH_TOKEN to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file "
+             "holding it (`ray get-auth-token` on the head node prints it)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +79,47 @@ def require_ray():
     """The ``ray`` module, or a UsageError saying how to install it."""
     for name, value in RAY_ENV.items():
         os.environ.setdefault(name, value)
+    use_available_token()
     try:
         import ray
-        import ray.data  # noqa: F401 - the engine needs Ray Data, not only ray core
+        import ray.util  # noqa: F401 - ActorPool
     except ImportError:
-        raise UsageError(f"--engine ray needs Ray Data, which is not installed: {INSTALL_HINT}"
+        raise UsageError(f"--engine ray needs Ray, which is not installed: {INSTALL_HINT}"
                          ) from None
     return ray
+
+
+def token_source() -> str | None:
+    """Where Ray would read an authentication token from: the variable or file that holds
+    one (never the token itself), or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return f"RAY_AUTH_TOKEN_PATH ({path})"
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def use_available_token() -> None:
+    """Send a token when one is available, as ``ray start`` does when it starts a cluster:
+    RAY_AUTH_MODE=token unless RAY_AUTH_MODE says otherwise. A cluster without token
+    authentication accepts such a client too.
+
+    Ray reads its settings when it is imported; when it was imported before (a notebook),
+    they are read again, unless a Ray session is open.
+    """
+    if "RAY_AUTH_MODE" not in os.environ and token_source():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    ray = sys.modules.get("ray")
+    if ray is None or not hasattr(ray, "is_initialized") or ray.is_initialized():
+        return
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def plan_shards(paths, sha256, key_digest: str, rows_per_task: int = ROWS_PER_TASK
@@ -160,7 +200,7 @@ def embed_shard(item: dict, spec: WorkerSpec, mapper, preprocessing: dict, dim: 
 
 
 class ShardEmbedder:
-    """The Ray Data actor: builds the backbone and its runtime once, then embeds shards."""
+    """The Ray actor: builds the backbone and its runtime once, then embeds shards."""
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
@@ -173,11 +213,10 @@ class ShardEmbedder:
         self.dim = getattr(mapper, "dim", None) or backbone.dim
         self.made_by = {"runtime": describe(mapper), "computed_by": computed_by(mapper)}
 
-    def __call__(self, batch: dict) -> dict:
-        markers = [embed_shard({"name": name, "paths": paths, "sha256": sha256}, self.spec,
-                               self.mapper, self.preprocessing, self.dim, self.made_by)
-                   for name, paths, sha256 in zip(batch["name"], batch["paths"], batch["sha256"])]
-        return {"marker": [json.dumps(m) for m in markers]}
+    def embed(self, item: dict) -> dict:
+        """Embed one shard (``name``, ``paths``, ``sha256``); its done marker."""
+        return embed_shard(item, self.spec, self.mapper, self.preprocessing, self.dim,
+                           self.made_by)
 
 
 def connect(ray, address: str | None, num_cpus: int | None) -> bool:
@@ -190,21 +229,45 @@ def connect(ray, address: str | None, num_cpus: int | None) -> bool:
     if ray.is_initialized():
         return False
     if not log.isEnabledFor(logging.DEBUG):  # Ray's INFO lines only with featx -v
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger("ray").setLevel(logging.ERROR)  # and ray.data's, its child
     # the actors run Keras on the driver's backend, whatever the nodes' default
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
                   runtime_env={"env_vars": {"KERAS_BACKEND": backend_name()}})
     try:
         if address:
             ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=num_cpus, **kwargs)
-    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        else:  # "local": a new Ray of featx's own, not one this machine already runs
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError, ray.exceptions.RayError) as exc:
+        if not address:
+            raise UsageError(f"--engine ray: cannot start a local Ray: {_first_line(exc)}"
+                             ) from None
+        _probe_cluster(address)  # Ray logs the reason and raises "Failed to connect"
         raise UsageError(f"--ray-address {address}: cannot connect to a Ray cluster: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                         ) from None
+                         f"{_first_line(exc)}") from None
     return True
+
+
+def _first_line(exc) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _probe_cluster(address: str) -> None:
+    """A UsageError with the reason when the cluster's GCS refuses this client; nothing
+    when it accepts it (or this Ray cannot ask)."""
+    ray = require_ray()
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:
+        return
+    try:
+        GcsClient(address=address)
+    except Exception as exc:  # noqa: BLE001 - every refusal becomes one line
+        auth_error = getattr(ray.exceptions, "AuthenticationError", ())
+        if isinstance(exc, auth_error) or "InvalidAuthToken" in str(exc):
+            raise UsageError(_auth_message(address)) from None
+        raise UsageError(f"--ray-address {address}: the Ray cluster refused the "
+                         f"connection: {_first_line(exc)}") from None
 
 
 def check_address(address: str | None):
@@ -212,6 +275,19 @@ def check_address(address: str | None):
     to Ray)."""
     if address and address != "auto" and not address.startswith("ray://"):
         _check_reachable(address)
+        _probe_cluster(address)
+
+
+def _auth_message(address: str) -> str:
+    source, mode = token_source(), os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode and mode != "token":
+        return (f"--ray-address {address}: the Ray cluster wants an authentication token, and "
+                f"RAY_AUTH_MODE={mode} sends none: unset it, and {AUTH_HELP}")
+    if source is None:
+        return (f"--ray-address {address}: the Ray cluster wants an authentication token and "
+                f"none was found: {AUTH_HELP}")
+    return (f"--ray-address {address}: the Ray cluster refused the authentication token from "
+            f"{source}: {AUTH_HELP}")
 
 
 def _check_reachable(address: str):
@@ -276,26 +352,34 @@ def _adopt(session, folder, task, marker, columns):
 
 
 def _run_tasks(todo, columns, spec, address, num_cpus, progress):
+    from tqdm.auto import tqdm
+
     ray = require_ray()
     started_here = connect(ray, address, num_cpus)
+    items = [{"name": t.name, "paths": [str(columns["paths"][i]) for i in t.rows],
+              "sha256": [str(columns["sha256"][i]) for i in t.rows]} for t in todo]
+    bar = tqdm(total=len(items), unit="shard", disable=not progress, desc="extract (ray)",
+               dynamic_ncols=True)
     try:
-        items = [{"name": t.name, "paths": [str(columns["paths"][i]) for i in t.rows],
-                  "sha256": [str(columns["sha256"][i]) for i in t.rows]} for t in todo]
         n_actors = max(1, min(len(items), int(ray.available_resources().get("CPU", 1))))
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardEmbedder, fn_constructor_args=(spec,), batch_size=1, num_cpus=1,
-            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
-            compute=ray.data.ActorPoolStrategy(size=n_actors), batch_format="numpy")
+        # Ray core actors, not Ray Data's pool: Ray Data passes its actors' constructor
+        # arguments through the object store and restarts them without limit, which Ray
+        # logs as an error on every run, and bounding restarts there needs its deprecated
+        # ray_remote_args. Here the spec is small enough to travel inline.
+        embedder = ray.remote(num_cpus=1, max_restarts=ACTOR_RESTARTS,
+                              max_task_retries=ACTOR_RESTARTS)(ShardEmbedder)
+        pool = ray.util.ActorPool([embedder.remote(spec) for _ in range(n_actors)])
         try:
-            for row in dataset.iter_rows():
-                yield json.loads(row["marker"])
+            for marker in pool.map_unordered(lambda actor, item: actor.embed.remote(item),
+                                             items):
+                bar.update()
+                yield marker
         except ray.exceptions.RayError as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise FeatxError(f"ray: a shard failed ({type(exc).__name__}: {reason}); the "
                              "finished shards are kept: run the command again to resume"
                              ) from None
     finally:
+        bar.close()
         if started_here:
             ray.shutdown()

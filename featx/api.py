@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.auditing import (audit_findings, audit_rows, exclude_entries, summary_counts,
-                            write_audit_report)
+from featx.auditing import (CopyVerifier, LocalFeatureStore, audit_findings, audit_rows,
+                            exclude_entries, summary_counts, write_audit_report)
 from featx.backbones import describe_backbones
 from featx.base import Result
 from featx.cache import (cache_info, compact_cache, export_embeddings, list_caches,
@@ -222,8 +222,16 @@ def audit(data_dir, *, report_dir="reports/audit", write_exclude=None, audit_opt
         raise DataError(f"{data_dir}: {len(rows)} cached image(s); an audit needs two or more")
     X, labels = features.take(rows)
     paths, splits = features.paths[rows], features.split[rows]
+    verify = None
+    if audit_options.verify:
+        # beside the dataset's caches: keypoints do not depend on the backbone
+        store = LocalFeatureStore(Path(features.cache_paths[0]).parent / "local_features.h5")
+        verify = CopyVerifier(features.root, paths, features.sha256[rows], store=store,
+                              min_inliers=audit_options.min_inliers,
+                              fallback_cosine=audit_options.threshold,
+                              progress=options.progress)
     found = audit_rows(X, labels, splits, features.sha256[rows], features.class_names,
-                       audit_options)
+                       audit_options, verify=verify)
     findings = audit_findings(found, paths, labels, splits, features.class_names)
     dataset = {"root": str(features.root), "n_images": len(rows),
                "class_names": list(features.class_names), "backbone": features.backbone,

@@ -228,7 +228,12 @@ def test_audit_cli_report_exclude_list_and_warm_cache(tmp_path, monkeypatch):
     for name in ("audit.md", "audit.json", "duplicates.png", "map.png"):
         assert (reports / name).is_file(), name
     report = json.loads((reports / "audit.json").read_text())
-    assert all(len(report[k]) <= 3 for k in ("duplicates", "label_errors", "outliers"))
+    counts = report["counts"]  # audit.json lists every finding; --top cuts audit.md only
+    assert [len(report[k]) for k in ("duplicates", "label_errors", "outliers")] == [
+        counts["duplicate_groups"], counts["label_errors"], counts["outliers"]]
+    markdown = (reports / "audit.md").read_text()
+    if counts["label_errors"] > 3:
+        assert f"{counts['label_errors'] - 3} more in audit.json." in markdown
     copies = [g for g in report["duplicates"]
               if {"cat/cat_003.png", "dog/dog_copy.png"} <= {m["path"] for m in g["members"]}]
     assert copies and copies[0]["conflicting_labels"] and copies[0]["exact"]
@@ -377,11 +382,13 @@ def plant_faults(source: Path, root: Path, per_class=200):
 def test_audit_finds_planted_faults_in_real_photos(tmp_path, monkeypatch):
     planted = plant_faults(dogcat_path(), tmp_path / "data")
     data, cache = tmp_path / "data", tmp_path / "cache"
-    first = audit(data, report_dir=tmp_path / "r1", cache_dir=cache, progress=False)
+    fewer = AuditOptions(candidates=3)  # the planted copies are each other's nearest
+    first = audit(data, report_dir=tmp_path / "r1", cache_dir=cache, progress=False,
+                  audit_options=fewer)
     assert first["n_extracted"] == first["n_images"] > 400
     calls = counting_mapper(monkeypatch)
     out = audit(data, report_dir=tmp_path / "r2", cache_dir=cache, progress=False,
-                write_exclude=tmp_path / "exclude.txt")
+                write_exclude=tmp_path / "exclude.txt", audit_options=fewer)
     assert calls["images"] == 0 and out["n_extracted"] == 0
     report = json.loads((tmp_path / "r2" / "audit.json").read_text())
 
@@ -422,3 +429,74 @@ def test_report_of_a_long_duplicate_chain_stays_readable(tmp_path):
     text = Path(files["markdown"]).read_text()
     assert "and 5 more (audit.json)" in text
     assert Path(files["duplicates"]).is_file()  # unreadable images become grey thumbnails
+
+
+# ----- copies confirmed from the images ------------------------------------------------
+def _scene(seed, size=(240, 320)):
+    """A photo-like RGB picture with corners to match: random shapes on a noisy ground."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (*size, 3), dtype=np.uint8), (0, 0), 3)
+    for _ in range(40):
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        x, y = int(rng.integers(0, size[1])), int(rng.integers(0, size[0]))
+        if rng.random() < 0.5:
+            cv2.rectangle(image, (x, y), (x + int(rng.integers(8, 50)),
+                                          y + int(rng.integers(8, 50))), colour, -1)
+        else:
+            cv2.circle(image, (x, y), int(rng.integers(4, 25)), colour, -1)
+    return image
+
+
+def test_the_verifier_names_crops_mirrors_and_edits_and_refuses_another_scene(tmp_path):
+    import cv2
+
+    original = _scene(0)
+    h, w = original.shape[:2]
+    captioned = original.copy()
+    cv2.putText(captioned, "copy", (20, 120), cv2.FONT_HERSHEY_DUPLEX, 2, (255, 255, 255), 3)
+    images = {"original": original, "crop": cv2.resize(original[40:200, 60:280], (w, h)),
+              "mirror": original[:, ::-1], "half": cv2.resize(original, (w // 2, h // 2)),
+              "caption": captioned, "other": _scene(1)}
+    for name, image in images.items():
+        cv2.imwrite(str(tmp_path / f"{name}.png"), image[:, :, ::-1])
+    names = list(images)
+    store = featx_audit.LocalFeatureStore(tmp_path / "features.h5")
+    verify = featx_audit.CopyVerifier(tmp_path, [f"{n}.png" for n in names],
+                                      [f"{k:064x}" for k in range(len(names))], store=store)
+    kinds = {name: (verify(0, k, 0.95) or {}).get("kind") for k, name in enumerate(names)}
+    assert kinds == {"original": "same", "crop": "cropped", "mirror": "mirrored",
+                     "half": "scaled", "caption": "same", "other": None}
+    verify.save()
+    again = featx_audit.CopyVerifier(tmp_path, [f"{n}.png" for n in names],
+                                     [f"{k:064x}" for k in range(len(names))],
+                                     store=featx_audit.LocalFeatureStore(tmp_path / "features.h5"))
+    assert [again(0, k, 0.95) for k in range(len(names))] == [
+        verify(0, k, 0.95) for k in range(len(names))]
+    assert again.store.computed == 0  # a warm audit computes no keypoint and no fit again
+    (tmp_path / "other.png").unlink()  # unreadable: the embedding-only rule decides
+    gone = featx_audit.CopyVerifier(tmp_path, ["original.png", "other.png"], ["", ""])
+    assert gone(0, 1, 0.95) == {"kind": "unverified", "inliers": None}
+    assert gone(0, 1, 0.5) is None
+    assert "1 image(s) could not be read" in gone.notes()[0]
+
+
+def test_groups_form_from_confirmed_pairs_only():
+    Z, _ = clusters(n_classes=1, per_class=6, dim=16, spread=0.05)  # six look-alikes
+    confirmed = {(0, 1): "cropped", (3, 4): "mirrored"}
+
+    def verify(i, j, cosine):
+        kind = confirmed.get((i, j))
+        return {"kind": kind, "inliers": 99} if kind else None
+
+    found = featx_audit.audit_rows(Z.copy(), np.zeros(6, int), np.array(["train"] * 6),
+                                   [f"{k:064x}" for k in range(6)], ["a"],
+                                   AuditOptions(candidate_cosine=0.5), verify=verify)
+    assert sorted(g["members"] for g in found.duplicates) == [[0, 1], [3, 4]]
+    assert [g["copy_kinds"] for g in sorted(found.duplicates, key=lambda g: g["members"])] == [
+        ["cropped"], ["mirrored"]]
+    unverified = featx_audit.audit_rows(Z.copy(), np.zeros(6, int), np.array(["train"] * 6),
+                                        [f"{k:064x}" for k in range(6)], ["a"],
+                                        AuditOptions(threshold=0.5, verify=False), verify=verify)
+    assert [g["members"] for g in unverified.duplicates] == [list(range(6))]  # one chain

@@ -23,7 +23,7 @@ MODULES = {
                    "_runtimes", "_int8", "_views", "_ray_engine", "_run", "_extract"],
     "classifiers": ["_uncertainty", "_registry", "_evaluate", "_tuning", "_fit",
                     "_resampling", "_rows", "_compare", "_model_files"],
-    "auditing": ["_checks", "_findings", "_report"],
+    "auditing": ["_copies", "_checks", "_findings", "_report"],
     "reports": ["_figures", "_markdown", "_compare_report"],
     "finetuning": ["_inputs", "_model", "_train", "_saved", "_result", "_recipe"],
     "inference": ["_labels", "_features", "_saved_model"],

@@ -56,12 +56,18 @@ class Audit:
 
 # ----- the whole audit -------------------------------------------------------------
 def audit_rows(X, labels, splits, sha256, class_names,
-               options: AuditOptions | None = None) -> Audit:
+               options: AuditOptions | None = None, verify=None) -> Audit:
     """Run every check on embeddings ``X`` (n, d) with their labels, splits and hashes.
 
     A float32 ``X`` is scaled to unit rows in place (one copy of the embeddings in memory,
     not two); every check reads the unit rows. A row holding NaN or inf is set to zero (far
     from everything, so it shows as an outlier) and a line in ``skipped`` says so.
+
+    ``verify(i, j, cosine) -> dict | None`` (a :class:`~featx.auditing.CopyVerifier`)
+    confirms near-duplicates from the images: each image's ``options.candidates`` nearest
+    neighbours from ``options.candidate_cosine`` on are asked, and groups form from the
+    confirmed pairs only. Without it (or with ``options.verify`` False) a pair is a
+    near-duplicate when its cosine reaches ``options.threshold``.
     """
     options = options or AuditOptions()
     labels = np.asarray(labels, dtype=np.int64)
@@ -72,9 +78,16 @@ def audit_rows(X, labels, splits, sha256, class_names,
         skipped.append(f"embeddings: {int(broken.sum())} rows hold NaN or inf; audited as "
                        "zero vectors (extract them again)")
     Z = _timed(seconds, "normalize", normalized, X, out=X if X.dtype == np.float32 else None)
-    pairs, nearest = _timed(seconds, "duplicates", near_duplicates, Z, options.threshold)
+    if verify is not None and options.verify:
+        candidates, nearest = _timed(seconds, "duplicates", candidate_pairs, Z,
+                                     options.candidate_cosine, options.candidates)
+        pairs, copies = _timed(seconds, "verify", verified_pairs, candidates, verify)
+        skipped += getattr(verify, "notes", lambda: [])()
+    else:
+        (pairs, nearest), copies = _timed(seconds, "duplicates", near_duplicates, Z,
+                                          options.threshold), None
     component = duplicate_components(pairs, len(Z))
-    groups = duplicate_groups(pairs, component, labels, splits, sha256)
+    groups = duplicate_groups(pairs, component, labels, splits, sha256, copies)
     errors, skip = _timed(seconds, "label_errors", label_issues, Z, labels, class_names,
                           folds=options.folds, seed=options.seed,
                           groups=fold_groups(component))
@@ -134,6 +147,58 @@ def near_duplicates(Z, threshold: float, block_bytes: int = BLOCK_BYTES):
     return (np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)), nearest
 
 
+def candidate_pairs(Z, cosine: float, k: int, block_bytes: int = BLOCK_BYTES):
+    """Each row's ``k`` nearest other rows with cosine >= ``cosine``, as unique pairs
+    ``(i, j, similarity)`` with ``i < j``, and each row's highest similarity to another.
+
+    Block by block, like :func:`near_duplicates`, so memory stays near ``block_bytes``.
+    """
+    n = len(Z)
+    k = min(k, n - 1)
+    nearest = np.full(n, -1.0, dtype=np.float32)
+    found = set()
+    rows = max(1, block_bytes // max(1, 4 * n))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block = Z[start:stop] @ Z.T
+        block[np.arange(stop - start), np.arange(start, stop)] = -1.0  # not itself
+        nearest[start:stop] = block.max(axis=1)
+        best = np.argpartition(-block, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((0, 0))
+        for r, cols in enumerate(best):
+            for c in cols[block[r, cols] >= cosine].tolist():
+                i = start + r
+                found.add((min(i, c), max(i, c), float(block[r, c])))
+    unique = {}
+    for i, j, s in found:
+        unique[(i, j)] = s
+    keys = sorted(unique)
+    i = np.array([a for a, _ in keys], dtype=np.int64)
+    j = np.array([b for _, b in keys], dtype=np.int64)
+    return (i, j, np.array([unique[key] for key in keys], dtype=np.float32)), nearest
+
+
+def verified_pairs(candidates, verify):
+    """The candidate pairs ``verify(i, j, cosine)`` confirms, and one dict per confirmed
+    pair: ``a``, ``b``, ``cosine``, ``kind``, ``inliers``."""
+    from tqdm.auto import tqdm
+
+    kept, copies = [], []
+    pairs = list(zip(*(part.tolist() for part in candidates)))
+    for i, j, s in tqdm(pairs, unit="pair", desc="audit: checking copies", dynamic_ncols=True,
+                        disable=not getattr(verify, "progress", False)):
+        verdict = verify(i, j, s)
+        if verdict:
+            kept.append((i, j, s))
+            copies.append({"a": i, "b": j, "cosine": s, **verdict})
+    if hasattr(verify, "save"):
+        verify.save()
+    if not kept:
+        empty = np.zeros(0, dtype=np.int64)
+        return (empty, empty, np.zeros(0, np.float32)), copies
+    i, j, s = zip(*kept)
+    return (np.array(i), np.array(j), np.array(s, dtype=np.float32)), copies
+
+
 def duplicate_components(pairs, n: int) -> np.ndarray:
     """Group number of every row: rows joined by near-duplicate pairs share one (connected
     components); a row with no near-duplicate is alone in its group."""
@@ -145,13 +210,15 @@ def duplicate_components(pairs, n: int) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def duplicate_groups(pairs, component, labels, splits, sha256) -> list[dict]:
+def duplicate_groups(pairs, component, labels, splits, sha256, copies=None) -> list[dict]:
     """Near-duplicate pairs joined into groups (``component``: from
     :func:`duplicate_components`), most serious first.
 
     A group's ``kind`` is "across splits" when its images sit in more than one split (the
     same picture is trained on and evaluated on), else "conflicting labels" when they carry
     more than one label, else "same class". ``exact``: every member has one content hash.
+    ``copies`` (from :func:`verified_pairs`): each group gets the confirmed pairs among its
+    members (``pairs``) and their transform kinds (``copy_kinds``).
     """
     i, j, sim = pairs
     if not len(i):
@@ -170,10 +237,14 @@ def duplicate_groups(pairs, component, labels, splits, sha256) -> list[dict]:
             kind = "conflicting labels"
         else:
             kind = "same class"
-        out.append({"members": members.tolist(), "kind": kind,
-                    "conflicting_labels": len(set(labels[members].tolist())) > 1,
-                    "exact": len(set(sha256[members].tolist())) == 1,
-                    "similarity": min(best[comp], 1.0)})
+        group = {"members": members.tolist(), "kind": kind,
+                 "conflicting_labels": len(set(labels[members].tolist())) > 1,
+                 "exact": len(set(sha256[members].tolist())) == 1,
+                 "similarity": min(best[comp], 1.0)}
+        if copies is not None:
+            group["pairs"] = [c for c in copies if component[c["a"]] == comp]
+            group["copy_kinds"] = sorted({c["kind"] for c in group["pairs"]})
+        out.append(group)
     out.sort(key=lambda g: (KINDS.index(g["kind"]), -g["similarity"], g["members"][0]))
     return out
 

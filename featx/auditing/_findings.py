@@ -12,10 +12,16 @@ def audit_findings(audit, paths, labels, splits, class_names) -> dict:
     duplicates = []
     for group in audit.duplicates:
         members = [image(i) for i in group["members"]]
-        duplicates.append({"kind": group["kind"], "exact": group["exact"],
-                           "conflicting_labels": group["conflicting_labels"],
-                           "similarity": round(group["similarity"], 4), "members": members,
-                           "exclude": _copies_to_drop(members, group["conflicting_labels"])})
+        found = {"kind": group["kind"], "exact": group["exact"],
+                 "conflicting_labels": group["conflicting_labels"],
+                 "similarity": round(group["similarity"], 4), "members": members,
+                 "exclude": _copies_to_drop(members, group["conflicting_labels"])}
+        if "pairs" in group:  # confirmed from the images: how each copy relates
+            found["copy_kinds"] = group["copy_kinds"]
+            found["pairs"] = [{"a": str(paths[c["a"]]), "b": str(paths[c["b"]]),
+                               "kind": c["kind"], "inliers": c["inliers"],
+                               "cosine": round(c["cosine"], 4)} for c in group["pairs"]]
+        duplicates.append(found)
     label_errors = [{**image(f["index"]), "suggested": class_names[f["suggested"]],
                      "p_given": round(f["p_given"], 4), "p_suggested": round(f["p_suggested"], 4),
                      "probabilities": {class_names[c]: round(p, 4)

@@ -29,7 +29,8 @@ COLUMNS = 6
 # ----- the report ---------------------------------------------------------------------
 def write_audit_report(audit, findings, dataset: dict, report_dir, *, labels) -> dict:
     """Write audit.json, audit.md, the contact sheets and the map into ``report_dir``;
-    each list holds the first ``audit.options.top`` findings.
+    audit.json holds every finding; audit.md and the contact sheets show the first
+    ``audit.options.top`` of each list and say how many more there are.
 
     ``dataset``: ``root``, ``n_images``, ``class_names``, ``backbone``, ``weights_id``,
     ``provenance``, ``n_excluded``. ``labels``: class index per row (for the map).
@@ -40,11 +41,10 @@ def write_audit_report(audit, findings, dataset: dict, report_dir, *, labels) ->
     for stale in [*SHEETS.values(), MAP_FILE]:  # pictures of an earlier audit
         (report_dir / stale).unlink(missing_ok=True)
     top = audit.options.top
-    findings = {name: items[:top] for name, items in findings.items()}
     root = Path(dataset["root"])
     files = {}
     for name, file in SHEETS.items():
-        cells = _sheet_cells(name, findings[name])
+        cells = _sheet_cells(name, findings[name][:top])
         if cells:
             files[name] = str(contact_sheet(cells, root, report_dir / file,
                                             _sheet_title(name, dataset)))
@@ -64,7 +64,10 @@ def audit_json(audit, findings, dataset, files) -> dict:
     options = audit.options
     return {
         "dataset": dataset,
-        "options": {"threshold": options.threshold, "folds": options.folds,
+        "options": {"threshold": options.threshold, "verify": options.verify,
+                    "candidate_cosine": options.candidate_cosine,
+                    "candidates": options.candidates, "min_inliers": options.min_inliers,
+                    "folds": options.folds,
                     "neighbours": options.neighbours, "outlier_z": options.outlier_z,
                     "top": options.top, "map": audit.map_method, "seed": options.seed},
         "threshold": {"cosine": options.threshold, "evidence": THRESHOLD_EVIDENCE,
@@ -93,9 +96,12 @@ def audit_markdown(summary) -> str:
         f"{counts['conflicting_labels_any']} | |",
         f"| near-duplicate groups in one class | {counts['same class']} | |",
         f"| near-duplicate groups, all | {counts['duplicate_groups']} | "
-        f"{len(summary['duplicates'])} |",
-        f"| likely label errors | {counts['label_errors']} | {len(summary['label_errors'])} |",
-        f"| outliers | {counts['outliers']} | {len(summary['outliers'])} |", "",
+        f"{min(opts['top'], len(summary['duplicates']))} |",
+        f"| likely label errors | {counts['label_errors']} | "
+        f"{min(opts['top'], len(summary['label_errors']))} |",
+        f"| outliers | {counts['outliers']} | {min(opts['top'], len(summary['outliers']))} |",
+        "", f"The tables below list the first {opts['top']} of each (`--top`); audit.json "
+        "lists every finding.", "",
     ]
     lines += [f"- {line}" for line in summary["skipped"]] + ([""] if summary["skipped"] else [])
     lines += _duplicates_section(summary, opts, nearest)
@@ -116,10 +122,21 @@ def audit_markdown(summary) -> str:
 
 
 def _duplicates_section(summary, opts, nearest) -> list[str]:
-    lines = ["## Near-duplicates", "",
-             f"Two images are near-duplicates when the cosine similarity of their embeddings "
-             f"is at least **{opts['threshold']}** ({summary['threshold']['evidence']}). "
-             "Exact copies (one content hash) are included. "]
+    if opts.get("verify"):
+        rule = (f"Each image's {opts['candidates']} nearest neighbours with an embedding "
+                f"cosine of at least **{opts['candidate_cosine']}** were checked from the "
+                "images: ORB keypoints, Lowe's ratio test and one RANSAC similarity fit; a pair "
+                f"is one picture when at least **{opts['min_inliers']}** matches agree with "
+                "the fit (measured on real photos with cropped, mirrored, rotated, captioned, "
+                "re-encoded and resized copies: benchmarks/audit_copies.py). Groups form from "
+                "confirmed pairs only; *copies* says how each was made (same, scaled, "
+                "cropped, mirrored). Exact copies (one content hash) are included. ")
+    else:
+        rule = (f"Two images are near-duplicates when the cosine similarity of their "
+                f"embeddings is at least **{opts['threshold']}** "
+                f"({summary['threshold']['evidence']}). Exact copies (one content hash) are "
+                "included. ")
+    lines = ["## Near-duplicates", "", rule]
     if nearest:
         lines[-1] += (f"On this data each image's most similar other image has cosine "
                       f"{nearest['median']:.3f} (median), {nearest['p99']:.3f} (99th "
@@ -130,15 +147,17 @@ def _duplicates_section(summary, opts, nearest) -> list[str]:
     if not summary["duplicates"]:
         return lines + ["None found.", ""]
     lines += [f"![duplicates]({SHEETS['duplicates']})", "",
-              "| # | kind | cosine | images (label, split) | drop |", "|---:|---|---:|---|---|"]
-    for n, g in enumerate(summary["duplicates"], 1):
+              "| # | kind | cosine | copies | images (label, split) | drop |",
+              "|---:|---|---:|---|---|---|"]
+    for n, g in enumerate(summary["duplicates"][:opts["top"]], 1):
         kind = g["kind"] + (", exact copies" if g["exact"] else "")
         if g["conflicting_labels"] and g["kind"] != "conflicting labels":
             kind += ", conflicting labels"
         images = _cell([f"`{m['path']}` ({m['label']}, {m['split']})" for m in g["members"]])
         drop = _cell([f"`{p}`" for p in g["exclude"]])
-        lines.append(f"| {n} | {kind} | {g['similarity']:.3f} | {images} | {drop} |")
-    return lines + [""]
+        copies = ", ".join(g.get("copy_kinds", [])) or "-"
+        lines.append(f"| {n} | {kind} | {g['similarity']:.3f} | {copies} | {images} | {drop} |")
+    return lines + _more(summary["duplicates"], opts)
 
 
 def _cell(items, at_most: int = 10) -> str:
@@ -158,10 +177,10 @@ def _label_errors_section(summary, opts) -> list[str]:
     lines += [f"![label errors]({SHEETS['label_errors']})", "",
               "| # | image | split | labelled | suggested | p(labelled) | p(suggested) |",
               "|---:|---|---|---|---|---:|---:|"]
-    for n, f in enumerate(summary["label_errors"], 1):
+    for n, f in enumerate(summary["label_errors"][:opts["top"]], 1):
         lines.append(f"| {n} | `{f['path']}` | {f['split']} | {f['label']} | {f['suggested']} "
                      f"| {f['p_given']:.3f} | {f['p_suggested']:.3f} |")
-    return lines + [""]
+    return lines + _more(summary["label_errors"], opts)
 
 
 def _outliers_section(summary, opts) -> list[str]:
@@ -173,10 +192,16 @@ def _outliers_section(summary, opts) -> list[str]:
         return lines + ["None found.", ""]
     lines += [f"![outliers]({SHEETS['outliers']})", "",
               "| # | image | class | split | distance | z |", "|---:|---|---|---|---:|---:|"]
-    for n, f in enumerate(summary["outliers"], 1):
+    for n, f in enumerate(summary["outliers"][:opts["top"]], 1):
         lines.append(f"| {n} | `{f['path']}` | {f['label']} | {f['split']} | "
                      f"{f['distance']:.3f} | {f['z']:.1f} |")
-    return lines + [""]
+    return lines + _more(summary["outliers"], opts)
+
+
+def _more(items, opts) -> list[str]:
+    """The line under a table cut to --top: how many more audit.json lists."""
+    hidden = len(items) - opts["top"]
+    return ["", f"{hidden} more in audit.json.", ""] if hidden > 0 else [""]
 
 
 # ----- pictures --------------------------------------------------------------------------

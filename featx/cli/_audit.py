@@ -18,7 +18,23 @@ from ._params import AUDIT_DEFAULTS, _options, _warn_random, image_options, json
               help="Longest list per finding type.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True),
               default=AUDIT_DEFAULTS.threshold, show_default=True,
-              help="Cosine similarity from which two images are near-duplicates.")
+              help="Cosine similarity from which two images are near-duplicates when they "
+                   "are not checked from the images (--no-verify, or a file that cannot be "
+                   "read).")
+@click.option("--verify/--no-verify", default=AUDIT_DEFAULTS.verify, show_default=True,
+              help="Confirm near-duplicates from the images: local features (ORB) and one "
+                   "geometric fit; finds cropped, mirrored and edited copies, and does not "
+                   "chain look-alikes into one group.")
+@click.option("--candidate-cosine", type=click.FloatRange(0, 1, min_open=True),
+              default=AUDIT_DEFAULTS.candidate_cosine, show_default=True,
+              help="With --verify: the cosine from which an image's nearest neighbours are "
+                   "checked.")
+@click.option("--candidates", type=click.IntRange(1), default=AUDIT_DEFAULTS.candidates,
+              show_default=True,
+              help="With --verify: how many nearest neighbours of each image are checked.")
+@click.option("--min-inliers", type=click.IntRange(3), default=AUDIT_DEFAULTS.min_inliers,
+              show_default=True,
+              help="With --verify: keypoint matches one similarity transform must explain.")
 @click.option("--folds", type=click.IntRange(2), default=AUDIT_DEFAULTS.folds,
               show_default=True,
               help="Folds of the out-of-fold label check.")
@@ -33,8 +49,8 @@ from ._params import AUDIT_DEFAULTS, _options, _warn_random, image_options, json
 @image_options()
 @json_option
 @handle_errors
-def audit(data, json_, report_dir, top, threshold, folds, neighbours, map_, write_exclude,
-          **kw):
+def audit(data, json_, report_dir, top, threshold, verify, candidate_cosine, candidates,
+          min_inliers, folds, neighbours, map_, write_exclude, **kw):
     """Find near-duplicates, leakage across splits, likely label errors and outliers.
 
     Works on the cached embeddings (with a warm cache no image goes through the model) and
@@ -50,8 +66,11 @@ def audit(data, json_, report_dir, top, threshold, folds, neighbours, map_, writ
     from featx.api import audit as run_audit
 
     options = _options(kw)
-    audit_options = AuditOptions(threshold=threshold, folds=folds, neighbours=neighbours,
-                                 top=top, map=map_, seed=options.seed)
+    audit_options = AuditOptions(threshold=threshold, verify=verify,
+                                 candidate_cosine=candidate_cosine, candidates=candidates,
+                                 min_inliers=min_inliers,
+                                 folds=folds, neighbours=neighbours, top=top, map=map_,
+                                 seed=options.seed)
     outcome = run_audit(data, report_dir=report_dir, write_exclude=write_exclude,
                         audit_options=audit_options, options=options)
     _warn_random(options.weights)

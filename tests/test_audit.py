@@ -475,6 +475,10 @@ def test_the_verifier_names_crops_mirrors_and_edits_and_refuses_another_scene(tm
     assert [again(0, k, 0.95) for k in range(len(names))] == [
         verify(0, k, 0.95) for k in range(len(names))]
     assert again.store.computed == 0  # a warm audit computes no keypoint and no fit again
+    again(1, 2, 0.95)  # a pair not asked before, of images whose keypoints are stored
+    again.save()
+    assert len(featx_audit.LocalFeatureStore(tmp_path / "features.h5")._read_fits()) == \
+        len(names) + 1  # its fit is kept too
     (tmp_path / "other.png").unlink()  # unreadable: the embedding-only rule decides
     gone = featx_audit.CopyVerifier(tmp_path, ["original.png", "other.png"], ["", ""])
     assert gone(0, 1, 0.95) == {"kind": "unverified", "inliers": None}

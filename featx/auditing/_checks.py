@@ -156,25 +156,25 @@ def candidate_pairs(Z, cosine: float, k: int, block_bytes: int = BLOCK_BYTES):
     n = len(Z)
     k = min(k, n - 1)
     nearest = np.full(n, -1.0, dtype=np.float32)
-    found = set()
+    found_i, found_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    found_s = [np.zeros(0, np.float32)]
     rows = max(1, block_bytes // max(1, 4 * n))
-    for start in range(0, n, rows):
+    for start in range(0, n if k > 0 else 0, rows):
         stop = min(n, start + rows)
         block = Z[start:stop] @ Z.T
         block[np.arange(stop - start), np.arange(start, stop)] = -1.0  # not itself
         nearest[start:stop] = block.max(axis=1)
-        best = np.argpartition(-block, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((0, 0))
-        for r, cols in enumerate(best):
-            for c in cols[block[r, cols] >= cosine].tolist():
-                i = start + r
-                found.add((min(i, c), max(i, c), float(block[r, c])))
-    unique = {}
-    for i, j, s in found:
-        unique[(i, j)] = s
-    keys = sorted(unique)
-    i = np.array([a for a, _ in keys], dtype=np.int64)
-    j = np.array([b for _, b in keys], dtype=np.int64)
-    return (i, j, np.array([unique[key] for key in keys], dtype=np.float32)), nearest
+        best = np.argpartition(-block, k - 1, axis=1)[:, :k]
+        similarity = np.take_along_axis(block, best, axis=1)
+        r, c = np.nonzero(similarity >= cosine)
+        found_i.append(start + r)
+        found_j.append(best[r, c])
+        found_s.append(similarity[r, c])
+    i, j = np.concatenate(found_i), np.concatenate(found_j)
+    low, high = np.minimum(i, j), np.maximum(i, j)
+    _, first = np.unique(low * n + high, return_index=True)  # a pair found from both sides
+    s = np.concatenate(found_s).astype(np.float32)
+    return (low[first], high[first], s[first]), nearest
 
 
 def verified_pairs(candidates, verify):
@@ -228,6 +228,9 @@ def duplicate_groups(pairs, component, labels, splits, sha256, copies=None) -> l
     for a, s in zip(component[i].tolist(), sim.tolist()):
         best[a] = max(best.get(a, -1.0), s)
     members_of = _members(component, set(best))
+    pairs_of = {}
+    for copy in copies or ():
+        pairs_of.setdefault(int(component[copy["a"]]), []).append(copy)
     out = []
     for comp in sorted(best):
         members = members_of[comp]
@@ -242,7 +245,7 @@ def duplicate_groups(pairs, component, labels, splits, sha256, copies=None) -> l
                  "exact": len(set(sha256[members].tolist())) == 1,
                  "similarity": min(best[comp], 1.0)}
         if copies is not None:
-            group["pairs"] = [c for c in copies if component[c["a"]] == comp]
+            group["pairs"] = pairs_of.get(comp, [])
             group["copy_kinds"] = sorted({c["kind"] for c in group["pairs"]})
         out.append(group)
     out.sort(key=lambda g: (KINDS.index(g["kind"]), -g["similarity"], g["members"][0]))

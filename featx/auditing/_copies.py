@@ -1,6 +1,6 @@
 """Is this pair of images one picture? Local features with a geometric fit decide.
 
-Embeddings find candidates (:func:`featx.auditing.near_duplicates` at a lower cosine);
+Embeddings find candidates (:func:`featx.auditing.candidate_pairs`, at a lower cosine);
 :class:`CopyVerifier` confirms them as a person would: ORB keypoints on both images,
 Lowe's ratio test, then a RANSAC fit of a similarity transform (rotation, scale,
 translation: ``cv2.estimateAffinePartial2D``). Enough inliers make the pair one picture,
@@ -72,7 +72,7 @@ def match(a, b) -> dict | None:
                                                   ransacReprojThreshold=RANSAC_PIXELS)
     if matrix is None or not MIN_SCALE <= np.hypot(matrix[0, 0], matrix[1, 0]) <= 1 / MIN_SCALE:
         return None  # a degenerate fit (everything onto one spot) explains repeated corners
-    return {"inliers": int(inliers.sum()), "matrix": matrix, "matches": len(good)}
+    return {"inliers": int(inliers.sum()), "matrix": matrix}
 
 
 def transform_kind(matrix, a, b) -> str:
@@ -119,14 +119,10 @@ class LocalFeatureStore:
     def _read_fits(self) -> dict:
         if self.path is None or not self.path.exists():
             return {}
-        import json
-
         import h5py
 
         with h5py.File(self.path, "r", locking=False) as h5:
-            if "fits" not in h5:
-                return {}
-            return json.loads(h5["fits"][()].decode())
+            return self._read_fits_from(h5)
 
     def get(self, key: str, compute):
         if key in self._memory:
@@ -145,7 +141,6 @@ class LocalFeatureStore:
             return None
         import h5py
 
-
         with h5py.File(self.path, "r", locking=False) as h5:
             if key not in h5:
                 return None
@@ -155,7 +150,7 @@ class LocalFeatureStore:
 
     def save(self) -> None:
         """Append what was computed since the last save (nothing without a path)."""
-        if self.path is None or not self._new:
+        if self.path is None or not (self._new or self._new_fits):
             return
         import json
 
@@ -208,7 +203,6 @@ class CopyVerifier:
     def __init__(self, root, paths, sha256, *, store: LocalFeatureStore | None = None,
                  min_inliers: int = MIN_INLIERS, fallback_cosine: float = 0.90, read=None,
                  progress: bool = False):
-        self.progress = progress
         self.root = Path(root)
         self.paths, self.sha256 = list(paths), list(sha256)
         self.store = store or LocalFeatureStore()
@@ -216,13 +210,15 @@ class CopyVerifier:
         self.fallback_cosine = fallback_cosine
         self.read = read or _read_rgb
         self.unreadable: set = set()
+        self.progress = progress
 
     def __call__(self, i: int, j: int, cosine: float = 1.0) -> dict | None:
         """``{"kind", "inliers"}`` when rows i and j show one picture, else None."""
         if i > j:
             i, j = j, i
-        key = f"{RECIPE}:{self._key(i)}:{self._key(j)}:{cosine >= MIRROR_COSINE:d}"
-        found = self.store.fit(key, lambda: self.best_fit(i, j, mirror=cosine >= MIRROR_COSINE))
+        mirror = cosine >= MIRROR_COSINE
+        key = f"{RECIPE}:{self._key(i)}:{self._key(j)}:{mirror:d}"
+        found = self.store.fit(key, lambda: self.best_fit(i, j, mirror=mirror))
         if {i, j} & self.unreadable:
             self.store.forget(key)  # asked again next time: the file may be back
             return ({"kind": "unverified", "inliers": None}
@@ -253,15 +249,15 @@ class CopyVerifier:
         if a is None or b is None:
             return None
         direct = match(a, b)
-        if not mirror or (direct is not None and direct["inliers"] >= self.min_inliers):
-            return None if direct is None else {
-                "kind": transform_kind(direct["matrix"], a, b), "inliers": direct["inliers"]}
+        fit = None if direct is None else {"kind": transform_kind(direct["matrix"], a, b),
+                                           "inliers": direct["inliers"]}
+        if not mirror or (fit is not None and fit["inliers"] >= self.min_inliers):
+            return fit
         mirrored = self._features(j, mirrored=True)
         flipped = match(a, mirrored) if mirrored is not None else None
-        if flipped is not None and (direct is None or flipped["inliers"] > direct["inliers"]):
+        if flipped is not None and (fit is None or flipped["inliers"] > fit["inliers"]):
             return {"kind": "mirrored", "inliers": flipped["inliers"]}
-        return None if direct is None else {
-            "kind": transform_kind(direct["matrix"], a, b), "inliers": direct["inliers"]}
+        return fit
 
     def _features(self, row: int, mirrored: bool = False):
         key = f"{RECIPE}/{self._key(row)}{'-mirror' if mirrored else ''}"

@@ -88,20 +88,20 @@ def classification_metrics(y_true, y_pred, class_names) -> dict:
         balanced = balanced_accuracy_score(y_true, y_pred)
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
-    hits = np.bincount(np.asarray(y_true)[np.asarray(y_true) == np.asarray(y_pred)],
-                       minlength=len(class_names))
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
     per_class = [
         {"class": str(c), "precision": float(p), "recall": float(r), "f1": float(f),
          "support": int(s),
          "recall_interval": proportion_interval(int(k), int(s)) if s else None}
-        for c, p, r, f, s, k in zip(class_names, precision, recall, f1, support, hits)]
+        for c, p, r, f, s, k in zip(class_names, precision, recall, f1, support,
+                                    np.diag(matrix))]
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "per_class": per_class,
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": matrix.tolist(),
     }
 
 

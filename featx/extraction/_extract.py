@@ -73,8 +73,7 @@ def _check_engine(options, mapper):
         if options.ray_address:
             raise UsageError("--ray-address needs --engine ray")
         return
-    require_ray()
-    check_address(options.ray_address)  # before any file is hashed
+    check_address(require_ray(), options.ray_address)  # before any file is hashed
     if mapper is not None:
         raise UsageError("a ready mapper runs in this process: use the local engine")
     if options.mixed_precision:

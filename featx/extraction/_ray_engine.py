@@ -242,7 +242,7 @@ def connect(ray, address: str | None, num_cpus: int | None) -> bool:
         if not address:
             raise UsageError(f"--engine ray: cannot start a local Ray: {_first_line(exc)}"
                              ) from None
-        _probe_cluster(address)  # Ray logs the reason and raises "Failed to connect"
+        _probe_cluster(ray, address)  # Ray logs the reason and raises "Failed to connect"
         raise UsageError(f"--ray-address {address}: cannot connect to a Ray cluster: "
                          f"{_first_line(exc)}") from None
     return True
@@ -252,10 +252,9 @@ def _first_line(exc) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _probe_cluster(address: str) -> None:
+def _probe_cluster(ray, address: str) -> None:
     """A UsageError with the reason when the cluster's GCS refuses this client; nothing
     when it accepts it (or this Ray cannot ask)."""
-    ray = require_ray()
     try:
         from ray._raylet import GcsClient
     except ImportError:
@@ -270,12 +269,12 @@ def _probe_cluster(address: str) -> None:
                          f"connection: {_first_line(exc)}") from None
 
 
-def check_address(address: str | None):
-    """A UsageError unless a HOST:PORT address accepts a connection (other forms are left
-    to Ray)."""
+def check_address(ray, address: str | None):
+    """A UsageError unless a HOST:PORT address accepts a connection and its cluster lets
+    this client in (other forms are left to Ray). ``ray``: from :func:`require_ray`."""
     if address and address != "auto" and not address.startswith("ray://"):
         _check_reachable(address)
-        _probe_cluster(address)
+        _probe_cluster(ray, address)
 
 
 def _auth_message(address: str) -> str:

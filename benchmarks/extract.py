@@ -51,7 +51,7 @@ from featx.backbones import create_backbone
 from featx.cache import FeatureCache
 from featx.data import discover, load_for_model
 from featx.extraction import extract
-from featx.extraction import KerasMapper, OnnxMapper, ensure_fp32, stored_int8
+from featx.extraction import KerasMapper, OnnxMapper, ensure_fp32, recipe, stored_int8
 
 TARGETS = {"b/a median": 1.8, "b8/a median": 3.0, "lowest/median": 0.85}
 # featx settings the benchmark sets itself, here and in the `featx extract` processes: ONNX
@@ -354,7 +354,7 @@ def main():
         fp32 = ensure_fp32(net, store)
         assert not fp32.built, "the in-process fp32 export differs from the CLI's"
         int8 = stored_int8(net, store, r["export"]["calibration"],
-                           r["export"]["int8_model_sha256"])
+                           r["export"]["int8_model_sha256"], recipe())
         assert int8 is not None, "the int8 model of the warm-up run is not in its store"
         r["onnx_models"] = {"fp32": fp32.path.name, "int8": int8.path.name,
                             "int8_sha256": int8.sha256}

@@ -273,7 +273,8 @@ class CompareSummary(Result):
     JSON_KEYS = ("clf", "backbone", "weights", "split", "accuracy", "balanced_accuracy",
                  "macro_f1", "intervals", "interval_methods", "vs_best", "ece", "calibration",
                  "fit_seconds", "predict_seconds", "extract_seconds", "extract_parts",
-                 "flip_average", "augmented_views", "best_params", "runtime", "precision")
+                 "flip_average", "augmented_views", "best_params", "runtime", "precision",
+                 "int8_agreement")
 
     def to_dict(self) -> dict:
         """What ``featx compare --json`` prints: the report and each row's headline fields."""

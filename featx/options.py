@@ -18,6 +18,7 @@ from featx.errors import UsageError
 RUNTIMES = ("auto", "onnx", "keras")
 ENGINES = ("local", "ray")  # what drives the pipeline: this process, or a Ray cluster
 PRECISIONS = ("fp32", "int8")
+CALIBRATIONS = ("minmax", "percentile", "entropy")  # int8: ONNX Runtime's methods
 POOLINGS = ("avg", "max", "flatten")
 DEVICES = ("auto", "cpu", "gpu")  # where the Keras model runs
 
@@ -55,6 +56,7 @@ class ExtractOptions:
     device: str = "auto"  # one of DEVICES
     runtime: str = "auto"  # "auto" | "onnx" | "keras"
     precision: str = "fp32"  # "fp32" | "int8"
+    int8_calibration: str = "minmax"  # int8's calibration method, one of CALIBRATIONS
     reduced_decode: bool = False
     flip_average: bool = False  # embed each image and its mirror image; store the mean
     exclude: str | Path | None = None  # a file listing images to leave out (featx audit)

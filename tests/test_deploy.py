@@ -281,9 +281,12 @@ def test_int8_is_onnx_only(fitted):
 
 
 @pytest.mark.tensorflow_only
-def test_int8_export_of_a_model_fitted_on_int8_features_matches_predict(fitted, tmp_path):
+def test_int8_export_of_a_model_fitted_on_int8_features_matches_predict(fitted, tmp_path,
+                                                                        monkeypatch):
     import onnx
 
+    from featx.deploy._parity import ExportedRunner
+    from featx.extraction import QUANTIZATION
     from featx import api
     from featx.deploy import check_export, export_model
     from featx.classifiers import read_metadata
@@ -300,6 +303,11 @@ def test_int8_export_of_a_model_fitted_on_int8_features_matches_predict(fitted, 
     parity = check_export(exported.path, model, data)
     assert parity.bound == {"min_agreement": 1.0, "max_score_diff": 1e-4}
     assert parity.agreement == 1.0 and parity.max_score_diff < 1e-4 and parity.passed
+    # the file names the instruction set it was built for; elsewhere featx will not run it
+    assert exported.metadata["quantization"]["isa"] == QUANTIZATION["isa"]
+    monkeypatch.setitem(QUANTIZATION, "isa", "some-other-cpu")
+    with pytest.raises(DataError, match="export it again on this kind of CPU"):
+        ExportedRunner(exported.path)
 
 
 @pytest.mark.tensorflow_only

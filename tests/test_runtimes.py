@@ -13,7 +13,8 @@ from featx.backbones import create_backbone
 from featx.data import file_sha256
 from featx.cli import cli
 from featx.errors import UsageError
-from featx.extraction import KerasMapper, OnnxMapper, choose_runtime, extract
+from featx.extraction import (QUANTIZATION, KerasMapper, OnnxMapper, choose_runtime,
+                              ensure_int8, extract)
 from featx.extraction import _onnx_store as onnx_export
 
 # ONNX Runtime against Keras: the export runs on the TensorFlow backend
@@ -204,13 +205,13 @@ def test_lite0_onnx_matches_keras_and_int8_stays_close(onnx_store):
     fp32 = OnnxMapper(onnx_export.ensure_fp32(net, onnx_store))(images)
     # measured 4.2e-6 (embedding values up to about 4): one cache key for both is safe
     assert np.abs(keras_out - fp32).max() < 2e-5
-    model = onnx_export.ensure_int8(net, onnx_store, calibration,
-                                    onnx_export.calibration_id(["photos at four scales"]))
+    model = ensure_int8(net, onnx_store, calibration,
+                        onnx_export.calibration_id(["photos at four scales"]))
     int8 = OnnxMapper(model)(images)
     cosine = (int8 * fp32).sum(1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(fp32, axis=1)
     # measured 0.9972 (china) and 0.9965 (flower), calibrated on these photos at 4 scales;
     # 0.9884 and 0.9851 with the 7-bit weights of a CPU without VNNI
-    assert cosine.min() > (0.98 if onnx_export.QUANTIZATION.get("reduce_range") else 0.99)
+    assert cosine.min() > (0.98 if QUANTIZATION.get("reduce_range") else 0.99)
     assert not np.allclose(int8, fp32, atol=1e-3)  # it really is another model
 
 
@@ -220,13 +221,22 @@ def _run(*args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_int8_end_to_end_fit_predict_compare(tmp_path):
+def test_int8_end_to_end_fit_predict_compare(tmp_path, monkeypatch):
+    """int8 through every command, its agreement with fp32 shown wherever its rows are;
+    then, as if on another kind of CPU: the cache's int8 model rebuilt, and the classifier
+    fitted on the old one's features refused in one line."""
     import shutil
+
+    from featx.extraction import cpu_isa
 
     data = make_dataset(tmp_path / "data", per_class=6)
     common = ["--backbone", "mobilenet_v2", "--weights", "random", "--input-size", "32",
-              "--cache-dir", tmp_path / "cache", "--precision", "int8", "--json"]
-    fit = _run("fit", data, "--clf", "softmax", "--no-tune", "--out", tmp_path / "m", *common)
+              "--cache-dir", tmp_path / "cache", "--precision", "int8",
+              "--int8-calibration", "percentile"]
+    extracted = CliRunner().invoke(cli, [str(a) for a in ("extract", data, *common)])
+    assert "int8:      vs fp32 on " in extracted.output, extracted.output
+    fit = _run("fit", data, "--clf", "softmax", "--no-tune", "--out", tmp_path / "m", *common,
+               "--json")
     assert fit["precision"] == "int8" and "int8" in fit["runtime"]
     new = tmp_path / "new" / "cat.png"
     new.parent.mkdir()
@@ -235,9 +245,29 @@ def test_int8_end_to_end_fit_predict_compare(tmp_path):
     rows = _run("predict", fit["model"], new, "--json")
     assert rows[0]["embedded_by"].endswith("int8") and rows[0]["label"] in ("cat", "dog")
     report = _run("compare", data, "--clf", "softmax", "--no-tune",
-                  "--report-dir", tmp_path / "r", *common)
+                  "--report-dir", tmp_path / "r", *common, "--json")
     assert all(r["precision"] == "int8" for r in report["results"])
-    assert "int8 embeddings" in (tmp_path / "r" / "report.md").read_text()
+    key = extract(data, cache_dir=tmp_path / "cache", precision="int8", progress=False,
+                  int8_calibration="percentile", **TINY).key
+    agreement = key["int8_agreement"]
+    assert key["quantization"]["isa"] == cpu_isa() and agreement["n_images"] >= 4
+    assert key["quantization"]["calibration"] == "Percentile"
+    assert report["results"][0]["int8_agreement"] == agreement
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "int8 embeddings" in text and f"int8 (cos {agreement['mean_cosine']:.3f}," in text
+    # another kind of CPU
+    other = "x86-vnni" if cpu_isa() != "x86-vnni" else "x86-novnni"
+    monkeypatch.setitem(QUANTIZATION, "isa", other)
+    refused = CliRunner().invoke(cli, ["predict", fit["model"], str(new)])
+    assert refused.exit_code == 2, refused.output
+    assert "fitted on the features of an int8 model built for" in refused.stderr
+    again = CliRunner().invoke(cli, [str(a) for a in ("extract", data, *common, "--json")])
+    assert "rebuilding it for this CPU" in again.stderr
+    again = json.loads(again.stdout.strip().splitlines()[-1])
+    assert again["n_extracted"] == 12
+    assert extract(data, cache_dir=tmp_path / "cache", precision="int8", progress=False,
+                   int8_calibration="percentile", **TINY).key["quantization"]["isa"] == other
+    assert any(other in p.name for p in Path(os.environ["FEATX_ONNX_STORE"]).glob("*-int8-*"))
 
 
 def test_onnx_runtime_with_a_stored_export_never_imports_tensorflow(tmp_path):

@@ -55,6 +55,10 @@ class CombinedFeatures(_Rows):
     def precision(self) -> str:
         return self.parts[0].precision
 
+    @property
+    def int8_agreement(self) -> dict | None:
+        return self.parts[0].int8_agreement
+
     def provenance(self) -> str:
         return "; ".join(f"{p.backbone}: {p.provenance()}" for p in self.parts)
 

@@ -104,7 +104,8 @@ class _Rows:
             "images_per_second": round(stats.images_per_second, 2),
             "runtime": stats.runtime or None, "device": stats.device or None,
             "batch_size": stats.batch_size or None, "computed_by": self.computed_by,
-            "engine": stats.engine, "precision": self.precision, "reused": stats.reused,
+            "engine": stats.engine, "precision": self.precision,
+            "int8_agreement": self.int8_agreement, "reused": stats.reused,
             "flip_average": self.flip_average,
             "failed": [{"path": p, "reason": r} for p, r in stats.failed],
         }
@@ -169,6 +170,11 @@ class Features(_Rows):
     @property
     def precision(self) -> str:
         return self.key.get("precision", "fp32")
+
+    @property
+    def int8_agreement(self) -> dict | None:
+        """int8 rows: their model's measured agreement with fp32 (the cache key records it)."""
+        return self.key.get("int8_agreement")
 
     def provenance(self) -> str:
         """Which runtime(s) and precision computed the cached rows, for reports."""

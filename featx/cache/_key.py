@@ -16,7 +16,7 @@ from featx._io import json_sha256, slug, text_sha256
 NAME_FORMAT = 1  # the format in the key hash of file names: caches keep their names
 # key fields that say how the rows were computed rather than which backbone computed them
 RUN_KEY_FIELDS = ("compute_dtype", "compute_backend", "precision", "quantization",
-                  "calibration", "int8_model_sha256", "flip_average")
+                  "calibration", "int8_model_sha256", "int8_agreement", "flip_average")
 # flip-averaged rows (the mean of an image's and its mirror image's embeddings) are other
 # rows: this joins their key
 FLIP_KEY = {"flip_average": True}
@@ -42,12 +42,22 @@ def run_key(backbone_key: dict, *, compute_backend: str | None = None, int8: boo
     return key
 
 
-def int8_run_key(key: dict, quantization: dict, calibration: str, model_sha256: str) -> dict:
+def int8_run_key(key: dict, quantization: dict, calibration: str, model_sha256: str,
+                 search: dict | None = None) -> dict:
     """The full key of int8 rows: ``key`` (with :data:`INT8_KEY`) plus the quantisation
-    recipe, the calibration sample's identity and the int8 model's SHA-256. The cache's
-    file name comes from ``key`` alone, so a cache keeps its name when it is recalibrated."""
-    return {**key, "quantization": quantization, "calibration": calibration,
+    recipe (with the nodes the search kept float), the calibration sample's identity, the
+    int8 model's SHA-256 and its measured agreement with fp32 (``search``: the model's
+    search record). The cache's file name comes from ``key`` alone, so a cache keeps its
+    name when it is recalibrated."""
+    search = search or {}
+    recipe = dict(quantization)
+    if search.get("float_nodes"):
+        recipe["float_nodes"] = list(search["float_nodes"])
+    full = {**key, "quantization": recipe, "calibration": calibration,
             "int8_model_sha256": model_sha256}
+    if search.get("agreement"):  # deterministic, unlike the speed the search also measured
+        full["int8_agreement"] = {**search["agreement"], "sample": search.get("sample")}
+    return full
 
 
 def backbone_part(key: dict) -> dict:

@@ -190,6 +190,7 @@ def compare_repeated(features, clfs, plan, *, tune=True, class_weight=None, cv=5
         summaries.append({
             "clf": name, "backbone": features.backbone, "weights": features.weights,
             "precision": getattr(features, "precision", "fp32"),
+            "int8_agreement": getattr(features, "int8_agreement", None),
             "flip_average": bool(getattr(features, "flip_average", False)),
             "protocol": plan.protocol, "description": plan.description,
             "repeats": len(plan.repeats), "per_repeat": per_repeat,

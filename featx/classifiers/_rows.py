@@ -43,6 +43,7 @@ class CompareRow(Mapping):
     weights: str
     weights_id: Any = UNSET
     precision: Any = UNSET  # "fp32" | "int8": of the cached features
+    int8_agreement: Any = None  # int8: the model's measured agreement with fp32
     runtime: Any = UNSET  # what computed the features (Features.provenance())
     split: str
     n_train: Any = UNSET
@@ -128,6 +129,7 @@ class CompareRow(Mapping):
             clf=name, backbone=features.backbone, weights=features.weights,
             weights_id=getattr(features, "weights_id", None),
             precision=getattr(features, "precision", "fp32"),
+            int8_agreement=getattr(features, "int8_agreement", None),
             runtime=features.provenance() if hasattr(features, "provenance") else None,
             split=split, n_train=fit.n_train, **_scores(scores), fit_seconds=fit.fit_seconds,
             extract_seconds=seconds, extract_parts=extraction_costs(features),

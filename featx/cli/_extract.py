@@ -68,6 +68,12 @@ def _print_extract(features, result):
         click.echo(f"runtime:   {stats.runtime}" + (" on Ray" if stats.engine == "ray" else ""))
         if stats.engine != "ray":
             click.echo(f"device:    {stats.device}")
+    if result.get("int8_agreement"):
+        a = result["int8_agreement"]
+        click.echo(f"int8:      vs fp32 on {a['n_images']} {a.get('sample') or 'held-back'} "
+                   f"training images: cosine mean {a['mean_cosine']:.4f} (min "
+                   f"{a['min_cosine']:.4f}), {a['decisions']:.1%} of nearest-class decisions "
+                   "agree")
     if stats.n_shards_reused:
         click.echo(f"resumed:   {stats.n_shards_reused} shard(s) a stopped run had finished")
     what = f"{stats.n_extracted} embeddings ({len(features.parts)} parts)" if \

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-from featx.options import DEVICES, POOLINGS, PRECISIONS, RUNTIMES, AuditOptions, ExtractOptions
+from featx.options import (CALIBRATIONS, DEVICES, POOLINGS, PRECISIONS, RUNTIMES, AuditOptions,
+                           ExtractOptions)
 
 DEFAULTS = ExtractOptions()  # the click defaults come from the options objects
 AUDIT_DEFAULTS = AuditOptions()
@@ -113,7 +114,12 @@ def engine_options(func):
         click.option("--precision", type=click.Choice(PRECISIONS), default=DEFAULTS.precision,
                      show_default=True,
                      help="int8: ONNX Runtime static quantisation calibrated on up to 64 "
-                          "training images (its own cache key)."),
+                          "training images and checked against fp32 on 64 others; fp32 "
+                          "where it would lose accuracy (its own cache key)."),
+        click.option("--int8-calibration", type=click.Choice(CALIBRATIONS),
+                     default=DEFAULTS.int8_calibration, show_default=True,
+                     help="int8's calibration method (ONNX Runtime's MinMax, Percentile or "
+                          "Entropy)."),
         click.option("--reduced-decode", is_flag=True, default=DEFAULTS.reduced_decode,
                      help="Decode large JPEGs at 1/2-1/8 scale (faster on big photos; "
                           "slightly different pixels, its own cache key)."),

@@ -29,7 +29,7 @@ from pathlib import Path
 from featx._io import featx_version, save_artifact, sidecar_for
 from featx.base import Result
 from featx.errors import UsageError
-from featx.extraction import QUANTIZATION
+from featx.extraction import QUANTIZATION, recipe
 
 from ._graph import deploy_model
 from ._source import Source, load_source
@@ -170,8 +170,10 @@ def export_metadata(source: Source, format: str, precision: str) -> dict:
         "precision": precision,
         "fitted_on": (meta.get("cache_key") or {}).get("precision", "fp32"),
     }
-    if precision == "int8":
-        out["quantization"] = QUANTIZATION
+    if precision == "int8":  # the recipe of the int8 model inside, with its instruction set
+        fitted_int8 = out["fitted_on"] == "int8"
+        out["quantization"] = (meta["cache_key"]["quantization"] if fitted_int8
+                               else recipe() if source.kind == "classifier" else QUANTIZATION)
     return out
 
 

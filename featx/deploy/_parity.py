@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from featx.errors import DataError
-from featx.extraction import map_files
+from featx.extraction import isa_mismatch, map_files
 from featx.inference import SavedModel
 
 from ._write import KERAS_MEMBER, METADATA_KEY
@@ -50,6 +50,10 @@ class ExportedRunner:
     def __init__(self, path):
         self.path = Path(path)
         self.metadata = read_export_metadata(self.path)
+        other_cpu = (isa_mismatch(self.metadata.get("quantization"))
+                     if self.metadata.get("precision") == "int8" else None)
+        if other_cpu:
+            raise DataError(f"{self.path}: {other_cpu}: export it again on this kind of CPU")
         if self.path.suffix == ".onnx":
             import onnxruntime as ort
 

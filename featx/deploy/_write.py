@@ -8,9 +8,9 @@ import json
 import zipfile
 from pathlib import Path
 
-from featx.errors import DataError
-from featx.extraction import (QUANTIZATION, calibration_id, calibration_images, ensure_int8,
-                              keras_to_onnx, quantize)
+from featx.errors import DataError, UsageError
+from featx.extraction import (QUANTIZATION, calibration_id, calibration_images, declined_line,
+                              ensure_int8, keras_to_onnx, quantize)
 from featx.inference import model_int8, model_store
 
 from ._graph import _head_layers
@@ -51,8 +51,13 @@ def _int8_features(source: Source):
     if source.metadata["cache_key"].get("precision") == "int8":
         return model_int8(source.metadata, source.backbone)
     images, hashes = _calibration(source)
-    return ensure_int8(source.backbone, model_store(source.metadata), images,
-                       calibration_id(hashes))
+    held, labels = _calibration(source, held_back=True)
+    model = ensure_int8(source.backbone, model_store(source.metadata), images,
+                        calibration_id(hashes), held=held, labels=labels)
+    if model.record.get("use") == "fp32":
+        raise UsageError(f"{source.path}: {declined_line(model.record, QUANTIZATION)}; "
+                         "export --precision fp32")
+    return model
 
 
 def _write_composed(source: Source, features_onnx: Path, tmp: Path, *, metadata: dict) -> None:
@@ -110,13 +115,13 @@ def _name_output(graph, name: str) -> None:
     graph.graph.output[0].name = name
 
 
-def _calibration(source: Source):
+def _calibration(source: Source, held_back: bool = False):
     """A seeded sample of the model's own training images, as the graph takes them, and
-    their content hashes."""
+    their content hashes (``held_back``: the other sample, and its labels)."""
     root = Path(source.metadata.get("data_root", ""))
     if not root.is_dir():
         raise DataError(f"{source.path}: int8 calibrates on the model's training images, "
                         f"but its data folder {root} is not there")
     manifest = source.saved.manifest(root)
     return calibration_images(manifest, source.preprocessing, manifest.split_params["seed"],
-                              QUANTIZATION["calibration_images"])
+                              QUANTIZATION["calibration_images"], held_back=held_back)

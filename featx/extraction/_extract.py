@@ -20,6 +20,7 @@ from featx.errors import FeatxError, UsageError
 from featx.options import ENGINES, ExtractOptions
 
 from ._devices import mixed_precision
+from ._int8 import Int8Declined
 from ._ray_engine import check_address, require_ray
 from ._run import Run
 from ._runtimes import choose_runtime, plan_device
@@ -118,11 +119,16 @@ def _extract_one(data_dir, options, augment, augment_options, mapper) -> Feature
                                 backbone.weights, key)
     run = Run(backbone, options, Path(data_dir), cache_path, device, mapper,
               planned=planned)
-    with mixed_precision(fp16), CacheLock(cache_path):
-        recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
-        if recovered:
-            log.info("recovered %d rows that a stopped run had computed", recovered)
-        run.update_cache(key, augment, augment_options)
+    try:
+        with mixed_precision(fp16), CacheLock(cache_path):
+            recovered = CacheSession.recover(cache_path)  # batches of a run that was killed
+            if recovered:
+                log.info("recovered %d rows that a stopped run had computed", recovered)
+            run.update_cache(key, augment, augment_options)
+    except Int8Declined as declined:
+        log.warning("%s", declined.line)
+        return _extract_one(data_dir, dataclasses.replace(options, precision="fp32"), augment,
+                            augment_options, mapper)
     run.stats.seconds = time.perf_counter() - started
     return Features(cache_path, run.stats, exclude=run.excluded)
 

@@ -4,9 +4,11 @@ quantisations, reused by every later run on any dataset.
 The feature model (normalisation + base + pooling) of a backbone is exported to
 ``<store>/<backbone>-<keyhash>.onnx`` next to a JSON sidecar that records the backbone's
 full key and the file's SHA-256. A file whose hash or key does not match its sidecar is
-rebuilt, never used. ``--precision int8`` adds ``<stem>-int8-<calibration id>.onnx``:
-static post-training quantisation (:mod:`._quantize`) of that export on a sample of the
-dataset's own training images.
+rebuilt, never used. ``--precision int8`` adds
+``<stem>-int8-<instruction set>-<calibration method>-<calibration id>.onnx``: static
+post-training quantisation (:mod:`._quantize`) of that export on a sample of the dataset's
+own training images, searched for agreement with fp32 (:mod:`._int8_search`); its sidecar
+records the agreement, the nodes kept float, and whether int8 is used at all.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from featx._io import (featx_version, read_sidecar, save_artifact, sha256_matche
 from featx.cache import key_hash
 from featx.errors import DataError
 
-from ._quantize import QUANTIZATION, ExportError, quantize
+from ._quantize import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class OnnxModel:
     sha256: str
     precision: str  # "fp32" | "int8"
     built: bool  # written by this call (False: reused from the store)
+    # an int8 model's search record (agreement, float_nodes, speedup, use): its sidecar's
+    record: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def store_for(cache_dir) -> Path:
@@ -56,10 +60,11 @@ def fp32_path(backbone, store_dir) -> Path:
     return Path(store_dir) / f"{backbone.cfg.name}-{key_hash(export_key(backbone))}.onnx"
 
 
-def int8_path(backbone, store_dir, calibration_id: str) -> Path:
+def int8_path(backbone, store_dir, calibration_id: str, quantization: dict) -> Path:
+    """The int8 model's file: its name says the instruction set it was built for."""
     base = fp32_path(backbone, store_dir)
-    tag = "-rr" if QUANTIZATION.get("reduce_range") else ""
-    return base.with_name(f"{base.stem}-int8{tag}-{calibration_id[:12]}.onnx")
+    return base.with_name(f"{base.stem}-int8-{quantization['isa']}-"
+                          f"{quantization['calibration'].lower()}-{calibration_id[:12]}.onnx")
 
 
 def verified(path: Path, key: dict) -> OnnxModel | None:
@@ -78,10 +83,11 @@ def verified(path: Path, key: dict) -> OnnxModel | None:
         log.warning("%s: SHA-256 differs from its sidecar (corrupt or changed); rebuilding it",
                     path)
         return None
-    return OnnxModel(path, meta["sha256"], meta.get("precision", "fp32"), built=False)
+    return OnnxModel(path, meta["sha256"], meta.get("precision", "fp32"), built=False,
+                     record=meta.get("search", {}))
 
 
-def _publish(path: Path, write, key: dict, precision: str, **extra) -> OnnxModel:
+def publish_model(path: Path, write, key: dict, precision: str, **extra) -> OnnxModel:
     """Write a model into place through ``write(tmp)``, then its sidecar (which vouches)."""
     global exports_built
 
@@ -89,7 +95,8 @@ def _publish(path: Path, write, key: dict, precision: str, **extra) -> OnnxModel
         "key": key, "precision": precision, "featx_version": featx_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra})
     exports_built += 1
-    return OnnxModel(path, record["sha256"], precision, built=True)
+    return OnnxModel(path, record["sha256"], precision, built=True,
+                     record=record.get("search", {}))
 
 
 def ensure_fp32(backbone, store_dir) -> OnnxModel:
@@ -102,7 +109,7 @@ def ensure_fp32(backbone, store_dir) -> OnnxModel:
     require_tensorflow_backend(backbone.cfg.name)  # before _exporter_versions imports tf2onnx
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    model = _publish(path, lambda tmp: _export_keras(backbone, tmp), key, "fp32",
+    model = publish_model(path, lambda tmp: _export_keras(backbone, tmp), key, "fp32",
                      exporter=_exporter_versions())
     log.info("exported %s to %s in %.1f s", backbone.cfg.name, path, time.perf_counter() - started)
     return model
@@ -152,29 +159,3 @@ def _exporter_versions() -> dict:
 def calibration_id(sha256s) -> str:
     """Identity of a calibration sample: the hash of its images' content hashes, sorted."""
     return text_sha256("\n".join(sorted(sha256s)))
-
-
-def int8_key(backbone, calib_id: str) -> dict:
-    return {**export_key(backbone), "quantization": QUANTIZATION, "calibration": calib_id}
-
-
-def stored_int8(backbone, store_dir, calib_id: str, sha256: str) -> OnnxModel | None:
-    """The stored int8 model of this calibration if it is intact and has this SHA-256."""
-    found = verified(int8_path(backbone, store_dir, calib_id), int8_key(backbone, calib_id))
-    return found if found is not None and found.sha256 == sha256 else None
-
-
-def ensure_int8(backbone, store_dir, images: np.ndarray, calib_id: str) -> OnnxModel:
-    """The int8 model calibrated on ``images`` (uint8, (n, S, S, 3)), reused when stored."""
-    path = int8_path(backbone, store_dir, calib_id)
-    key = int8_key(backbone, calib_id)
-    found = verified(path, key)
-    if found is not None:
-        return found
-    fp32 = ensure_fp32(backbone, store_dir)
-    started = time.perf_counter()
-    model = _publish(path, lambda tmp: quantize(fp32.path, tmp, images), key,
-                     "int8", fp32_sha256=fp32.sha256, n_calibration=int(len(images)))
-    log.info("quantised %s to int8 on %d images in %.1f s", backbone.cfg.name, len(images),
-             time.perf_counter() - started)
-    return model

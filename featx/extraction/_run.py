@@ -102,7 +102,7 @@ class Run:
         if self.options.precision == "int8":
             self.int8_model, key, manifest = int8_model(
                 self.backbone, self.cache_path, key, self.root, self.options.split,
-                self._store())
+                self._store(), self.options.int8_calibration)
         state = reconcile.read_state(self.cache_path, key)
         if manifest is None:  # not listed yet for a calibration
             manifest = reconcile.discover(self.root, self.options.split, state)

@@ -14,8 +14,8 @@ from featx.backbones import create_backbone
 from featx.cache import backbone_part
 from featx.cache.reconcile import cached_embeddings
 from featx.errors import DataError
-from featx.extraction import (FlipAveraging, KerasMapper, describe, map_files, open_mapper,
-                              plan_device, store_for, stored_int8)
+from featx.extraction import (FlipAveraging, KerasMapper, describe, isa_mismatch, map_files,
+                              open_mapper, plan_device, store_for, stored_int8)
 
 
 def model_backbone(metadata: dict):
@@ -46,7 +46,13 @@ def model_int8(metadata: dict, backbone):
     """The int8 feature model a classifier fitted on int8 features was computed with;
     DataError when the store no longer holds it unchanged."""
     key, store = metadata["cache_key"], model_store(metadata)
-    found = stored_int8(backbone, store, key.get("calibration", ""), key.get("int8_model_sha256"))
+    other_cpu = isa_mismatch(key.get("quantization"))
+    if other_cpu:
+        raise DataError(f"the model was fitted on the features of {other_cpu}: fit it again "
+                        "here (featx fit DATA --precision int8) or use fp32 features")
+    recipe = {k: v for k, v in key.get("quantization", {}).items() if k != "float_nodes"}
+    found = stored_int8(backbone, store, key.get("calibration", ""), key.get("int8_model_sha256"),
+                        recipe)
     if found is None:
         sha = str(key.get("int8_model_sha256"))[:12]
         raise DataError(f"the model's int8 feature model ({sha}) is not in {store}; run "

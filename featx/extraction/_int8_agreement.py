@@ -1,0 +1,81 @@
+"""How far an int8 model's embeddings are from the float model's, measured on a held-back
+sample of the dataset's own training images, and the bound an int8 model must keep."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# An int8 model is used only where, on the held-back sample, its embeddings keep a mean
+# cosine of at least MIN_MEAN_COSINE to the float model's and change at most
+# MAX_CHANGED_DECISIONS of the sample's nearest-class decisions (1 of 64). Chosen from
+# benchmarks/int8.py (docs/benchmarks.md) on Lite0, dogcat and three sets made from its photos,
+# on an AVX2 CPU without VNNI: the changed decisions told the int8 models that lost probe
+# accuracy (a 16-class set: 8-12 of 64 changed, 1.8-2.5 points lost) from those that did not
+# (0-2 of 64 changed); the mean cosine did not (0.95-0.98 for both). The cosine bound catches
+# the gross failures, such as a model quantised for VNNI run without it (0.91, FACTS).
+MIN_MEAN_COSINE = 0.95
+MAX_CHANGED_DECISIONS = 0.03
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """int8 against fp32 on ``n_images`` held-back images: the cosine of each image's two
+    embeddings (mean, minimum) and the share of nearest-class decisions that agree."""
+
+    mean_cosine: float
+    min_cosine: float
+    decisions: float
+    n_images: int
+
+    def holds(self) -> bool:
+        return (self.mean_cosine >= MIN_MEAN_COSINE
+                and self.decisions >= 1 - MAX_CHANGED_DECISIONS - 1e-9)
+
+    def line(self) -> str:
+        return (f"int8 agrees with fp32 on {self.n_images} held-back training images: cosine "
+                f"mean {self.mean_cosine:.4f} (min {self.min_cosine:.4f}), "
+                f"{self.decisions:.1%} of nearest-class decisions")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def measure_agreement(fp32: np.ndarray, int8: np.ndarray, labels) -> Agreement:
+    """The agreement of ``int8`` embeddings with ``fp32`` ones of the same images.
+
+    A nearest-class decision assigns an image to the class whose mean fp32 embedding
+    (L2-normalised, without the image itself) is closest in cosine; it agrees when the
+    image's int8 embedding gets the same class as its fp32 one.
+    """
+    a, b = _unit(fp32), _unit(int8)
+    cosine = (a * b).sum(1)
+    labels = np.asarray(labels)
+    return Agreement(float(cosine.mean()), float(cosine.min()),
+                     float(np.mean(_nearest_class(a, a, labels)
+                                   == _nearest_class(b, a, labels))), int(len(a)))
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _nearest_class(queries, reference, labels):
+    """Each query's nearest class mean of ``reference`` (leave-one-out: query i is
+    reference row i, left out of its own class's mean)."""
+    classes = np.unique(labels)
+    sums = np.stack([reference[labels == c].sum(0) for c in classes])
+    counts = np.array([(labels == c).sum() for c in classes], np.float64)
+    own = labels[:, None] == classes[None, :]
+    # every class mean minus the query's own row where it belongs to that class
+    means = sums[None] - own[..., None] * reference[:, None, :]
+    n = counts[None] - own
+    scores = np.einsum("qcd,qd->qc", _unit_rows(means), queries)
+    scores[n < 1] = -np.inf  # a class of one image has no mean without it
+    return classes[scores.argmax(1)]
+
+
+def _unit_rows(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -355,7 +355,8 @@ def main():
         assert not fp32.built, "the in-process fp32 export differs from the CLI's"
         int8 = stored_int8(net, store, r["export"]["calibration"],
                            r["export"]["int8_model_sha256"], recipe())
-        assert int8 is not None, "the int8 model of the warm-up run is not in its store"
+        assert int8 is not None, ("the int8 model of the warm-up run is not in its store (did "
+                                  "featx decline int8 on this CPU? its warm-up stderr says)")
         r["onnx_models"] = {"fp32": fp32.path.name, "int8": int8.path.name,
                             "int8_sha256": int8.sha256}
 

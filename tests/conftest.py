@@ -144,8 +144,25 @@ def dogcat_cache(tmp_path_factory, onnx_store):
     with open(cache_dir.with_suffix(".lock"), "w") as lock, pytest.MonkeyPatch.context() as env:
         fcntl.flock(lock, fcntl.LOCK_EX)
         offline_env(env, tmp_path_factory, onnx_store)  # set up before any test's
-        features = extract(data, cache_dir=cache_dir, progress=False)
+        features = _extract_when_free(extract, data, cache_dir)
     return data, cache_dir, features
+
+
+def _extract_when_free(extract, data, cache_dir, wait_s=300):
+    """``extract`` once no other worker's test is writing the cache (a test's own fit or
+    compare on it holds featx's cache lock, not this fixture's file lock)."""
+    import time
+
+    from featx.errors import CacheError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return extract(data, cache_dir=cache_dir, progress=False)
+        except CacheError as error:
+            if "another featx process" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def pytest_collection_modifyitems(config, items):

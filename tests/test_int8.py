@@ -1,7 +1,10 @@
 """int8 that says what it costs: the agreement with fp32 on held-back images, the
 accuracy-aware search, fp32 where int8 would lose, and the CPU as part of the recipe."""
 
+import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,11 +44,17 @@ def test_agreement_counts_changed_nearest_class_decisions():
 
 
 def test_nearest_class_leaves_the_image_out_of_its_own_class_mean():
-    # class 1 has one image: without it, class 1 has no mean, so it goes to class 0
-    x = np.array([[1.0, 0], [0.9, 0.1], [0, 1.0]])
+    # image 2 is class 1's only image: without it class 1 has no mean, so it goes to class 0
+    # (with itself counted it would stay in class 1); images 0 and 1 each see the other
+    x = np.array([[1.0, 0], [0.9, 0.1], [0.1, 1.0]])
     labels = np.array([0, 0, 1])
-    a = measure_agreement(x, x, labels)
-    assert a.decisions == 1
+    assert _int8_agreement._nearest_class(x, x, labels).tolist() == [0, 0, 0]
+    # queries other than the reference rows (int8 against fp32): query 0 moved onto class 1
+    moved = np.array([[0.1, 1.0], [0.9, 0.1], [0.1, 1.0]])
+    assert _int8_agreement._nearest_class(moved, x, labels).tolist() == [1, 0, 0]
+    # image 1 without itself: class 1's mean is image 2's, farther than class 0's
+    labels = np.array([0, 1, 1])
+    assert _int8_agreement._nearest_class(x, x, labels).tolist() == [1, 0, 1]
 
 
 def test_the_bound():
@@ -100,6 +109,7 @@ def test_int8_that_cannot_keep_the_bound_is_not_used(tmp_path, monkeypatch, capl
     monkeypatch.setattr(_int8_agreement, "MIN_MEAN_COSINE", 1.01)
     monkeypatch.setitem(_int8_search.SEARCH, "min_mean_cosine", 1.01)  # a new stored model
     monkeypatch.setattr(_int8_search, "CANDIDATES", 1)
+    monkeypatch.setattr(_int8_search, "MIN_SPEEDUP", 0.0)  # the search runs even where slower
     data = make_dataset(tmp_path / "data", per_class=5)
     kw = dict(cache_dir=tmp_path / "cache", progress=False, **TINY)
     with caplog.at_level(logging.WARNING):
@@ -107,5 +117,11 @@ def test_int8_that_cannot_keep_the_bound_is_not_used(tmp_path, monkeypatch, capl
     lines = [r.getMessage() for r in caplog.records if "int8 not used" in r.getMessage()]
     assert len(lines) == 1 and "extracting in fp32" in lines[0] and "\n" not in lines[0]
     assert declined.precision == "fp32" and "int8_agreement" not in declined.key
+    # the search measured the plain model and one with its most error-prone segment float
+    records = [json.loads(path.read_text()) for path in
+               Path(os.environ["FEATX_ONNX_STORE"]).glob("*-int8-*.json")]
+    (record,) = [r["search"] for r in records if r["key"]["search"]["min_mean_cosine"] > 1]
+    assert record["use"] == "fp32" and len(record["tried"]) == 2
+    assert record["tried"][1]["float_nodes"] >= 1
     fp32 = extract(data, **kw)
     assert fp32.cache_path == declined.cache_path and fp32.stats.n_extracted == 0

@@ -57,7 +57,11 @@ class CombinedFeatures(_Rows):
 
     @property
     def int8_agreement(self) -> dict | None:
-        return self.parts[0].int8_agreement
+        """The least agreeing part's, when every part is int8 (else None: not all are)."""
+        found = [p.int8_agreement for p in self.parts]
+        if any(a is None for a in found):
+            return None
+        return min(found, key=lambda a: (a["decisions"], a["mean_cosine"]))
 
     def provenance(self) -> str:
         return "; ".join(f"{p.backbone}: {p.provenance()}" for p in self.parts)

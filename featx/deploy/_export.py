@@ -107,6 +107,10 @@ def export_model(model_path, format: str = "onnx", *, precision: str = "fp32",
     elif precision == "int8" and source.kind == "classifier":
         features = _int8_features(source)
         metadata["int8_feature_model_sha256"] = features.sha256
+        if features.record.get("float_nodes"):
+            metadata["quantization"]["float_nodes"] = features.record["float_nodes"]
+        metadata["int8_agreement"] = (source.metadata["cache_key"].get("int8_agreement")
+                                      or features.record.get("agreement"))
         write = functools.partial(_write_composed, source, features.path, metadata=metadata)
     else:
         images = _calibration(source)[0] if precision == "int8" else None
@@ -172,8 +176,9 @@ def export_metadata(source: Source, format: str, precision: str) -> dict:
     }
     if precision == "int8":  # the recipe of the int8 model inside, with its instruction set
         fitted_int8 = out["fitted_on"] == "int8"
-        out["quantization"] = (meta["cache_key"]["quantization"] if fitted_int8
-                               else recipe() if source.kind == "classifier" else QUANTIZATION)
+        out["quantization"] = dict(meta["cache_key"]["quantization"] if fitted_int8
+                                   else recipe() if source.kind == "classifier"
+                                   else QUANTIZATION)
     return out
 
 

@@ -51,9 +51,8 @@ def _int8_features(source: Source):
     if source.metadata["cache_key"].get("precision") == "int8":
         return model_int8(source.metadata, source.backbone)
     images, hashes = _calibration(source)
-    held, labels = _calibration(source, held_back=True)
     model = ensure_int8(source.backbone, model_store(source.metadata), images,
-                        calibration_id(hashes), held=held, labels=labels)
+                        calibration_id(hashes), held=_calibration(source, held_back=True))
     if model.record.get("use") == "fp32":
         raise UsageError(f"{source.path}: {declined_line(model.record, QUANTIZATION)}; "
                          "export --precision fp32")
@@ -117,7 +116,7 @@ def _name_output(graph, name: str) -> None:
 
 def _calibration(source: Source, held_back: bool = False):
     """A seeded sample of the model's own training images, as the graph takes them, and
-    their content hashes (``held_back``: the other sample, and its labels)."""
+    their content hashes (``held_back``: the other sample, a HeldBack)."""
     root = Path(source.metadata.get("data_root", ""))
     if not root.is_dir():
         raise DataError(f"{source.path}: int8 calibrates on the model's training images, "

@@ -14,8 +14,8 @@ from ._devices import (DEFAULT_BATCH_SIZE, MIXED_POLICY, Device, gpu_present, mi
                        setup_device)
 from ._engine import PipelineTiming, map_files, run_pipeline
 from ._extract import check_backbone, extract
-from ._int8 import (Int8Declined, agreement_line, calibration_images, declined_line,
-                    ensure_int8, sample_indices, stored_int8)
+from ._int8 import (HeldBack, Int8Declined, agreement_line, calibration_images,
+                    declined_line, ensure_int8, sample_indices, stored_int8)
 from ._int8_agreement import MAX_CHANGED_DECISIONS, MIN_MEAN_COSINE, Agreement, measure_agreement
 from ._int8_search import SEARCH, search_int8
 from ._onnx_store import OnnxModel, calibration_id, ensure_fp32, keras_to_onnx, store_for
@@ -28,16 +28,14 @@ from ._runtimes import (FlipAveraging, KerasMapper, OnnxMapper, batch_size_for, 
 from ._writers import ArrayWriter, CacheWriter
 
 __all__ = [
-    "AGREEMENT_SAMPLE", "AGREEMENT_TOLERANCE", "Agreement", "ArrayWriter",
-    "CALIBRATION_METHODS", "CacheWriter", "DEFAULT_BATCH_SIZE", "Device", "ExportError",
-    "FlipAveraging", "ImageReader", "Int8Declined", "KerasMapper", "MAX_CHANGED_DECISIONS",
-    "MIN_MEAN_COSINE", "MIXED_POLICY", "OnnxMapper", "OnnxModel", "PipelineTiming",
-    "QUANTIZATION", "Quantizer", "SEARCH", "agreement_line", "batch_size_for",
-    "calibration_id", "calibration_images", "check_agreement", "check_backbone",
-    "choose_runtime", "computed_by", "cpu_has_vnni", "cpu_isa", "create_mapper", "decoded",
-    "declined_line",
-    "describe", "ensure_fp32", "ensure_int8", "extract", "gpu_present", "isa_mismatch",
-    "keras_to_onnx", "map_files", "measure_agreement", "mixed_precision", "open_mapper",
-    "plan_device", "quantize", "recipe", "run_pipeline", "sample_indices", "search_int8",
-    "setup_device", "store_for", "stored_int8",
+    "AGREEMENT_SAMPLE", "AGREEMENT_TOLERANCE", "Agreement", "ArrayWriter", "CALIBRATION_METHODS",
+    "CacheWriter", "DEFAULT_BATCH_SIZE", "Device", "ExportError", "FlipAveraging", "HeldBack",
+    "ImageReader", "Int8Declined", "KerasMapper", "MAX_CHANGED_DECISIONS", "MIN_MEAN_COSINE",
+    "MIXED_POLICY", "OnnxMapper", "OnnxModel", "PipelineTiming", "QUANTIZATION", "Quantizer",
+    "SEARCH", "agreement_line", "batch_size_for", "calibration_id", "calibration_images",
+    "check_agreement", "check_backbone", "choose_runtime", "computed_by", "cpu_has_vnni",
+    "cpu_isa", "create_mapper", "declined_line", "decoded", "describe", "ensure_fp32",
+    "ensure_int8", "extract", "gpu_present", "isa_mismatch", "keras_to_onnx", "map_files",
+    "measure_agreement", "mixed_precision", "open_mapper", "plan_device", "quantize", "recipe",
+    "run_pipeline", "sample_indices", "search_int8", "setup_device", "store_for", "stored_int8",
 ]

@@ -4,6 +4,7 @@ across runs; or fp32, said in one line, where no int8 model keeps the agreement 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx._io import file_sha256
+from featx._io import file_sha256, read_sidecar, sidecar_for
 from featx.cache import int8_run_key, reconcile, remove_cache
 from featx.errors import DataError
 
@@ -55,19 +56,18 @@ def int8_model(backbone, cache_path, key, root, split, store_dir, calibration):
         if other_cpu:
             log.warning("%s holds the rows of %s: rebuilding it for this CPU", cache_path,
                         other_cpu)
-        else:
+        elif _base(recorded) == quantization:  # else another recipe: built again below
             found = stored_int8(backbone, store_dir, recorded.get("calibration", ""),
-                                recorded["int8_model_sha256"], _base(recorded))
-            if found is not None and _base(recorded) == quantization:
+                                recorded["int8_model_sha256"], quantization)
+            if found is not None:
                 return found, recorded, None
     state = reconcile.read_state(cache_path, recorded) if recorded else None
     manifest = reconcile.discover(root, split, state)
     n = QUANTIZATION["calibration_images"]
     images, hashes = calibration_images(manifest, backbone.preprocessing, split.seed, n)
-    held, labels = calibration_images(manifest, backbone.preprocessing, split.seed, n,
-                                      held_back=True)
+    held = calibration_images(manifest, backbone.preprocessing, split.seed, n, held_back=True)
     calib = calibration_id(hashes)
-    model = ensure_int8(backbone, store_dir, images, calib, held=held, labels=labels,
+    model = ensure_int8(backbone, store_dir, images, calib, held=held,
                         quantization=quantization)
     if model.record.get("use") == "fp32":
         raise Int8Declined(declined_line(model.record, quantization) + "; extracting in fp32")
@@ -93,7 +93,7 @@ def agreement_line(record: dict) -> str:
             f"images: cosine mean {a['mean_cosine']:.4f} (min {a['min_cosine']:.4f}), "
             f"{a['decisions']:.1%} of nearest-class decisions agree"
             + (f"; {float_nodes} nodes kept float" if float_nodes else "")
-            + f"; {record['speedup']:.2f}x fp32's speed")
+            + (f"; {record['speedup']:.2f}x fp32's speed" if record.get("speedup") else ""))
 
 
 def declined_line(record: dict, quantization: dict) -> str:
@@ -119,7 +119,7 @@ def sample_indices(manifest, seed, n) -> tuple[np.ndarray, np.ndarray]:
 
 def calibration_images(manifest, preprocessing, seed, n, *, held_back=False):
     """A seeded sample of up to ``n`` decodable training images and their content hashes;
-    ``held_back=True``: the other sample of :func:`sample_indices` (images, labels)."""
+    ``held_back=True``: the other sample of :func:`sample_indices` as a :class:`HeldBack`."""
     calibration, held = sample_indices(manifest, seed, n)
     chosen = held if held_back else calibration
     paths = [manifest.paths[i] for i in chosen]
@@ -134,48 +134,70 @@ def calibration_images(manifest, preprocessing, seed, n, *, held_back=False):
     if not images and not held_back:
         raise DataError(f"{manifest.root}: no decodable training image to calibrate int8 on")
     if held_back:
-        return (np.stack(images) if images else None), np.asarray(labels)
+        return HeldBack(np.stack(images) if images else None, np.asarray(labels),
+                        calibration_id([f"{h} {label}" for h, label in zip(hashes, labels)]))
     return np.stack(images), hashes
 
 
-def int8_key(backbone, calib_id: str, quantization: dict) -> dict:
+@dataclasses.dataclass(frozen=True)
+class HeldBack:
+    """The held-back training images an int8 model is measured on, their class indices, and
+    the sample's identity (its images' content hashes and labels), which joins the key of
+    the models measured on it."""
+
+    images: np.ndarray | None
+    labels: np.ndarray
+    id: str
+
+
+def int8_key(backbone, calib_id: str, quantization: dict, held_id: str = "") -> dict:
     return {**export_key(backbone), "quantization": quantization, "calibration": calib_id,
-            "search": SEARCH}
+            "search": SEARCH, "held_back": held_id}
 
 
 def stored_int8(backbone, store_dir, calib_id: str, sha256: str,
                 quantization: dict) -> OnnxModel | None:
     """The stored int8 model of this calibration if it is intact and has this SHA-256."""
-    found = verified(int8_path(backbone, store_dir, calib_id, quantization),
-                     int8_key(backbone, calib_id, quantization))
+    path = int8_path(backbone, store_dir, calib_id, quantization)
+    meta = _sidecar_key(path)
+    found = verified(path, int8_key(backbone, calib_id, quantization,
+                                    meta.get("held_back", "")))
     return found if found is not None and found.sha256 == sha256 else None
 
 
-def ensure_int8(backbone, store_dir, images: np.ndarray, calib_id: str, *, held=None,
-                labels=None, quantization: dict | None = None) -> OnnxModel:
+def _sidecar_key(path: Path) -> dict:
+    """The key a stored model's sidecar records ({} when there is none to read)."""
+    try:
+        return read_sidecar(sidecar_for(path)).get("key", {})
+    except DataError:
+        return {}
+
+
+def ensure_int8(backbone, store_dir, images: np.ndarray, calib_id: str, *,
+                held: HeldBack | None = None, quantization: dict | None = None) -> OnnxModel:
     """The int8 model calibrated on ``images`` (uint8, (n, S, S, 3)), reused when stored.
 
-    A new one comes from the accuracy-aware search, measured on the held-back ``held``
-    images (their class ``labels``); without them, on the calibration images themselves
-    (the record says which). Its :attr:`OnnxModel.record` says whether to use it.
+    A new one comes from the accuracy-aware search, measured on the ``held`` images (a
+    :class:`HeldBack`); without them, on the calibration images themselves (the record says
+    which). Its :attr:`OnnxModel.record` says whether to use it.
     """
     quantization = quantization or recipe()
+    held = held if held is not None and held.images is not None and len(held.images) else None
     path = int8_path(backbone, store_dir, calib_id, quantization)
-    key = int8_key(backbone, calib_id, quantization)
+    key = int8_key(backbone, calib_id, quantization, held.id if held else "")
     found = verified(path, key)
     if found is not None:
         return found
     fp32 = ensure_fp32(backbone, store_dir)
-    sample = "held-back" if held is not None and len(held) else "calibration"
-    if sample == "calibration":
-        held, labels = images, np.zeros(len(images), np.int64)
+    sample = "held-back" if held is not None else "calibration"
+    measured, labels = (held.images, held.labels) if held else (images, np.zeros(len(images)))
     started = time.perf_counter()
     record = {}
 
     def write(tmp):
         with tempfile.TemporaryDirectory(dir=path.parent) as work:
             record.update(search_int8(
-                fp32, images, held, labels, quantization, tmp, Path(work),
+                fp32, images, measured, labels, quantization, tmp, Path(work),
                 lambda onnx_path: OnnxMapper(OnnxModel(Path(onnx_path), "", "int8", True))))
         record["sample"] = sample  # filled before the sidecar is written
 

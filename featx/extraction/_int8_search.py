@@ -37,8 +37,9 @@ def search_int8(fp32_model, calibration: np.ndarray, held: np.ndarray, labels, q
     ``mapper_for(path)`` runs an ONNX file (featx's :class:`OnnxMapper`); ``held``/``labels``:
     the held-back images the agreement is measured on. The record: ``agreement`` (a dict),
     ``float_nodes`` (the nodes kept float), ``speedup`` (int8 / fp32 images per second on
-    ``held``), ``tried`` (one entry per model measured) and ``use`` ("int8", or "fp32" when
-    the bound could not be kept, or only with nodes kept float at no gain in speed).
+    ``held``; None where the plain model kept the bound, as nothing was to decide),
+    ``tried`` (one entry per model measured) and ``use`` ("int8", or "fp32" when the bound
+    could not be kept, or only with nodes kept float at no gain in speed).
     """
     quantizer = Quantizer(fp32_model.path, calibration, work, quantization)
     fp32_mapper = mapper_for(fp32_model.path)
@@ -52,12 +53,15 @@ def search_int8(fp32_model, calibration: np.ndarray, held: np.ndarray, labels, q
         return path, mapper, agreement
 
     path, mapper, agreement = trial([], "plain")
-    best = {"path": path, "agreement": agreement, "float_nodes": [],
-            "speedup": speedup(fp32_mapper, mapper, held)}
+    best = {"path": path, "agreement": agreement, "float_nodes": [], "speedup": None}
+    if not agreement.holds():  # timed only where it decides something
+        best["speedup"] = speedup(fp32_mapper, mapper, held)
     tried = [_entry(best)]
     if not agreement.holds() and best["speedup"] > MIN_SPEEDUP:
         for i, segment in enumerate(error_prone(quantizer, path, held)):
-            excluded = best["float_nodes"] + segment
+            excluded = list(dict.fromkeys(best["float_nodes"] + segment))  # segments share
+            if len(excluded) == len(best["float_nodes"]):
+                continue
             path, mapper, agreement = trial(excluded, f"try{i}")
             entry = {"float_nodes": len(excluded), "agreement": agreement.to_dict()}
             tried.append(entry)
@@ -74,7 +78,7 @@ def search_int8(fp32_model, calibration: np.ndarray, held: np.ndarray, labels, q
     holds = best["agreement"].holds() and (not best["float_nodes"]
                                            or best["speedup"] > MIN_SPEEDUP)
     return {"agreement": best["agreement"].to_dict(), "float_nodes": best["float_nodes"],
-            "speedup": round(best["speedup"], 3), "tried": tried,
+            "speedup": _rounded(best["speedup"]), "tried": tried,
             "use": "int8" if holds else "fp32"}
 
 
@@ -93,7 +97,7 @@ def error_prone(quantizer: Quantizer, quantized: Path, images: np.ndarray) -> li
     return [segments[name] for name in ranked]
 
 
-def speedup(fp32_mapper, int8_mapper, images, passes: int = 2) -> float:
+def speedup(fp32_mapper, int8_mapper, images, passes: int = 3) -> float:
     """int8 / fp32 images per second on ``images``: best of ``passes`` alternating passes
     (the best, as the least disturbed by other work on a shared machine)."""
     rates = {"fp32": [], "int8": []}
@@ -111,4 +115,8 @@ def _embed(mapper, images, batch: int = 32) -> np.ndarray:
 
 def _entry(best) -> dict:
     return {"float_nodes": len(best["float_nodes"]), "agreement": best["agreement"].to_dict(),
-            "speedup": round(best["speedup"], 3)}
+            "speedup": _rounded(best["speedup"])}
+
+
+def _rounded(value):
+    return None if value is None else round(value, 3)

@@ -57,6 +57,11 @@ ISA_NAMES = {"x86-vnni": "x86 with VNNI", "x86-novnni": "x86 without VNNI"}
 # ONNX Runtime's calibration methods, by the names featx's options and keys use
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 DEFAULT_CALIBRATION = ExtractOptions.int8_calibration
+# Through quantize_static, ONNX Runtime's Entropy calibrator gets 128 histogram bins for 128
+# quantised ones: its threshold search then has one candidate, the full range, and gave
+# MinMax's very models (benchmarks/int8.py). featx computes the Entropy ranges itself with
+# the histogram Percentile uses.
+ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
 
 QUANTIZATION = {
     "method": "onnxruntime.quantize_static", "format": "QDQ", "per_channel": True,
@@ -78,12 +83,20 @@ def recipe(calibration: str = DEFAULT_CALIBRATION) -> dict:
 
 
 def isa_mismatch(recorded: dict | None) -> str | None:
-    """One line when a recipe was built for another instruction set than this CPU's (a
-    recipe from before featx recorded it is judged by its ``reduce_range``), else None."""
+    """One line when a recipe was built for another instruction set than this CPU's, else
+    None. A recipe from before featx recorded it is judged, on x86, by its 7-bit weights
+    (``reduce_range``: built without VNNI); elsewhere only those say it was x86's."""
     if not recorded:
         return None
-    built = recorded.get("isa") or ("x86-novnni" if recorded.get("reduce_range") else "x86-vnni")
     here = QUANTIZATION["isa"]
+    built = recorded.get("isa")
+    if built is None:
+        if recorded.get("reduce_range"):
+            built = "x86-novnni"
+        elif here.startswith("x86"):
+            built = "x86-vnni"
+        else:
+            return None  # unknown: nothing says it was built elsewhere
     if built == here:
         return None
     return (f"an int8 model built for {ISA_NAMES.get(built, built)}, and this CPU is "
@@ -171,6 +184,12 @@ class Quantizer:
         kwargs = {}
         if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
             kwargs["calibration_cache_path"] = str(self.work / f"ranges-{q['calibration']}.json")
+            if q["calibration"] == "Entropy":
+                self._entropy_ranges(Path(kwargs["calibration_cache_path"]))
+        elif q["calibration"] == "Entropy":
+            raise ExportError("entropy calibration needs an onnxruntime whose quantize_static "
+                              "takes calibration_cache_path (1.32 does): upgrade it, or use "
+                              "--int8-calibration minmax or percentile")
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # its calibrators print
                 quantize_static(str(self.prepared), str(out), self.batches(),
@@ -182,6 +201,22 @@ class Quantizer:
                                 nodes_to_exclude=[*self.always_float, *exclude], **kwargs)
         except Exception as exc:  # noqa: BLE001 - any quantiser failure means "no int8 here"
             raise ExportError(f"int8 quantisation failed: {type(exc).__name__}: {exc}") from exc
+
+    def _entropy_ranges(self, path: Path) -> None:
+        """ONNX Runtime's Entropy ranges, with :data:`ENTROPY_BINS`, written where
+        ``quantize_static`` reads its calibration cache (once per quantiser)."""
+        if path.is_file():
+            return
+        from onnxruntime.quantization.calibrate import (CalibrationMethod, create_calibrator,
+                                                        save_tensors_data)
+
+        calibrator = create_calibrator(self.prepared, None,
+                                       augmented_model_path=str(self.work / "entropy.onnx"),
+                                       calibrate_method=CalibrationMethod.Entropy,
+                                       extra_options=ENTROPY_BINS)
+        with contextlib.redirect_stdout(io.StringIO()):
+            calibrator.collect_data(self.batches())
+            save_tensors_data(calibrator.compute_data(), path)
 
     def node_errors(self, quantized, images: np.ndarray) -> tuple[dict, dict]:
         """Each measured node's own error on ``images``, and its segment.

@@ -34,6 +34,7 @@ from featx.cache import DONE_SUFFIX, ShardInfo, is_intact, write_shard
 from featx.errors import FeatxError, UsageError
 
 from ._engine import map_files
+from ._quantize import cpu_isa
 from ._runtimes import FlipAveraging, computed_by, describe, open_mapper, plan_device
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class WorkerSpec:
     root: str
     shard_dir: str
     decode_workers: int | None
+    int8_isa: str | None = None  # the instruction set the int8 model was built for
 
 
 def require_ray():
@@ -204,6 +206,9 @@ class ShardEmbedder:
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
+        if spec.int8_isa and spec.int8_isa != cpu_isa():
+            raise UsageError(f"this Ray node's CPU is {cpu_isa()}, and the int8 model was built "
+                             f"for {spec.int8_isa}: run int8 on nodes of one kind, or fp32")
         backbone = create_backbone(**spec.backbone)
         _, device = plan_device(spec.runtime, spec.precision, "cpu")  # no GPUs asked for
         mapper = open_mapper(backbone, spec.runtime, spec.precision, device, spec.store_dir,

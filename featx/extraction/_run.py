@@ -191,6 +191,7 @@ class Run:
             runtime=options.runtime, precision=options.precision,
             batch_size=self._batch_size(), store_dir=str(Path(self._store()).resolve()),
             int8_model=self.int8_model, flip_average=options.flip_average,
+            int8_isa=key.get("quantization", {}).get("isa") if self.int8_model else None,
             root=str(self.root.resolve()), shard_dir=str(cache.shard_dir.resolve()),
             decode_workers=options.workers)
         outcome = _ray_engine.run(cache, columns, spec, key_digest=key_hash(key),

@@ -46,11 +46,16 @@ def model_int8(metadata: dict, backbone):
     """The int8 feature model a classifier fitted on int8 features was computed with;
     DataError when the store no longer holds it unchanged."""
     key, store = metadata["cache_key"], model_store(metadata)
+    cache = metadata.get("cache", "the model's cache")
     other_cpu = isa_mismatch(key.get("quantization"))
     if other_cpu:
-        raise DataError(f"the model was fitted on the features of {other_cpu}: fit it again "
-                        "here (featx fit DATA --precision int8) or use fp32 features")
+        raise DataError(f"{cache}: the model was fitted on the features of {other_cpu}: fit "
+                        "it again here (featx fit DATA --precision int8) or on fp32 features")
     recipe = {k: v for k, v in key.get("quantization", {}).items() if k != "float_nodes"}
+    if "isa" not in recipe:
+        raise DataError(f"{cache}: the model was fitted on int8 features of a featx that did "
+                        "not record its int8 recipe: fit it again (featx fit DATA --precision "
+                        "int8)")
     found = stored_int8(backbone, store, key.get("calibration", ""), key.get("int8_model_sha256"),
                         recipe)
     if found is None:

@@ -125,3 +125,17 @@ def test_int8_that_cannot_keep_the_bound_is_not_used(tmp_path, monkeypatch, capl
     assert record["tried"][1]["float_nodes"] >= 1
     fp32 = extract(data, **kw)
     assert fp32.cache_path == declined.cache_path and fp32.stats.n_extracted == 0
+
+
+def test_features_of_an_int8_model_from_before_recipes_named_the_cpu_are_refused(tmp_path):
+    """A classifier fitted on int8 features of a featx that did not record the instruction
+    set: one line naming its cache, not a KeyError."""
+    from featx.errors import DataError
+    from featx.inference import model_int8
+
+    old = {k: v for k, v in recipe("minmax").items() if k != "isa"}
+    metadata = {"cache": str(tmp_path / "c.h5"),
+                "cache_key": {"precision": "int8", "quantization": old, "calibration": "x",
+                              "int8_model_sha256": "0" * 64}}
+    with pytest.raises(DataError, match="c.h5: .*(did not record|this CPU is)"):
+        model_int8(metadata, None)

@@ -69,11 +69,9 @@ def _print_extract(features, result):
         if stats.engine != "ray":
             click.echo(f"device:    {stats.device}")
     if result.get("int8_agreement"):
-        a = result["int8_agreement"]
-        click.echo(f"int8:      vs fp32 on {a['n_images']} {a.get('sample') or 'held-back'} "
-                   f"training images: cosine mean {a['mean_cosine']:.4f} (min "
-                   f"{a['min_cosine']:.4f}), {a['decisions']:.1%} of nearest-class decisions "
-                   "agree")
+        from featx.extraction import agreement_text
+
+        click.echo(f"int8:      {agreement_text(result['int8_agreement'])}")
     if stats.n_shards_reused:
         click.echo(f"resumed:   {stats.n_shards_reused} shard(s) a stopped run had finished")
     what = f"{stats.n_extracted} embeddings ({len(features.parts)} parts)" if \

@@ -16,7 +16,8 @@ from ._engine import PipelineTiming, map_files, run_pipeline
 from ._extract import check_backbone, extract
 from ._int8 import (HeldBack, Int8Declined, agreement_line, calibration_images,
                     declined_line, ensure_int8, sample_indices, stored_int8)
-from ._int8_agreement import MAX_CHANGED_DECISIONS, MIN_MEAN_COSINE, Agreement, measure_agreement
+from ._int8_agreement import (MAX_CHANGED_DECISIONS, MIN_MEAN_COSINE, Agreement,
+                              agreement_text, measure_agreement)
 from ._int8_search import SEARCH, search_int8
 from ._onnx_store import OnnxModel, calibration_id, ensure_fp32, keras_to_onnx, store_for
 from ._quantize import (CALIBRATION_METHODS, QUANTIZATION, ExportError, Quantizer, cpu_has_vnni,
@@ -32,10 +33,11 @@ __all__ = [
     "CacheWriter", "DEFAULT_BATCH_SIZE", "Device", "ExportError", "FlipAveraging", "HeldBack",
     "ImageReader", "Int8Declined", "KerasMapper", "MAX_CHANGED_DECISIONS", "MIN_MEAN_COSINE",
     "MIXED_POLICY", "OnnxMapper", "OnnxModel", "PipelineTiming", "QUANTIZATION", "Quantizer",
-    "SEARCH", "agreement_line", "batch_size_for", "calibration_id", "calibration_images",
-    "check_agreement", "check_backbone", "choose_runtime", "computed_by", "cpu_has_vnni",
-    "cpu_isa", "create_mapper", "declined_line", "decoded", "describe", "ensure_fp32",
-    "ensure_int8", "extract", "gpu_present", "isa_mismatch", "keras_to_onnx", "map_files",
-    "measure_agreement", "mixed_precision", "open_mapper", "plan_device", "quantize", "recipe",
-    "run_pipeline", "sample_indices", "search_int8", "setup_device", "store_for", "stored_int8",
+    "SEARCH", "agreement_line", "agreement_text", "batch_size_for", "calibration_id",
+    "calibration_images", "check_agreement", "check_backbone", "choose_runtime", "computed_by",
+    "cpu_has_vnni", "cpu_isa", "create_mapper", "declined_line", "decoded", "describe",
+    "ensure_fp32", "ensure_int8", "extract", "gpu_present", "isa_mismatch", "keras_to_onnx",
+    "map_files", "measure_agreement", "mixed_precision", "open_mapper", "plan_device", "quantize",
+    "recipe", "run_pipeline", "sample_indices", "search_int8", "setup_device", "store_for",
+    "stored_int8",
 ]

@@ -17,7 +17,7 @@ from featx._io import file_sha256, read_sidecar, sidecar_for
 from featx.cache import int8_run_key, reconcile, remove_cache
 from featx.errors import DataError
 
-from ._int8_agreement import MAX_CHANGED_DECISIONS, MIN_MEAN_COSINE
+from ._int8_agreement import MAX_CHANGED_DECISIONS, MIN_MEAN_COSINE, agreement_text
 from ._int8_search import SEARCH, search_int8
 from ._onnx_store import (OnnxModel, calibration_id, ensure_fp32, export_key, int8_path,
                           publish_model, verified)
@@ -51,6 +51,7 @@ def int8_model(backbone, cache_path, key, root, split, store_dir, calibration):
     """
     quantization = recipe(calibration)
     recorded = reconcile.recorded_key(cache_path)
+    other_cpu = None
     if recorded and recorded.get("int8_model_sha256"):
         other_cpu = isa_mismatch(recorded.get("quantization"))
         if other_cpu:
@@ -74,7 +75,9 @@ def int8_model(backbone, cache_path, key, root, split, store_dir, calibration):
     log.info("%s", agreement_line(model.record))
     full = int8_run_key(key, quantization, calib, model.sha256, model.record)
     if recorded is not None and json.loads(json.dumps(full)) != recorded:
-        log.warning("%s was computed with another int8 model; recomputing its rows", cache_path)
+        if not other_cpu:  # that warning said it already
+            log.warning("%s was computed with another int8 model; recomputing its rows",
+                        cache_path)
         remove_cache(cache_path)
     return model, full, manifest
 
@@ -86,12 +89,9 @@ def _base(recorded_key: dict) -> dict:
 
 
 def agreement_line(record: dict) -> str:
-    """The int8 model's agreement with fp32, in one line."""
-    a = record["agreement"]
+    """The int8 model's agreement with fp32 (its search ``record``), in one line."""
     float_nodes = len(record.get("float_nodes", []))
-    return (f"int8 vs fp32 on {a['n_images']} {record.get('sample', 'held-back')} training "
-            f"images: cosine mean {a['mean_cosine']:.4f} (min {a['min_cosine']:.4f}), "
-            f"{a['decisions']:.1%} of nearest-class decisions agree"
+    return ("int8 " + agreement_text({**record["agreement"], "sample": record.get("sample")})
             + (f"; {float_nodes} nodes kept float" if float_nodes else "")
             + (f"; {record['speedup']:.2f}x fp32's speed" if record.get("speedup") else ""))
 

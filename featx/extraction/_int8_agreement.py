@@ -34,13 +34,16 @@ class Agreement:
         return (self.mean_cosine >= MIN_MEAN_COSINE
                 and self.decisions >= 1 - MAX_CHANGED_DECISIONS - 1e-9)
 
-    def line(self) -> str:
-        return (f"int8 agrees with fp32 on {self.n_images} held-back training images: cosine "
-                f"mean {self.mean_cosine:.4f} (min {self.min_cosine:.4f}), "
-                f"{self.decisions:.1%} of nearest-class decisions")
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def agreement_text(agreement: dict) -> str:
+    """A recorded agreement (:meth:`Agreement.to_dict`, with its ``sample``) in words."""
+    return (f"vs fp32 on {agreement['n_images']} {agreement.get('sample') or 'held-back'} "
+            f"training images: cosine mean {agreement['mean_cosine']:.4f} (min "
+            f"{agreement['min_cosine']:.4f}), {agreement['decisions']:.1%} of nearest-class "
+            "decisions agree")
 
 
 def measure_agreement(fp32: np.ndarray, int8: np.ndarray, labels) -> Agreement:

@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(["extract", "fit", "predict", "compare", "audit", "finetune", "export",
                      "list_caches", "cache_info", "compact_cache", "verify_cache",
-                     "export_embeddings", "augment_preview", "demo"], "featx.api"),
+                     "export_embeddings", "augment_preview", "demo", "convert_model"],
+                    "featx.api"),
     **dict.fromkeys(["Features", "CombinedFeatures", "ExtractStats"], "featx.cache"),
     **dict.fromkeys(["ExtractOptions", "SplitOptions", "AuditOptions", "AugmentOptions"],
                     "featx.options"),

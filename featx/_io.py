@@ -32,14 +32,23 @@ def temporary_name(path, keep_suffix: bool = False) -> Path:
 @contextlib.contextmanager
 def atomic_path(path, *, keep_suffix: bool = False):
     """A temporary path beside ``path`` to write to: renamed over ``path`` when the block
-    ends, removed when it raises. Readers see the old file or the whole new one."""
+    ends, removed when it raises. Readers see the old file or the whole new one.
+
+    An OSError that names no file, or only the temporary one (a full disk under h5py,
+    numpy or zipfile), is raised again naming ``path``."""
     path = Path(path)
     tmp = temporary_name(path, keep_suffix)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        named = exc.filename is not None and str(exc.filename) != str(tmp)
+        if exc.errno is None or named:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk too: the error above counts
+            tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path, write, *, keep_suffix: bool = False) -> Path:
@@ -66,7 +75,9 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
 
 
 def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    """Hex SHA-256 of ``text`` as UTF-8; a file name that is not UTF-8 (which Python holds
+    surrogate-escaped) hashes as its bytes."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def json_sha256(value) -> str:
@@ -128,16 +139,18 @@ def sha256_matches(artifact, expected) -> bool:
 
 
 def check_artifact(artifact, expected_sha256, sidecar_name: str) -> None:
-    """The trust check before loading a model file: raise DataError unless its hash matches.
+    """The integrity check before loading a model file: raise DataError unless its hash
+    matches.
 
     ``expected_sha256`` is what the sidecar ``sidecar_name`` recorded (missing counts as a
-    mismatch); the file is never loaded when it does not match.
+    mismatch); the file is never loaded when it does not match. A match is no trust:
+    whoever can write the file can write its sidecar.
     """
     if not sha256_matches(artifact, expected_sha256):
         raise DataError(
             f"refusing to load {artifact}: its SHA-256 does not match the sha256 recorded in "
-            f"{sidecar_name} ({str(expected_sha256)[:16]}); the file changed after it was "
-            "saved. Model files may execute code when loaded: only load models you trust")
+            f"{sidecar_name} ({str(expected_sha256)[:16]}); the file was damaged or replaced "
+            "after it was saved")
 
 
 # ----- provenance ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ returns a typed result whose ``to_dict()`` is what the command's ``--json`` prin
 ``finetune``                :class:`featx.finetuning.FinetuneResult`
 ``audit``                   :class:`AuditSummary`
 ``export``                  :class:`featx.deploy.Exported`
+``convert_model``           :class:`ConvertedModel`
 ``list_caches``...          :class:`featx.cache.CacheSummary` and the other cache results
 ``augment_preview``         :class:`AugmentPreview`
 ``demo``                    :class:`Demo`
@@ -38,6 +39,7 @@ from featx.classifiers import (CompareRow, check_names, classifier_metadata, com
                                evaluate, fit_classifier, make_classifier, plan_repeats,
                                save_model, significance, summary_metrics)
 from featx.classifiers import compare as compare_features
+from featx.classifiers import convert_model as convert_saved_model
 from featx.data import expand_paths, read_exclude_file, write_digits, write_exclude_file
 from featx.deploy import Exported, check_export, export_model
 from featx.errors import DataError, UsageError
@@ -49,8 +51,9 @@ from featx.reports import dataset_summary, finetune_notes, write_compare_report
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "AugmentPreview", "AuditSummary", "CompareSummary", "Demo", "FitSummary", "audit",
-    "augment_preview", "cache_info", "compact_cache", "compare", "demo", "describe_backbones",
+    "AugmentPreview", "AuditSummary", "CompareSummary", "ConvertedModel", "Demo", "FitSummary",
+    "audit", "augment_preview", "cache_info", "compact_cache", "compare", "convert_model", "demo",
+    "describe_backbones",
     "export", "export_embeddings", "extract", "finetune", "fit", "list_caches", "predict",
     "verify_cache", "write_digits",
 ]
@@ -61,7 +64,7 @@ __all__ = [
 class FitSummary(Result):
     """What :func:`fit` saved and how well it scores; ``test_*`` only with a test split."""
 
-    model: str  # the .joblib file (its .json sidecar beside it)
+    model: str  # the .skops file (its .json sidecar beside it)
     clf: str
     backbone: str
     weights: str
@@ -146,16 +149,17 @@ def _scores_by_split(estimator, features):
 
 # ----- predict ---------------------------------------------------------------------
 def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto",
-            min_score=None) -> Predictions:
+            min_score=None, trust_pickle=False) -> Predictions:
     """Label image files (or folders of them) with a model saved by ``fit`` or ``finetune``.
 
     Known files (same content as a row of the model's cache) reuse their cached embedding;
     others are embedded with the backbone and preprocessing recorded in the model metadata.
     ``min_score`` (a probability): files whose top probability is below it are labelled
     "unknown", their best guess kept in ``best_guess``; models without probabilities (an
-    uncalibrated svm) refuse it.
+    uncalibrated svm) refuse it. ``trust_pickle``: also load a featx 0.1 ``.joblib`` model,
+    a pickle that runs code when loaded (:func:`convert_model` converts one once).
     """
-    model = SavedModel.load(model_path)
+    model = SavedModel.load(model_path, trust_pickle=trust_pickle)
     model.check_min_score(min_score)
     files = expand_paths(paths)
     scores, labels, errors, sources = model.scores(files, runtime, batch_size)
@@ -169,14 +173,40 @@ def predict(model_path, paths, *, top_k=3, batch_size=32, runtime="auto",
 
 # ----- export ----------------------------------------------------------------------
 def export(model_path, format="onnx", *, precision="fp32", out=None, check=None,
-           batch_size=32) -> Exported:
+           batch_size=32, trust_pickle=False) -> Exported:
     """Write a deployable file of a saved model (:func:`featx.deploy.export_model`); with
-    ``check`` (a data folder), prove parity with ``predict`` on its validation images."""
-    exported = export_model(model_path, format, precision=precision, out=out)
+    ``check`` (a data folder), prove parity with ``predict`` on its validation images.
+    ``trust_pickle``: as for :func:`predict`."""
+    exported = export_model(model_path, format, precision=precision, out=out,
+                            trust_pickle=trust_pickle)
     if check is not None:
-        parity = check_export(exported.path, model_path, check, batch_size=batch_size)
+        parity = check_export(exported.path, model_path, check, batch_size=batch_size,
+                              trust_pickle=trust_pickle)
         exported = dataclasses.replace(exported, parity=parity)
     return exported
+
+
+# ----- convert-model -----------------------------------------------------------------
+@dataclasses.dataclass
+class ConvertedModel(Result):
+    """A featx 0.1 pickle rewritten as ``.skops`` (:func:`convert_model`)."""
+
+    model: str  # the .skops file written
+    sidecar: str  # its .json sidecar, which now names it
+    converted_from: str  # the pickle, left in place
+    sha256: str
+
+
+def convert_model(model_path, *, trust_pickle=False) -> ConvertedModel:
+    """Rewrite a featx 0.1 ``.joblib`` classifier (or its ``.json`` sidecar's) as
+    ``.skops`` beside it, which loads without running code, and point the sidecar at it.
+
+    The pickle is loaded once, and loading a pickle runs whatever code it holds: without
+    ``trust_pickle=True`` this refuses (UsageError), as :func:`predict` does.
+    """
+    path, record = convert_saved_model(model_path, trust_pickle=trust_pickle)
+    return ConvertedModel(str(path), str(path.with_suffix(".json")),
+                          str(path.with_name(record["converted_from"])), record["sha256"])
 
 
 # ----- audit -------------------------------------------------------------------------
@@ -402,6 +432,9 @@ def augment_preview(image, out_png, augment=None, *, n=16, seed=0, size=224) -> 
     """A PNG grid of ``n`` cells: ``image`` as the model sees it, then augmented versions
     (``augment``: :class:`featx.options.AugmentOptions`, a dict of its fields, or None for
     the defaults)."""
+    from featx.data import read_image
+
+    read_image(image)  # a file that is no image is refused before Keras loads
     from featx.data.augment import augment_preview as draw  # imports Keras
 
     return AugmentPreview(str(draw(image, out_png, augment, n=n, seed=seed, size=size)))

@@ -34,6 +34,15 @@ class CacheError(FeatxError):
     exit_code = 2
 
 
+class Interrupted(FeatxError):
+    """A run stopped at a clean point by SIGINT or SIGTERM; its exit code is 128 plus the
+    signal's number, as a shell reports a process that signal ended."""
+
+    def __init__(self, message, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
 class ImageDecodeError(DataError):
     """One image file cannot be decoded; `reason` says why."""
 

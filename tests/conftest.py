@@ -167,7 +167,8 @@ def _extract_when_free(extract, data, cache_dir, wait_s=300):
 
 def pytest_collection_modifyitems(config, items):
     """Mark the tests that exercise a Keras backend (:mod:`keras_marker`); on Keras' JAX or
-    PyTorch backend (KERAS_BACKEND), skip what needs TensorFlow's."""
+    PyTorch backend (KERAS_BACKEND), skip what needs TensorFlow's, and what runs Keras but
+    tests nothing that depends on which backend runs it."""
     from featx._backend import backend_name
 
     mark_keras_tests(items)
@@ -175,9 +176,13 @@ def pytest_collection_modifyitems(config, items):
     if backend == "tensorflow":
         return
     skip = pytest.mark.skip(reason=f"needs Keras' TensorFlow backend (KERAS_BACKEND={backend})")
+    same = pytest.mark.skip(reason="tests nothing that depends on the Keras backend; the "
+                                   "TensorFlow pass ran it")
     for item in items:
         if "tensorflow_only" in item.keywords:
             item.add_marker(skip)
+        elif "one_backend" in item.keywords:
+            item.add_marker(same)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from featx.data.augment import (
     build_augmentation,
 )
 from featx.cache import FeatureCache
+from featx.cache._shards import seal
 from featx.errors import UsageError
 from featx.extraction import extract
 from featx.extraction._views import augment_recipe, missing_views
@@ -223,4 +224,5 @@ def test_changed_augment_options_recompute_every_view(tmp_path, caplog):
     # views of a cache that recorded no recipe cannot be vouched for: recomputed
     with h5py.File(again.cache_path, "r+") as h5:
         del h5.attrs["augment_recipe"]
+    seal(again.cache_path)  # an edit by featx, not damage
     assert extract(data, augment_options=flat, **kw).stats.n_augmented == n_views

@@ -94,7 +94,7 @@ steps = {{
                "--name", "m", "--json"),
     "compare": run("compare", {str(data)!r}, *tiny, "--clf", "logistic", "--clf", "knn",
                    "--report-dir", {str(tmp_path / "report")!r}, "--json"),
-    "predict": run("predict", {str(models / "m.joblib")!r}, {str(new)!r},
+    "predict": run("predict", {str(models / "m.skops")!r}, {str(new)!r},
                    {str(data / "cat" / "cat_000.png")!r}, "--json"),
     "backbones": run("backbones", "--json"),
 }}

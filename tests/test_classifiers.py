@@ -258,19 +258,16 @@ def saved(tmp_path):
     return path, estimator, Xv
 
 
-def test_save_load_round_trip(saved, caplog):
+def test_save_load_round_trip(saved):
     path, estimator, Xv = saved
-    assert path.name == "svm-toy.joblib" and path.with_suffix(".json").is_file()
-    persist._warned = False
-    with caplog.at_level(logging.WARNING, logger="featx.classifiers"):
-        for p in (path, path.with_suffix(".json")):
-            loaded, metadata = persist.load_model(p)
-            np.testing.assert_array_equal(loaded.predict(Xv), estimator.predict(Xv))
-    assert caplog.text.count("execute code") == 1
+    assert path.name == "svm-toy.skops" and path.with_suffix(".json").is_file()
+    for p in (path, path.with_suffix(".json")):
+        loaded, metadata = persist.load_model(p)
+        np.testing.assert_array_equal(loaded.predict(Xv), estimator.predict(Xv))
     assert metadata["class_names"] == ["a", "b", "c"] and metadata["classifier"] == "svm"
     for key in ("featx_version", "sklearn_version", "created", "sha256"):
         assert metadata[key]
-    assert metadata["artifact"] == "svm-toy.joblib"
+    assert metadata["artifact"] == "svm-toy.skops" and metadata["format"] == 2
 
 
 def test_tampered_artifact_is_refused(saved):
@@ -280,13 +277,13 @@ def test_tampered_artifact_is_refused(saved):
         persist.load_model(path)
     message = str(info.value)
     assert message.startswith("refusing to load") and "SHA-256 does not match" in message
-    assert "only load models you trust" in message
+    assert "damaged or replaced" in message
 
 
 def test_missing_files_are_data_errors(saved, tmp_path):
     path, _, _ = saved
     with pytest.raises(DataError, match="not found"):
-        persist.load_model(tmp_path / "nothing.joblib")
+        persist.load_model(tmp_path / "nothing.skops")
     path.unlink()
     with pytest.raises(DataError, match="model file not found"):
         persist.load_model(path.with_suffix(".json"))

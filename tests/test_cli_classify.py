@@ -25,7 +25,8 @@ def test_fit_then_predict_parity(dataset, tmp_path):
     for key in ("model", "clf", "val_accuracy", "val_macro_f1", "fit_seconds", "best_params"):
         assert key in out
     assert out["val_accuracy"] > 0.6  # colour classes are easy even for random features
-    metadata = json.loads((models / (out["model"].rsplit("/", 1)[-1].replace(".joblib", ".json"))).read_text())
+    metadata = json.loads((models / out["model"].rsplit("/", 1)[-1]).with_suffix(".json")
+                          .read_text())
     assert metadata["weights"] == "random" and len(metadata["sha256"]) == 64
     val_predictions = metadata["val_predictions"]
 
@@ -96,8 +97,8 @@ def test_compare_warm_cache_runs_no_images_through_model(dataset, tmp_path, monk
 def test_classifier_errors_exit_2(dataset, tmp_path):
     bad = invoke("fit", dataset, "--clf", "forest", *TINY_ARGS, "--cache-dir", tmp_path)
     assert bad.exit_code == 2 and "softmax" in bad.stderr and "svm" in bad.stderr
-    missing = invoke("predict", tmp_path / "nope.joblib", dataset)
-    assert missing.exit_code == 2 and "nope.joblib" in missing.stderr
+    missing = invoke("predict", tmp_path / "nope.skops", dataset)
+    assert missing.exit_code == 2 and "nope.skops" in missing.stderr
     split = tmp_path / "split"
     make_dataset(split / "train", classes=("cat",), per_class=4)
     make_dataset(split / "val", classes=("cat", "dog"), per_class=2)
@@ -111,7 +112,7 @@ def test_classifier_errors_exit_2(dataset, tmp_path):
 def test_model_with_mismatched_backbone_is_refused(dataset, tmp_path):
     out = last_json(invoke("fit", dataset, "--clf", "tree", "--no-tune", *TINY_ARGS,
                            "--cache-dir", tmp_path / "cache", "--out", tmp_path / "m", "--json"))
-    sidecar = tmp_path / "m" / (out["model"].rsplit("/", 1)[-1].replace(".joblib", ".json"))
+    sidecar = tmp_path / "m" / (out["model"].rsplit("/", 1)[-1].replace(".skops", ".json"))
     metadata = json.loads(sidecar.read_text())
     metadata["weights_id"] = "random:seed=7"
     sidecar.write_text(json.dumps(metadata))
@@ -166,7 +167,7 @@ def test_predict_min_score_says_unknown_with_the_best_guess_beside(dataset, tmp_
     calibrated = last_json(invoke("fit", dataset, "--clf", "svm", "--no-tune", "--calibrate",
                                   *common, "--out", tmp_path / "c"))
     assert calibrated["calibration"] == "sigmoid"
-    sidecar = json.loads(open(calibrated["model"].replace(".joblib", ".json")).read())
+    sidecar = json.loads(open(calibrated["model"].replace(".skops", ".json")).read())
     assert sidecar["calibration"] == "sigmoid"
     rows = last_json(invoke("predict", calibrated["model"], dataset / "red", "--min-score",
                             "0.999", "--json"))

@@ -256,7 +256,7 @@ def test_flip_averaged_model_predicts_uncached_files_as_it_was_trained(toys, tmp
     outcome = api.fit(data, "logistic", backbone="toy_cnn", flip_average=True,
                       weights="random", cache_dir=cache_dir, runtime="keras", progress=False,
                       batch_size=4, out=tmp_path / "models", tune=False)
-    assert Path(outcome["model"]).name == "logistic-toy_cnn-flip-data.joblib"
+    assert Path(outcome["model"]).name == "logistic-toy_cnn-flip-data.skops"
     files = sorted(data.rglob("*.png"))
     cached = api.predict(outcome["model"], files, runtime="keras")
     assert {r["embedded_by"] for r in cached} == {"cache"}

@@ -64,8 +64,8 @@ class _Outcome(Result):
 
 
 def test_a_result_reads_like_the_dict_it_prints(tmp_path):
-    outcome = _Outcome(tmp_path / "m.joblib", 0.5)
-    assert outcome["path"] == str(tmp_path / "m.joblib") and outcome["score"] == 0.5
+    outcome = _Outcome(tmp_path / "m.skops", 0.5)
+    assert outcome["path"] == str(tmp_path / "m.skops") and outcome["score"] == 0.5
     assert "extra" not in outcome and set(outcome) == {"path", "score"}
     assert outcome.to_dict() == dict(outcome) == json.loads(json.dumps(outcome.to_dict()))
     outcome.extra = 1

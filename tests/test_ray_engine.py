@@ -273,6 +273,7 @@ def test_the_ray_cache_equals_the_local_one(ray_cluster, ray_data, tmp_path, cap
                    for path in (tmp_path / "ray").rglob("*") if path.is_file())
 
 
+@pytest.mark.one_backend  # resuming adopts shards; the cache-equals test runs each backend
 def test_a_run_whose_driver_died_resumes_its_finished_shards(ray_cluster, ray_data, tmp_path,
                                                              monkeypatch):
     address, _ = ray_cluster

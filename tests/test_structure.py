@@ -14,7 +14,8 @@ ORDER = ["errors", "options", "_io", "base", "_backend", "_native_logs", "data",
          "deploy", "api", "cli", "__main__"]
 # Inside a package, a module imports only the modules before it; its __init__ any of them.
 MODULES = {
-    "data": ["_sample", "_images", "_hashing", "_splits", "_exclude", "_folders", "augment"],
+    "data": ["_sample", "_headers", "_images", "_hashing", "_splits", "_exclude", "_folders",
+             "augment"],
     "backbones": ["_config", "_registry", "_weights", "torch_pickle", "layers", "_backbone",
                   "efficientnet_lite", "keras_apps"],
     "cache": ["_key", "_shards", "_index", "_session", "_maintenance", "reconcile",

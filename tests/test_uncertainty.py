@@ -417,10 +417,10 @@ def test_min_score_is_refused_when_a_class_is_named_unknown():
     from featx.inference import check_unknown_free as _check_unknown_free
     from featx.errors import UsageError
 
-    _check_unknown_free(["cat", "dog"], 0.9, "m.joblib")
-    _check_unknown_free(["unknown", "dog"], None, "m.joblib")
+    _check_unknown_free(["cat", "dog"], 0.9, "m.skops")
+    _check_unknown_free(["unknown", "dog"], None, "m.skops")
     with pytest.raises(UsageError, match="a class is named 'unknown'"):
-        _check_unknown_free(["unknown", "dog"], 0.9, "m.joblib")
+        _check_unknown_free(["unknown", "dog"], 0.9, "m.skops")
 
 
 def test_coverage_points_answer_equal_scores_together():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from featx.errors import UsageError
+from featx.errors import DataError, UsageError
 
 from ._config import POOLINGS, BackboneCfg, resize_size_for
 from ._registry import _entry
@@ -225,14 +225,24 @@ def create_backbone(name: str, weights="imagenet", *, layer: str | None = None,
     return backbone
 
 
-def load_keras_model(path, **kwargs):
-    """``keras.saving.load_model`` with featx's custom layers registered.
+def load_keras_model(path, *, featx_layers: bool = True, **kwargs):
+    """``keras.saving.load_model`` in safe mode, with featx's custom layers registered.
 
     Keras only finds ``featx>Normalization`` once :mod:`featx.backbones.layers` has
-    been imported; this does that first. ``kwargs`` go to ``load_model``.
+    been imported; this does that first (unless ``featx_layers`` is False: a file that
+    must load without featx). ``kwargs`` go to ``load_model``. Safe mode is always on, so
+    a file holding Python code (a ``Lambda`` layer's function) is refused, with a
+    DataError, instead of running that code.
     """
     import keras
 
-    from . import layers  # noqa: F401  (registers the featx layers)
-
-    return keras.saving.load_model(path, **kwargs)
+    if featx_layers:
+        from . import layers  # noqa: F401  (registers the featx layers)
+    try:
+        return keras.saving.load_model(str(path), safe_mode=True, **kwargs)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        raise DataError(f"refusing to load {path}: it holds Python code (a Lambda layer or "
+                        "a function) that would run when loaded, and featx loads Keras "
+                        "models in safe mode only") from None

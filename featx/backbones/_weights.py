@@ -66,12 +66,19 @@ def resolve(cfg: BackboneCfg, weights: str | os.PathLike, seed: int,
     if weights == "imagenet":
         return "imagenet", "imagenet", _imagenet_id(cfg, imagenet_file)
     path = Path(weights).expanduser()
-    if not path.is_file():
+    if not _is_file(path):
         raise WeightsUnavailableError(
             f"{cfg.name}: weights file {str(weights)!r} not found (use 'imagenet', "
             f"'random' or the path of a local weights file)")
     path = path.resolve()
     return "file", str(path), f"file:{path.name}:sha256={short_sha256(path)}"
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name the file system refuses (too long, ...) names no file
+        return False
 
 
 def _imagenet_id(cfg, imagenet_file) -> str:

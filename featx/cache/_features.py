@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.errors import DataError
+from featx.errors import CacheError, DataError
 
 from ._index import FeatureCache
 
@@ -146,6 +146,7 @@ class Features(_Rows):
             self.runtimes = cache.json_attr("runtimes", [])
             # what computed the rows: "onnxruntime/cpu", "keras/jax/gpu" (extraction.computed_by)
             self.computed_by = cache.json_attr("computed_by", [])
+            self._index_id = cache.attr("index_id")
             failed = cache.failed()
         # cache row of each of our rows: take() reads through it
         self._cache_rows = np.flatnonzero([p not in exclude for p in rows["paths"]])
@@ -186,4 +187,20 @@ class Features(_Rows):
         """(X, y) of the rows ``idx`` (indices into this object's rows, any order)."""
         idx = np.asarray(idx, dtype=np.int64)
         with FeatureCache.open(self.cache_path) as cache:
-            return cache.embeddings(self._cache_rows[idx]), self.labels[idx]
+            same = cache.attr("index_id") == self._index_id
+            rows = self._cache_rows[idx] if same else self._rows_now(cache, idx)
+            return cache.embeddings(rows), self.labels[idx]
+
+    def _rows_now(self, cache, idx) -> np.ndarray:
+        """Where rows ``idx`` are in an index written since this object read its rows (an
+        extract or a compaction meanwhile): found by path, content and view, never by
+        position, which another index gives to other images."""
+        now = cache.rows()
+        where = {row: i for i, row in enumerate(zip(now["paths"], now["sha256"],
+                                                    now["view"].tolist()))}
+        try:
+            return np.array([where[row] for row in zip(self.paths[idx], self.sha256[idx],
+                                                        self.view[idx].tolist())], np.int64)
+        except KeyError:
+            raise CacheError(f"{self.cache_path}: rows were removed or changed since they were "
+                             "read; read the cache again") from None

@@ -6,6 +6,11 @@ content hash, ...), where each row's embedding is (shard, row in shard), the sha
 with checksums, and ``embeddings``: an HDF5 virtual dataset over the shards, so
 ``h5py.File(index)["embeddings"]`` reads every row. Version-1 caches (embeddings inside
 the one file) are read as they are; :mod:`._session` writes them as version 2.
+
+An index is sealed (:func:`._shards.seal`): its first 512 bytes, which HDF5 skips, hold the
+SHA-256 of the rest, checked before HDF5 reads a byte of it. A damaged index is refused, so
+no flipped path, reference or column is ever read. Indexes written before seals are read as
+they were (HDF5 finds them from their first byte) and sealed on their next write.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from featx._io import atomic_path
 from featx.errors import CacheError
 
 from ._key import shard_dir
-from ._shards import ShardInfo, is_intact, read_rows
+from ._shards import SEAL_BYTES, ShardInfo, check_seal, is_intact, read_rows, seal
 
 CACHE_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -134,7 +139,15 @@ class FeatureCache(_CacheReader):
         path = Path(path)
         if not path.exists():
             raise CacheError(f"{path}: no such cache file")
-        h5 = _open_h5(path, "r")
+        for _ in range(3):  # a writer may replace the index between the check and the open
+            checked = _check_index(path)
+            h5 = _open_h5(path, "r")
+            if _stat_key(os.fstat(h5.id.get_vfd_handle())) == checked:
+                break
+            h5.close()
+        else:
+            raise CacheError(f"{path}: replaced again and again while being opened; "
+                             "try again when the process writing it is done")
         try:
             validate(h5, path)
         except CacheError:
@@ -220,9 +233,20 @@ class FeatureCache(_CacheReader):
             try:
                 self._open_shards[number] = _h5py().File(path, "r", locking=False)
             except OSError:
+                self._raise_if_replaced()
                 raise CacheError(f"{path}: shard of {self.path.name} is missing or unreadable; "
                                  "run `featx extract` again to re-extract its rows") from None
         return self._open_shards[number]["embeddings"]
+
+    def _raise_if_replaced(self):
+        """A shard this index names is gone because a newer index replaced it (compact)."""
+        try:
+            now = _stat_key(self.path.stat())
+        except OSError:
+            now = None
+        if now != _stat_key(os.fstat(self.h5.id.get_vfd_handle())):
+            raise CacheError(f"{self.path}: replaced while being read (by `featx cache "
+                             "compact` or `featx extract`); read it again") from None
 
     def row_range(self, start: int, stop: int) -> tuple[dict, np.ndarray]:
         """Rows ``start:stop``: their per-row columns (strings decoded) and embeddings."""
@@ -263,6 +287,37 @@ def _remember_rows(index_id, rows: dict):
         _LAST_ROWS[index_id] = rows
 
 
+# Indexes whose seal was checked, by path: the (inode, size, mtime) of the file checked. An
+# index is never changed in place, so while these are unchanged it holds the checked bytes.
+_SEALED: dict[str, tuple] = {}
+
+
+def _stat_key(stat) -> tuple:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _check_index(path: Path) -> tuple:
+    """Refuse an index whose bytes are not what featx wrote, before HDF5 reads any of them;
+    returns the stat key of the file checked."""
+    key = _stat_key(path.stat())
+    if _SEALED.get(str(path)) == key:
+        return key
+    try:
+        state, stat = check_seal(path)
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot be read ({exc.strerror})") from None
+    if state == "damaged":
+        raise CacheError(f"{path}: cache index is damaged (its bytes no longer match the "
+                         "SHA-256 featx sealed it with); delete it to extract again")
+    if state == "foreign":
+        raise CacheError(f"{path}: not a valid featx cache (neither an HDF5 file nor sealed "
+                         "by featx); move it away or delete it")
+    key = _stat_key(stat)
+    if state == "intact":
+        _SEALED[str(path)] = key
+    return key
+
+
 def _read_shard_table(h5) -> list[ShardInfo]:
     table = h5["shards"]
     names = _strings(table["names"])
@@ -274,28 +329,29 @@ def _read_shard_table(h5) -> list[ShardInfo]:
 def _write_index(path, *, key, dim, attrs, rows, refs, shards, failed) -> str:
     """Write a whole index to a temporary file that then replaces ``path`` atomically;
     returns the new index's random id."""
-    with atomic_path(path) as tmp, _open_h5(tmp, "w") as h5:
-        _write_attrs(h5, key=key, dim=dim, attrs=attrs)
-        n = 0 if rows is None else len(rows["paths"])
-        for name, kind in ROW_FIELDS.items():
-            values = [] if rows is None else rows[name]
-            _put(h5, name, list(values) if kind == "str" else np.asarray(values, kind), kind)
-        for name, values in zip(("shard", "shard_row"), refs or ([], [])):
-            _put(h5, name, np.asarray(values, np.int64), "int64")
-        table = h5.create_group("shards")
-        _put(table, "names", [s.name for s in shards], "str")
-        _put(table, "checksum", [s.checksum for s in shards], "str")
-        for field in ("rows", "size", "mtime_ns"):
-            _put(table, field, np.asarray([getattr(s, field) for s in shards], np.int64),
-                 "int64")
-        group = h5.create_group("failed")
-        for i, name in enumerate(FAILED_FIELDS):
-            _put(group, name, [row[i] for row in failed], "str")
-        _virtual_embeddings(h5, path, dim, refs, shards)
-        h5.attrs["n_committed"] = n
-        h5.attrs["index_id"] = index_id = uuid.uuid4().hex
-        h5.flush()
-        os.fsync(h5.id.get_vfd_handle())
+    with atomic_path(path) as tmp:
+        with _h5py().File(tmp, "w", locking=False, userblock_size=SEAL_BYTES) as h5:
+            _write_attrs(h5, key=key, dim=dim, attrs=attrs)
+            n = 0 if rows is None else len(rows["paths"])
+            for name, kind in ROW_FIELDS.items():
+                values = [] if rows is None else rows[name]
+                _put(h5, name, list(values) if kind == "str" else np.asarray(values, kind), kind)
+            for name, values in zip(("shard", "shard_row"), refs or ([], [])):
+                _put(h5, name, np.asarray(values, np.int64), "int64")
+            table = h5.create_group("shards")
+            _put(table, "names", [s.name for s in shards], "str")
+            _put(table, "checksum", [s.checksum for s in shards], "str")
+            for field in ("rows", "size", "mtime_ns"):
+                _put(table, field, np.asarray([getattr(s, field) for s in shards], np.int64),
+                     "int64")
+            group = h5.create_group("failed")
+            for i, name in enumerate(FAILED_FIELDS):
+                _put(group, name, [row[i] for row in failed], "str")
+            _virtual_embeddings(h5, path, dim, refs, shards)
+            h5.attrs["n_committed"] = n
+            h5.attrs["index_id"] = index_id = uuid.uuid4().hex
+        seal(tmp)  # fsyncs
+    _SEALED[str(path)] = _stat_key(Path(path).stat())  # its bytes were hashed to seal it
     return index_id
 
 

@@ -81,7 +81,8 @@ def key_variant(key: dict) -> str:
 def cache_path_for(cache_dir, root, backbone: str, weights: str, key: dict) -> Path:
     """Where the cache of dataset ``root`` under backbone ``key`` lives."""
     root = Path(root).resolve()
-    dataset = f"{slug(root.name, 'data')}-{text_sha256(str(root))[:8]}"
+    # the name cut to 200 characters, so that a folder of a 255-byte name gets a cache too
+    dataset = f"{slug(root.name, 'data')[:200]}-{text_sha256(str(root))[:8]}"
     return (Path(cache_dir) / dataset
             / f"{slug(backbone, 'data')}-{slug(weights, 'data')}-{key_hash(key)}.h5")
 

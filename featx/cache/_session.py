@@ -11,6 +11,7 @@ writers on one cache.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -53,8 +54,9 @@ class CacheLock:
                 f"{self.path.with_suffix('')}: another featx process is writing this cache; "
                 "wait for it to finish"
             ) from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
+        with contextlib.suppress(OSError):  # the holder's pid is a courtesy: a full disk
+            os.ftruncate(self._fd, 0)  # must not stop a run that writes nothing
+            os.write(self._fd, str(os.getpid()).encode())
         return self
 
     def __exit__(self, *exc):
@@ -398,9 +400,27 @@ class CacheSession(_CacheReader):
             if seq <= merged.get(run, -1):
                 part.unlink()  # merged by a commit that finished just before a crash
                 continue
+            arrays = self._part_rows(part)
+            if arrays is not None:
+                self._add_part_rows(part, arrays)
+
+    def _part_rows(self, part: Path) -> dict | None:
+        """A leftover part's per-row columns; None when it is damaged (a zip member fails
+        its CRC, or its arrays do not line up): it is deleted and its rows extracted again."""
+        try:
             data = _load_part(part)
-            self._add_part_rows(part, {name: _column(data[name], kind)
-                                       for name, kind in ROW_FIELDS.items()})
+            embeddings = data["embeddings"]
+            arrays = {name: _column(data[name], kind) for name, kind in ROW_FIELDS.items()}
+            if embeddings.dtype != np.float32 or embeddings.shape[1:] != (self.dim,) or \
+                    any(len(values) != len(embeddings) for values in arrays.values()):
+                raise ValueError("its arrays do not line up")
+        except Exception as exc:  # noqa: BLE001 - zipfile and numpy raise many kinds
+            log.warning("%s: damaged part file (%s); its rows will be extracted again", part,
+                        exc)
+            _PART_CACHE.clear()
+            part.unlink()
+            return None
+        return arrays
 
 
 FeatureCache.writer = CacheSession

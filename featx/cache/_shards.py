@@ -21,6 +21,12 @@ from featx._io import atomic_path
 SHARD_BYTES = 32 * 2**20  # a shard's embeddings: big enough for few files, small for RAM
 COLUMNS = ("paths", "sha256", "view")
 DONE_SUFFIX = ".done"  # marker beside a shard an engine finished but no index lists yet
+# A sealed file begins with an HDF5 user block (which HDF5 skips) holding the SHA-256 of
+# every byte after it: checked before HDF5 parses anything, since HDF5 can loop forever on a
+# damaged file (a flipped size in the heap of variable-length strings does).
+SEAL_BYTES = 512
+SEAL_MAGIC = b"featx-sha256:"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,25 +60,59 @@ def write_shard(path, dim: int, blocks, columns: dict) -> ShardInfo:
     path = Path(path)
     n = len(columns["paths"])
     digest = hashlib.sha256()
-    with atomic_path(path) as tmp, h5py.File(tmp, "w", locking=False) as h5:
-        data = h5.create_dataset("embeddings", shape=(n, dim), dtype="float32")
-        start = 0
-        for block in blocks:
-            block = np.ascontiguousarray(block, dtype=np.float32)
-            data[start:start + len(block)] = block
-            digest.update(block)  # the buffer itself: no copy
-            start += len(block)
-        if start != n:
-            raise ValueError(f"{path.name}: {start} embeddings for {n} rows")
-        strings = h5py.string_dtype("utf-8")
-        h5.create_dataset("paths", data=[str(p) for p in columns["paths"]], dtype=strings)
-        h5.create_dataset("sha256", data=[str(s) for s in columns["sha256"]], dtype=strings)
-        h5.create_dataset("view", data=np.asarray(columns["view"], dtype=np.int16))
-        h5.attrs["checksum"] = digest.hexdigest()
-        h5.flush()
-        os.fsync(h5.id.get_vfd_handle())
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", locking=False, userblock_size=SEAL_BYTES) as h5:
+            data = h5.create_dataset("embeddings", shape=(n, dim), dtype="float32")
+            start = 0
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=np.float32)
+                data[start:start + len(block)] = block
+                digest.update(block)  # the buffer itself: no copy
+                start += len(block)
+            if start != n:
+                raise ValueError(f"{path.name}: {start} embeddings for {n} rows")
+            strings = h5py.string_dtype("utf-8")
+            h5.create_dataset("paths", data=[str(p) for p in columns["paths"]], dtype=strings)
+            h5.create_dataset("sha256", data=[str(s) for s in columns["sha256"]], dtype=strings)
+            h5.create_dataset("view", data=np.asarray(columns["view"], dtype=np.int16))
+            h5.attrs["checksum"] = digest.hexdigest()
+        seal(tmp)  # fsyncs
     stat = path.stat()
     return ShardInfo(path.name, n, digest.hexdigest(), stat.st_size, stat.st_mtime_ns)
+
+
+def seal(path) -> None:
+    """Write the SHA-256 of a closed HDF5 file (made with ``userblock_size=SEAL_BYTES``)
+    into its user block."""
+    with open(path, "r+b") as handle:
+        digest = _digest_after(handle, SEAL_BYTES)
+        handle.seek(0)
+        handle.write(SEAL_MAGIC + digest.encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def check_seal(path) -> tuple[str, os.stat_result]:
+    """(the state of the file at ``path``, its stat). The state is "intact" (sealed, every
+    byte as sealed), "damaged" (sealed, but not as sealed), "unsealed" (an HDF5 file from
+    its first byte: written before seals) or "foreign" (neither). Raises OSError."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(SEAL_MAGIC) + 64)
+        stat = os.fstat(handle.fileno())
+        if head.startswith(HDF5_SIGNATURE):
+            return "unsealed", stat
+        if not head.startswith(SEAL_MAGIC):
+            return "foreign", stat
+        intact = _digest_after(handle, SEAL_BYTES).encode() == head[len(SEAL_MAGIC):]
+        return ("intact" if intact else "damaged"), stat
+
+
+def _digest_after(handle, offset: int, block: int = 1 << 20) -> str:
+    handle.seek(offset)
+    digest = hashlib.sha256()
+    while chunk := handle.read(block):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def checksum(path, block_rows: int = 8192) -> str:
@@ -87,14 +127,17 @@ def checksum(path, block_rows: int = 8192) -> str:
 
 def is_intact(folder, info: ShardInfo, full: bool = False) -> bool:
     """Whether shard ``info`` in ``folder`` holds what was written. Unless ``full``, a file
-    whose size and mtime are as recorded is trusted (as unchanged image files are)."""
+    whose size and mtime are as recorded is trusted (as unchanged image files are). A
+    sealed shard's seal is checked before HDF5 reads it."""
     path = Path(folder) / info.name
     try:
         stat = path.stat()
         if not full and (stat.st_size, stat.st_mtime_ns) == (info.size, info.mtime_ns):
             return True
+        if check_seal(path)[0] not in ("intact", "unsealed"):
+            return False
         return checksum(path) == info.checksum
-    except (OSError, KeyError):
+    except Exception:  # noqa: BLE001 - h5py raises many kinds on a damaged unsealed file
         return False
 
 

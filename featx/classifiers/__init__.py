@@ -6,7 +6,8 @@ calibration error, coverage), ``_registry`` (the classifiers and their grids),
 ``_evaluate`` (metrics), ``_tuning`` (cross-validated choice of hyperparameters,
 calibration), ``_fit`` (one classifier), ``_resampling`` (re-drawn splits),
 ``_rows`` (:class:`CompareRow`, the compare row's one schema), ``_compare`` (every
-classifier side by side), ``_model_files`` (a fitted classifier saved and loaded).
+classifier side by side), ``_model_files`` (a fitted classifier saved and loaded, as
+``.skops``).
 """
 
 from ._compare import (COST_ORDER, compare, compare_repeated, compare_rows, fit_and_score,
@@ -14,8 +15,8 @@ from ._compare import (COST_ORDER, compare, compare_repeated, compare_rows, fit_
 from ._evaluate import (SUMMARY_METRICS, class_scores, classification_metrics, evaluate,
                         predict_probabilities, summary_metrics)
 from ._fit import TUNINGS, FitResult, fit_classifier
-from ._model_files import (TRUST_WARNING, classifier_metadata, feature_source, load_model,
-                           read_metadata, save_model)
+from ._model_files import (TRUSTED_TYPES, classifier_metadata, convert_model, feature_source,
+                           load_model, read_metadata, save_model)
 from ._registry import CLASSIFIERS, ClassifierSpec, check_names, classifier_names, make_classifier
 from ._resampling import Repeat, RepeatPlan, kfold_splits, plan_repeats
 from ._rows import (NOT_SERIALISED, REQUIRED, UNSET, CompareRow, extraction_costs, ranking_key,
@@ -29,11 +30,11 @@ from ._uncertainty import (ALPHA, CALIBRATION_BINS, INTERVAL_METHODS, METRICS,
 __all__ = [
     "ALPHA", "CALIBRATION_BINS", "CALIBRATION_METHODS", "CLASSIFIERS", "COST_ORDER",
     "ClassifierSpec", "CompareRow", "FitResult", "INTERVAL_METHODS", "METRICS",
-    "NOT_SERIALISED", "REQUIRED", "Repeat", "RepeatPlan", "SUMMARY_METRICS", "TRUST_WARNING",
+    "NOT_SERIALISED", "REQUIRED", "Repeat", "RepeatPlan", "SUMMARY_METRICS", "TRUSTED_TYPES",
     "TUNERS", "TUNINGS", "UNSET", "calibrated", "check_names", "class_scores",
     "classification_metrics", "classifier_metadata", "classifier_names", "compare",
-    "compare_repeated", "compare_rows", "coverage_curve", "coverage_points", "depth_tune",
-    "evaluate", "expected_calibration_error", "extraction_costs", "feature_source",
+    "compare_repeated", "compare_rows", "convert_model", "coverage_curve", "coverage_points",
+    "depth_tune", "evaluate", "expected_calibration_error", "extraction_costs", "feature_source",
     "fit_and_score", "fit_classifier", "grid_tune", "holm", "kfold_splits", "load_model",
     "make_classifier", "mcnemar", "metric_weights", "plan_repeats", "predict_probabilities",
     "proportion_interval", "race_tune", "ranking_key", "read_metadata", "reliability_bins",

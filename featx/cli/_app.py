@@ -3,11 +3,13 @@ exit code per error, one JSON object as the last line of stdout.
 
 Results go to stdout (with --json, one JSON object as the last line); logs, warnings and
 progress bars go to stderr. Exit codes: 0 success (also when some files were skipped),
-2 usage or data errors, 1 internal errors.
+2 usage or data errors (and a file that cannot be written: a full disk, a read-only folder),
+1 internal errors, 128 + the signal's number for an extract stopped by SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -58,6 +60,14 @@ def _quiet_libraries(verbose: int):
         warnings.filterwarnings("ignore")
 
 
+def _print_any_file_name():
+    """File names that are not UTF-8 (which Python holds surrogate-escaped) print as their
+    bytes, as ls prints them, instead of failing a command once its work is done."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def handle_errors(func):
     """Turn featx errors into one line on stderr and their exit code; others into exit 1."""
 
@@ -73,6 +83,7 @@ def handle_errors(func):
         except Exception as exc:  # noqa: BLE001 - the contract is one line and exit 1
             if isinstance(exc, ModuleNotFoundError):
                 _missing_backend(exc)
+            _storage_error(exc)
             if os.environ.get("FEATX_DEBUG"):
                 raise
             click.echo(f"Internal error: {type(exc).__name__}: {exc} "
@@ -80,6 +91,24 @@ def handle_errors(func):
             sys.exit(1)
 
     return wrapper
+
+
+# A file that could not be written for a reason outside featx: one line naming it, exit 2.
+# What was saved before is kept (files are replaced whole), so the rerun goes on from there.
+STORAGE_ERRORS = {
+    errno.ENOSPC: "free some space and run the command again",
+    errno.EDQUOT: "free some space and run the command again",
+    errno.EROFS: "make it writable, or choose another folder",
+    errno.EACCES: "make it writable, or choose another folder",
+}
+
+
+def _storage_error(exc: Exception):
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:
+        where = "" if exc.filename is None else f"{exc.filename}: "
+        click.echo(f"Error: {where}{os.strerror(exc.errno)}; {STORAGE_ERRORS[exc.errno]}",
+                   err=True)
+        sys.exit(2)
 
 
 def _missing_backend(exc: ModuleNotFoundError):
@@ -125,6 +154,7 @@ def cli(verbose):
     """
     _configure_logging(verbose)
     _quiet_libraries(verbose)
+    _print_any_file_name()
     if verbose == 0 and _RUN_AS_PROGRAM:
         click.get_current_context().with_resource(native_logs_dropped())
 

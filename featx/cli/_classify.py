@@ -11,7 +11,7 @@ from featx.options import RUNTIMES
 
 from ._app import cli, handle_errors, printed_json
 from ._params import (DEFAULTS, _clf_choice_check, _options, _warn_random, classifier_options,
-                      image_options, json_option)
+                      file_name_value, image_options, json_option, trust_pickle_option)
 
 
 @cli.command()
@@ -21,7 +21,8 @@ from ._params import (DEFAULTS, _clf_choice_check, _options, _warn_random, class
 @classifier_options
 @click.option("--out", type=click.Path(file_okay=False), default="models", show_default=True,
               help="Where the model and its metadata are saved.")
-@click.option("--name", default=None, help="Model file name [default: CLF-BACKBONE-DATASET].")
+@click.option("--name", default=None, callback=file_name_value,
+              help="Model file name [default: CLF-BACKBONE-DATASET].")
 @click.option("--use-augmented", is_flag=True,
               help="Train on the cached augmented views too (see extract --augment).")
 @image_options()
@@ -32,7 +33,8 @@ def fit(data, clf, json_, tune, class_weight, cv, tuning, calibrate, calibration
     """Train a classifier on the cached embeddings of DATA and save it.
 
     Extracts first (through the same cache) if DATA is not cached yet, trains on the train
-    split, reports val (and test) metrics, and saves MODEL.joblib with a MODEL.json sidecar.
+    split, reports val (and test) metrics, and saves MODEL.skops (scikit-learn's safe
+    format: loading it runs no code from the file) with a MODEL.json sidecar.
 
     Example:
 
@@ -74,26 +76,27 @@ def fit(data, clf, json_, tune, class_weight, cv, tuning, calibrate, calibration
 @click.option("--min-score", type=click.FloatRange(0, 1), default=None, metavar="P",
               help="Label images whose top probability is below P as 'unknown' (the best "
               "guess goes to a best_guess column); compare's report shows what each P costs.")
+@trust_pickle_option
 @json_option
 @handle_errors
-def predict(model, paths, top_k, batch_size, output, json_, runtime, min_score):
+def predict(model, paths, top_k, batch_size, output, json_, runtime, min_score, trust_pickle):
     """Label images (files or folders) with a saved MODEL.
 
-    MODEL is a .joblib (or its .json sidecar) from `featx fit`, or a .keras model from
+    MODEL is a .skops model (or its .json sidecar) from `featx fit`, or a .keras model from
     `featx finetune`. Images are preprocessed exactly as at training time; files that are in
     the model's cache reuse their embeddings. Output: CSV (path,label,score, then top-k),
-    or JSON with --json. Note: joblib files execute code when loaded; only load models you
-    trust (featx checks the SHA-256 recorded in the metadata).
+    or JSON with --json. Loading either kind runs no code from the file; a .joblib model
+    from featx 0.1 (a pickle, which does) needs --trust-pickle, or `featx convert-model`.
 
     Example:
 
     \b
-        featx predict models/svm-efficientnet_lite0-photos.joblib new_photos/ > labels.csv
+        featx predict models/svm-efficientnet_lite0-photos.skops new_photos/ > labels.csv
     """
     from featx.api import predict as run_predict
 
     predictions = run_predict(model, paths, top_k=top_k, batch_size=batch_size,
-                              runtime=runtime, min_score=min_score)
+                              runtime=runtime, min_score=min_score, trust_pickle=trust_pickle)
     click.echo(f"featx: embeddings from {', '.join(predictions.sources)}", err=True)
     text = to_json(predictions.rows) if json_ else predictions.to_csv()
     if output:
@@ -103,6 +106,34 @@ def predict(model, paths, top_k, batch_size, output, json_, runtime, min_score):
         click.echo(text, nl=json_)
     for path, error in predictions.failed:
         click.echo(f"featx: skipped {path}: {error}", err=True)
+
+
+@cli.command("convert-model")
+@click.argument("model", type=click.Path())
+@click.option("--trust-pickle", is_flag=True,
+              help="Required: load the .joblib once, which runs whatever code it holds; only "
+              "for a file whose source you trust.")
+@json_option
+@handle_errors
+def convert_model(model, trust_pickle, json_):
+    """Convert a featx 0.1 MODEL (.joblib, or its .json sidecar) to .skops, once.
+
+    A .joblib model is a pickle: loading it runs whatever code it holds, and its SHA-256
+    sidecar does not say who wrote it. If you trust its source, this loads it once (hence
+    --trust-pickle, required) and writes MODEL.skops beside it, which loads without running
+    code, and points MODEL.json at it. The .joblib is left in place.
+
+    Example:
+
+    \b
+        featx convert-model models/svm-efficientnet_lite0-photos.joblib --trust-pickle
+    """
+    from featx.api import convert_model as run_convert
+
+    converted = run_convert(model, trust_pickle=trust_pickle)
+    if not printed_json(converted, json_):
+        click.echo(f"wrote {converted.model} ({converted.sidecar} now names it); "
+                   f"{converted.converted_from} is no longer needed")
 
 
 @cli.command()

@@ -9,7 +9,7 @@ import click
 from featx.options import ENGINES
 
 from ._app import cli, emit_json, handle_errors, printed_json
-from ._params import (DEFAULTS, _augment_dict, _options, _warn_random, augment_options,
+from ._params import (DEFAULTS, SEED, _augment_dict, _options, _warn_random, augment_options,
                       image_options, json_option)
 
 
@@ -115,7 +115,7 @@ def backbones(pattern, json_):
               help="PNG file to write.")
 @click.option("--n", type=click.IntRange(2, 64), default=16, show_default=True,
               help="Cells in the grid (the first is the original).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--size", type=click.IntRange(32, 1024), default=224, show_default=True)
 @augment_options
 @handle_errors

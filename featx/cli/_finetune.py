@@ -6,7 +6,8 @@ import click
 
 from ._app import cli, handle_errors, printed_json
 from ._params import (_augment_dict, _options, _unfreeze_value, _warn_random, augment_options,
-                      backbone_options, cache_options, json_option, split_options)
+                      backbone_options, cache_options, file_name_value, json_option,
+                      split_options)
 
 
 @cli.command()
@@ -17,8 +18,10 @@ from ._params import (_augment_dict, _options, _unfreeze_value, _warn_random, au
               help="Stage 2 (top of the base unfrozen) epochs at most.")
 @click.option("--unfreeze", default="20", show_default=True, callback=_unfreeze_value,
               help="Top N layers of the base to unfreeze in stage 2, or 'all'.")
-@click.option("--lr-head", type=float, default=1e-3, show_default=True)
-@click.option("--lr-base", type=float, default=1e-5, show_default=True)
+@click.option("--lr-head", type=click.FloatRange(0, min_open=True), default=1e-3,
+              show_default=True)
+@click.option("--lr-base", type=click.FloatRange(0, min_open=True), default=1e-5,
+              show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.2,
               show_default=True)
 @click.option("--patience", type=click.IntRange(1), default=3, show_default=True,
@@ -27,7 +30,8 @@ from ._params import (_augment_dict, _options, _unfreeze_value, _warn_random, au
               help="Augment training batches on the fly.")
 @augment_options
 @click.option("--out", type=click.Path(file_okay=False), default="models", show_default=True)
-@click.option("--name", default=None, help="Model name [default: finetune-BACKBONE].")
+@click.option("--name", default=None, callback=file_name_value,
+              help="Model name [default: finetune-BACKBONE].")
 @backbone_options(feature_layer=False)
 @split_options
 @cache_options(batch_default=32)

@@ -3,6 +3,9 @@ taken from :mod:`featx.options`; and the one options object a command builds fro
 
 from __future__ import annotations
 
+import math
+import os
+
 import click
 
 from featx.options import (CALIBRATIONS, DEVICES, POOLINGS, PRECISIONS, RUNTIMES, AuditOptions,
@@ -10,6 +13,7 @@ from featx.options import (CALIBRATIONS, DEVICES, POOLINGS, PRECISIONS, RUNTIMES
 
 DEFAULTS = ExtractOptions()  # the click defaults come from the options objects
 AUDIT_DEFAULTS = AuditOptions()
+SEED = click.IntRange(0, 2 ** 32 - 1)  # what numpy and scikit-learn take as a seed
 
 
 def backbone_options(multiple: bool = False, feature_layer: bool = True):
@@ -56,7 +60,7 @@ def split_options(func):
         click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True),
                      default=DEFAULTS.split.test_fraction, show_default=True,
                      help="Share of each class held out for test."),
-        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
+        click.option("--seed", type=SEED, default=DEFAULTS.seed, show_default=True,
                      help="Seed of the split (and of anything random)."),
         click.option("--train-per-class", type=click.IntRange(1), default=None,
                      help="Few-shot protocol: K training images per class, the rest for val."),
@@ -153,6 +157,14 @@ def json_option(func):
                         help="Print one JSON object as the last line of stdout.")(func)
 
 
+def trust_pickle_option(func):
+    """Every command that loads a classifier model: a featx 0.1 .joblib loads only with it."""
+    return click.option("--trust-pickle", is_flag=True,
+                        help="Also load a .joblib model (featx 0.1), a pickle that runs code "
+                        "when loaded: only for a file whose source you trust. `featx "
+                        "convert-model` converts it to .skops once.")(func)
+
+
 def _warn_random(weights):
     if weights == "random":
         click.echo("featx: WARNING: RANDOM weights: embeddings carry no ImageNet knowledge; "
@@ -221,3 +233,84 @@ def image_options(multiple: bool = False):
         return func
 
     return decorator
+
+
+# ----- values no command can use -----------------------------------------------------------
+def _shown(value: str) -> str:
+    """A value as one short line: repr() escapes line breaks, NUL and other bytes."""
+    return repr(value) if len(value) <= 60 else f"{value[:40]!r}... ({len(value):,} characters)"
+
+
+def path_problem(value: str) -> str | None:
+    """What makes ``value`` unusable as a path (empty, a NUL byte or a line break in it, or
+    refused by the file system: too long, under a file...), or None."""
+    if not value:
+        return "an empty path"
+    if any(c in value for c in "\0\n\r"):
+        return f"{_shown(value)}: a path cannot hold a NUL byte or a line break"
+    try:
+        os.stat(value)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return f"{_shown(value)}: {exc.strerror}"
+    return None
+
+
+class _CheckedPath(click.Path):
+    """click.Path, refusing in one line what :func:`path_problem` finds."""
+
+    def convert(self, value, param, ctx):
+        problem = path_problem(value) if isinstance(value, str) else None
+        if problem:
+            self.fail(problem, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _FiniteFloatRange(click.FloatRange):
+    """click.FloatRange, refusing nan and infinities (nan passes every range check)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
+def check_values(group: click.Group) -> None:
+    """Give every path and float parameter of every command under ``group`` the checks
+    above: one place, so that the options added later get them too."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            check_values(command)
+            continue
+        for param in command.params:
+            param.type = _checked(param.type)
+
+
+def _checked(kind: click.ParamType) -> click.ParamType:
+    if type(kind) is click.Path:
+        return _CheckedPath(exists=kind.exists, file_okay=kind.file_okay,
+                            dir_okay=kind.dir_okay, writable=kind.writable,
+                            readable=kind.readable, resolve_path=kind.resolve_path,
+                            allow_dash=kind.allow_dash, path_type=kind.type,
+                            executable=kind.executable)
+    if type(kind) is click.FloatRange:
+        return _FiniteFloatRange(kind.min, kind.max, min_open=kind.min_open,
+                                 max_open=kind.max_open, clamp=kind.clamp)
+    return kind
+
+
+def file_name_value(ctx, param, value):
+    """A callback for an option that names a file in a folder (``--name``): one name, no
+    folders."""
+    if value is None:
+        return value
+    problem = path_problem(value)
+    if problem is None and ("/" in value or value in (".", "..")):
+        problem = f"{_shown(value)}: a file name, without '/'"
+    if problem is None and len(value.encode("utf-8", "surrogateescape")) > 200:
+        problem = f"{_shown(value)}: longer than 200 bytes"
+    if problem:
+        raise click.BadParameter(problem)
+    return value

@@ -4,7 +4,8 @@ relative to the data folder, as ``featx audit --write-exclude`` writes them."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path, PurePath
+import posixpath
+from pathlib import Path
 
 import numpy as np
 
@@ -14,13 +15,19 @@ from featx.errors import DataError
 log = logging.getLogger("featx.data")  # one logger for the package
 
 
+# The longest path Linux accepts (PATH_MAX): a longer line names no file.
+_MAX_ENTRY = 4096
+
+
 def read_exclude_file(path, root) -> set[str]:
     """The files an exclude list names, as POSIX paths relative to ``root``.
 
     One path per line, relative to ``root`` (as ``featx audit --write-exclude`` writes
     them) or absolute; ``#`` at the start of a line or after a space starts a comment;
-    blank lines are skipped. A listed path that is not under ``root`` is kept as given
-    (it then matches nothing, and the caller reports how many matched).
+    blank lines are skipped; ``a/../b`` is read as ``b``. A file that cannot be an exclude
+    list for ``root`` raises DataError, in one line naming the file and the line: not
+    UTF-8 text, a NUL byte, a line longer than any path (4096 characters), or a path
+    outside ``root`` (the list was written for another folder).
     """
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -30,18 +37,33 @@ def read_exclude_file(path, root) -> set[str]:
         raise DataError(f"{path}: cannot read exclude file ({exc})") from None
     root = Path(root).resolve()
     listed = set()
-    for line in text.splitlines():
+    for number, line in enumerate(text.split("\n"), start=1):  # only \n: names may hold \x85
         entry = _strip_comment(line)
-        if not entry:
-            continue
-        item = Path(entry)
-        if item.is_absolute():
-            try:
-                entry = item.resolve().relative_to(root).as_posix()
-            except ValueError:
-                pass
-        listed.add(PurePath(entry).as_posix())
+        if entry:
+            listed.add(_listed_path(entry, root, f"{path}: line {number}"))
     return listed
+
+
+def _listed_path(entry: str, root: Path, where: str) -> str:
+    """One entry as a path relative to ``root``; DataError when it names no file there."""
+    if "\0" in entry:
+        raise DataError(f"{where}: a NUL byte; an exclude list is text, one path per line")
+    if len(entry) > _MAX_ENTRY:
+        raise DataError(f"{where}: {len(entry):,} characters, longer than any path")
+    relative = posixpath.normpath(entry)
+    if posixpath.isabs(relative):
+        relative = _under(Path(relative), root) or _under(Path(entry).resolve(), root)
+    if not relative or relative == "." or relative.startswith("../") or relative == "..":
+        raise DataError(f"{where}: {entry[:200]!r} is not a file under {root}; list paths "
+                        "relative to the data folder")
+    return relative
+
+
+def _under(path: Path, root: Path) -> str | None:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
 
 
 def excluded_paths(exclude_file, manifest) -> frozenset[str]:

@@ -5,16 +5,19 @@ centre-crop. Only numpy and cv2 are imported.
 from __future__ import annotations
 
 import math
+import os
 
 import cv2
 import numpy as np
 
-from featx.errors import ImageDecodeError
+from featx.errors import ImageDecodeError, UsageError
+
+from ._headers import declared_size, jpeg_size
 
 # ----- reading images --------------------------------------------------------------
 # Formats that may carry alpha or 16-bit samples, by their leading bytes. They are decoded
-# with IMREAD_UNCHANGED and normalised here; everything else (JPEG above all) with
-# IMREAD_COLOR, which applies the EXIF orientation and converts gray/CMYK/palette to BGR.
+# with IMREAD_UNCHANGED and normalised here; JPEG with IMREAD_COLOR, which applies the EXIF
+# orientation and converts gray and CMYK to BGR.
 _UNCHANGED_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+",
                          b"GIF87a", b"GIF89a", b"BM")
 
@@ -22,16 +25,56 @@ _UNCHANGED_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00
 _MIN_SIDE = 2
 
 
+# ----- the decompression-bomb limit ----------------------------------------------------
+# 2**28 = 16384 x 16384 pixels: above the largest camera photos (about 200 MP), and 1.5 times
+# the size at which Pillow refuses an image (2 x its MAX_IMAGE_PIXELS of 89,478,485). A few
+# hundred bytes can declare any size, and decoders allocate what the header declares.
+MAX_IMAGE_PIXELS = 2 ** 28
+
+
+def max_image_pixels() -> int:
+    """The largest image, in pixels (width x height), that featx decodes.
+
+    ``FEATX_MAX_IMAGE_PIXELS`` when set (to raise it for very large scans or panoramas),
+    else :data:`MAX_IMAGE_PIXELS`. Raises :class:`~featx.errors.UsageError` for a value
+    that is not a positive whole number. Above 2**30 pixels OpenCV's own limit,
+    ``OPENCV_IO_MAX_IMAGE_PIXELS`` (read when cv2 is imported), refuses images as well.
+    """
+    value = os.environ.get("FEATX_MAX_IMAGE_PIXELS", "").strip()
+    if not value:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(value) if len(value) < 30 else 0
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UsageError(f"FEATX_MAX_IMAGE_PIXELS={value[:40]!r}: expected a positive whole "
+                         "number of pixels")
+    return limit
+
+
 def read_image(path, *, reduced_decode: bool = False,
                resize_size: int | None = None) -> np.ndarray:
     """Read an image file as RGB.
 
-    JPEG (and any format not listed below) is decoded with ``cv2.IMREAD_COLOR``, which
-    honours the EXIF orientation and turns grayscale, palette and CMYK into 8-bit colour.
-    PNG, WebP, TIFF, GIF and BMP (recognised by their first bytes, not the extension) are
-    decoded unchanged, then 16-bit samples become 8-bit (``round(x / 257)``), grayscale
-    becomes three channels and alpha is composited onto white. Their EXIF orientation, if
-    any, is not applied.
+    JPEG, PNG, GIF, BMP, WebP and TIFF are read, recognised by their first bytes, not the
+    extension; anything else is refused unread. Before any decoding, the size the file's
+    header declares is checked against :func:`max_image_pixels` (``FEATX_MAX_IMAGE_PIXELS``,
+    default 2**28): a larger image, or a header whose size cannot be read, is refused, so a
+    small file cannot make the decoder allocate gigabytes (a decompression bomb).
+
+    JPEG is decoded with ``cv2.IMREAD_COLOR``, which honours the EXIF orientation and turns
+    grayscale and CMYK into 8-bit colour. PNG, WebP, TIFF, GIF and BMP are decoded
+    unchanged, then 16-bit samples become 8-bit (``round(x / 257)``), grayscale becomes
+    three channels and alpha is composited onto white. Their EXIF orientation, if any, is
+    not applied.
+
+    Memory: an image just under the limit costs what the decoder holds, 3 bytes a pixel
+    for 8-bit colour (converted to RGB in place), 8 for 16-bit RGBA and for GIF (OpenCV
+    keeps a 4-channel canvas), at most 32 (a 4-channel 64-bit float TIFF, the deepest
+    OpenCV decodes); then 3 bytes a pixel for the RGB result of anything but 8-bit colour,
+    about 16 MB of conversion buffers, and the file's bytes. At the default limit: 0.8 GB
+    for an 8-bit colour image, at most 9.4 GB.
 
     Parameters
     ----------
@@ -53,33 +96,41 @@ def read_image(path, *, reduced_decode: bool = False,
     ImageDecodeError
         With ``reason`` one of: ``"file not found"``, ``"cannot read file (<OS error>)"``,
         ``"empty file (0 bytes)"``, ``"truncated image"``, ``"cannot decode image (corrupt
-        or unsupported format)"``, ``"image too small (WxH)"``, ``"unsupported number of
-        channels (N)"``, ``"unsupported sample type (<dtype>)"``.
+        or unsupported format)"``, ``"image too large: W x H = N pixels, over the limit of
+        M (FEATX_MAX_IMAGE_PIXELS)"``, ``"image too small (WxH)"``, ``"unsupported number
+        of channels (N)"``, ``"unsupported sample type (<dtype>)"``.
+    UsageError
+        ``FEATX_MAX_IMAGE_PIXELS`` is not a positive whole number.
     ValueError
         ``reduced_decode`` without a positive ``resize_size``.
     """
     if reduced_decode and (resize_size is None or resize_size < 1):
         raise ValueError(f"reduced_decode needs a positive resize_size, got {resize_size!r}")
+    limit = max_image_pixels()
     data = _read_bytes(path)
+    _check_declared_size(data, limit, path)
     unchanged = _is_unchanged_format(data)
     if unchanged:
         flag = cv2.IMREAD_UNCHANGED
     else:
         flag = _reduced_flag(data, resize_size) if reduced_decode else cv2.IMREAD_COLOR
     try:
-        image = cv2.imdecode(data, flag)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error:
-        image = None  # e.g. over OpenCV's pixel-count limit
+        image = None  # e.g. over OpenCV's own limits
     if image is None or image.size == 0:
-        reason = ("truncated image" if _looks_truncated(data)
-                  else "cannot decode image (corrupt or unsupported format)")
-        raise ImageDecodeError(path, reason)
+        raise ImageDecodeError(path, _undecodable(data))
     height, width = image.shape[:2]
     if min(height, width) < _MIN_SIDE:
         raise ImageDecodeError(path, f"image too small ({width}x{height})")
     if not unchanged:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
     return _to_rgb8(image, path)
+
+
+def _undecodable(data: bytes) -> str:
+    return ("truncated image" if _looks_truncated(data)
+            else "cannot decode image (corrupt or unsupported format)")
 
 
 # libjpeg rounds scaled sizes up, so a side of n/f (real) gives at least n/f pixels.
@@ -87,7 +138,7 @@ _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_
                   (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
-def _reduced_flag(data: np.ndarray, resize_size: int) -> int:
+def _reduced_flag(data: bytes, resize_size: int) -> int:
     """The imdecode flag for reduced decoding: the largest factor keeping >= resize_size."""
     size = jpeg_size(data)
     if size is not None:
@@ -97,76 +148,47 @@ def _reduced_flag(data: np.ndarray, resize_size: int) -> int:
     return cv2.IMREAD_COLOR
 
 
-_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended, progressive (Huffman)
-
-
-_JPEG_OTHER_SOF = frozenset({0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-_JPEG_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length
-
-
-def jpeg_size(data) -> tuple[int, int] | None:
-    """(height, width) from the SOF0/SOF1/SOF2 header of a JPEG's bytes, without decoding.
-
-    Returns None for anything else: not a JPEG, a cut-off header, a lossless or arithmetic
-    coded JPEG, or a height left to a DNL marker (0). The size is before EXIF rotation.
-    """
-    view = memoryview(data).cast("B")
-    n = len(view)
-    if n < 4 or view[0] != 0xFF or view[1] != 0xD8:
-        return None
-    i = 2
-    while i + 1 < n:
-        if view[i] != 0xFF:
-            return None
-        marker = view[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-        elif marker in _JPEG_NO_LENGTH:
-            i += 2
-        elif marker in _JPEG_SOF:
-            if i + 9 > n:
-                return None
-            height = (view[i + 5] << 8) | view[i + 6]
-            width = (view[i + 7] << 8) | view[i + 8]
-            return (height, width) if height and width else None
-        elif marker in _JPEG_OTHER_SOF or marker in (0x00, 0xD8, 0xD9, 0xDA):
-            return None  # not scalable, or no SOF before the scan / image end
-        elif i + 4 > n:
-            return None
-        else:
-            length = (view[i + 2] << 8) | view[i + 3]
-            if length < 2:
-                return None
-            i += 2 + length
-    return None
-
-
-def _read_bytes(path) -> np.ndarray:
+def _read_bytes(path) -> bytes:
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as file:
+            data = file.read()
     except FileNotFoundError:
         raise ImageDecodeError(path, "file not found") from None
-    except OSError as exc:
-        raise ImageDecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
-    if data.size == 0:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        reason = getattr(exc, "strerror", None) or exc
+        raise ImageDecodeError(path, f"cannot read file ({reason})") from None
+    if not data:
         raise ImageDecodeError(path, "empty file (0 bytes)")
     return data
 
 
-def _is_unchanged_format(data: np.ndarray) -> bool:
-    head = data[:16].tobytes()
+# ----- the size a header declares ----------------------------------------------------
+def _check_declared_size(data: bytes, limit: int, path) -> None:
+    """Refuse, before any decoder sees them, files whose size cannot be read from their
+    header (not one of the six formats, or cut short) and images over ``limit`` pixels."""
+    size = declared_size(data)
+    if size is None:
+        raise ImageDecodeError(path, _undecodable(data))
+    width, height = size
+    if width * height > limit:
+        raise ImageDecodeError(path, f"image too large: {width} x {height} = "
+                                     f"{width * height:,} pixels, over the limit of "
+                                     f"{limit:,} (FEATX_MAX_IMAGE_PIXELS)")
+
+
+# ----- decoded samples to RGB ----------------------------------------------------------
+def _is_unchanged_format(data: bytes) -> bool:
+    head = data[:16]
     return head.startswith(_UNCHANGED_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
-def _looks_truncated(data: np.ndarray) -> bool:
+def _looks_truncated(data: bytes) -> bool:
     """True when a file that failed to decode lacks the end its format requires.
 
     Only used after a failed decode: some valid JPEGs carry data after the end marker
     (e.g. motion photos), so a missing marker alone does not make a file bad.
     """
-    head, tail = data[:12].tobytes(), data[-1024:].tobytes()
+    head, tail = data[:12], data[-1024:]
     if head.startswith(b"\xff\xd8"):
         return b"\xff\xd9" not in tail
     if head.startswith(b"\x89PNG"):
@@ -174,8 +196,13 @@ def _looks_truncated(data: np.ndarray) -> bool:
     if head.startswith(b"GIF8"):
         return not tail.rstrip(b"\x00").endswith(b";")
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return int.from_bytes(head[4:8], "little") + 8 > data.size
+        return int.from_bytes(head[4:8], "little") + 8 > len(data)
     return False
+
+
+# Images are converted in strips of about this many pixels, so that the float buffers of a
+# conversion stay near 16 MB whatever the image's size.
+_STRIP_PIXELS = 1 << 18
 
 
 def _to_rgb8(image: np.ndarray, path) -> np.ndarray:
@@ -185,27 +212,36 @@ def _to_rgb8(image: np.ndarray, path) -> np.ndarray:
     channels = image.shape[2]
     if channels not in (1, 2, 3, 4):
         raise ImageDecodeError(path, f"unsupported number of channels ({channels})")
-    if channels in (2, 4):
-        image = _composite_on_white(_unit_float(image, path))
+    if image.dtype not in (np.uint8, np.uint16) and image.dtype.kind != "f":
+        raise ImageDecodeError(path, f"unsupported sample type ({image.dtype})")
+    if channels == 3 and image.dtype == np.uint8:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
+    height, width = image.shape[:2]
+    rgb = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        rgb[top:top + rows] = _strip_to_rgb8(image[top:top + rows])
+    return rgb
+
+
+def _strip_to_rgb8(image: np.ndarray) -> np.ndarray:
+    if image.shape[2] in (2, 4):
+        image = _composite_on_white(_unit_float(image))
     elif image.dtype == np.uint16:
         image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
     elif image.dtype != np.uint8:
-        image = _unit_float(image, path)
+        image = _unit_float(image)
     if image.dtype != np.uint8:
         image = np.rint(image * 255.0).astype(np.uint8)
     code = cv2.COLOR_GRAY2RGB if image.shape[2] == 1 else cv2.COLOR_BGR2RGB
     return cv2.cvtColor(image, code)
 
 
-def _unit_float(image: np.ndarray, path) -> np.ndarray:
+def _unit_float(image: np.ndarray) -> np.ndarray:
     """Samples as float32 in [0, 1]; float images are taken to be in [0, 1] already."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
     if image.dtype.kind == "f":
         return np.clip(np.nan_to_num(image.astype(np.float32)), 0.0, 1.0)
-    raise ImageDecodeError(path, f"unsupported sample type ({image.dtype})")
+    return image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 65535.0)
 
 
 def _composite_on_white(image: np.ndarray) -> np.ndarray:

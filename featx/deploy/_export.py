@@ -83,12 +83,14 @@ def default_output(model_path, format: str, precision: str) -> Path:
 
 
 def export_model(model_path, format: str = "onnx", *, precision: str = "fp32",
-                 out=None) -> Exported:
+                 out=None, trust_pickle: bool = False) -> Exported:
     """Write ``model_path``'s deployable file (see the module docstring) to ``out``
     (default :func:`default_output`).
 
     ``precision="int8"`` (ONNX only): see the module docstring; calibrating needs the
     model's recorded data folder unless its int8 feature model is already stored.
+    ``trust_pickle``: also load a featx 0.1 ``.joblib`` model, a pickle that runs code
+    when loaded (:func:`featx.classifiers.load_model`).
     """
     if format not in FORMATS:
         raise UsageError(f"unknown export format {format!r}; one of {', '.join(FORMATS)}")
@@ -99,7 +101,7 @@ def export_model(model_path, format: str = "onnx", *, precision: str = "fp32",
         raise UsageError("int8 is an ONNX Runtime quantisation: use --format onnx")
     started = time.perf_counter()
     out = _output_path(model_path, out, format, precision)
-    source = load_source(model_path)
+    source = load_source(model_path, trust_pickle=trust_pickle)
     metadata = export_metadata(source, format, precision)
     _warn_precision(source, metadata)
     if format == "keras":
@@ -130,7 +132,7 @@ def _output_path(model_path, out, format: str, precision: str) -> Path:
     if out.suffix != f".{format}":
         raise UsageError(f"{out}: a {format} export needs a .{format} file name")
     model, model_sidecar = Path(model_path).resolve(), sidecar_for(model_path).resolve()
-    taken = {model, model_sidecar, model.with_suffix(".joblib")}
+    taken = {model, model_sidecar, model.with_suffix(".skops"), model.with_suffix(".joblib")}
     if out.resolve() in taken or sidecar_for(out).resolve() in taken:
         raise UsageError(f"{out}: the export (and its sidecar {sidecar_for(out).name}) would "
                          f"overwrite the model {Path(model_path).name}; choose another name")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.backbones import load_keras_model
 from featx.errors import DataError
 from featx.extraction import isa_mismatch, map_files
 from featx.inference import SavedModel
@@ -61,9 +62,8 @@ class ExportedRunner:
                                                  providers=["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name
         else:
-            import keras
-
-            self._model = keras.saving.load_model(str(self.path), compile=False)
+            # featx's own layers left unregistered: the export must load without featx
+            self._model = load_keras_model(self.path, featx_layers=False, compile=False)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self.path.suffix == ".onnx":
@@ -115,12 +115,13 @@ def parity_bound(precision: str, fitted_on: str, output: str) -> dict:
 
 
 def check_export(exported_path, model_path, data_dir, *, batch_size: int = 32,
-                 runtime: str = "auto") -> Parity:
+                 runtime: str = "auto", trust_pickle: bool = False) -> Parity:
     """Run the exported file alone on ``data_dir``'s validation images (the model's
     recorded split; test, else every image, when there is no val split) and compare with
-    ``featx predict``'s scores and labels for the same files."""
+    ``featx predict``'s scores and labels for the same files. ``trust_pickle``: as for
+    :meth:`featx.inference.SavedModel.load`."""
     runner = ExportedRunner(exported_path)
-    model = SavedModel.load(model_path)
+    model = SavedModel.load(model_path, trust_pickle=trust_pickle)
     if runner.metadata.get("source_model", {}).get("sha256") != model.metadata.get("sha256"):
         raise DataError(f"{exported_path} was not exported from {model_path} (its recorded "
                         "source model has another SHA-256)")

@@ -42,13 +42,14 @@ class Source:
         return self.saved.preprocessing
 
 
-def load_source(model_path) -> Source:
-    """A saved model (``.joblib``/``.json`` from fit, ``.keras`` from finetune), checked.
+def load_source(model_path, *, trust_pickle: bool = False) -> Source:
+    """A saved model (``.skops``/``.json`` from fit, ``.keras`` from finetune), checked.
 
     Refuses (DataError) a file whose SHA-256 differs from its sidecar's, and a classifier
-    whose recorded cache key is not what this featx's backbone gives.
+    whose recorded cache key is not what this featx's backbone gives; a featx 0.1
+    ``.joblib`` pickle (UsageError) unless ``trust_pickle``.
     """
-    model = SavedModel.load(model_path)
+    model = SavedModel.load(model_path, trust_pickle=trust_pickle)
     if model.kind == "finetune":
         import keras
 

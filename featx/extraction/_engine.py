@@ -10,6 +10,8 @@ without touching the others, and tests inject fakes.
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
 
 import numpy as np
@@ -28,13 +30,47 @@ class PipelineTiming:
     first_batch_seconds: float = 0.0  # includes one-off costs (tracing, session start)
 
 
+class SignalStop:
+    """While entered (in the main thread), SIGINT and SIGTERM ask the pipeline to stop at
+    the next batch boundary instead of stopping the process: ``signum`` is then the signal.
+    A second signal acts as it would have without this (the handlers are put back at the
+    first), so a user who insists stops at once; a cache survives both."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._stop) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+
+    def __bool__(self):
+        return self.signum is not None
+
+    def _stop(self, signum, frame):
+        self.signum = signum
+        self._restore()
+
+    def _restore(self):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+
 def run_pipeline(reader: ImageReader, mapper: Mapper, writer: Writer, *,
-                 progress: bool = True, desc: str = "extract") -> PipelineTiming:
+                 progress: bool = True, desc: str = "extract", stop=None) -> PipelineTiming:
     """The local engine: each reader batch through the mapper, then to the writer.
 
     Rows whose file could not be decoded skip the mapper (their embedding is zeros and
     their ``error`` says why); the writer decides what to do with them. The writer is
-    closed (flushed) even when a stage raises.
+    closed (flushed) even when a stage raises. ``stop`` (a :class:`SignalStop`, or anything
+    that turns true) ends the run after the batch in hand.
     """
     from tqdm.auto import tqdm
 
@@ -53,6 +89,8 @@ def run_pipeline(reader: ImageReader, mapper: Mapper, writer: Writer, *,
             if not timing.first_batch_images:
                 timing.first_batch_images = n
                 timing.first_batch_seconds = time.perf_counter() - start
+            if stop:
+                break
     finally:
         bar.close()
         writer.close()

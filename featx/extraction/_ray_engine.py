@@ -296,14 +296,16 @@ def _auth_message(address: str) -> str:
 
 def _check_reachable(address: str):
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--ray-address {address}: expected HOST:PORT (the head node's GCS "
+    valid_port = len(port) <= 5 and port.isdecimal() and 0 < int(port) < 65536
+    if not host or not host.isprintable() or not valid_port:
+        raise UsageError(f"--ray-address {address!r}: expected HOST:PORT (the head node's GCS "
                          "address, port 6379 by default), 'auto' or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA cannot encode
         raise UsageError(f"--ray-address {address}: no Ray cluster answers there "
-                         f"({exc.strerror or exc}); start one with `ray start --head`") from None
+                         f"({getattr(exc, 'strerror', None) or exc}); start one with "
+                         "`ray start --head`") from None
 
 
 def run(session, columns: dict, spec: WorkerSpec, *, key_digest: str, address=None,

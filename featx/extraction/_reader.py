@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.data import load_for_model
+from featx.data import load_for_model, max_image_pixels
 from featx.errors import ImageDecodeError
 from featx.options import usable_cores
 
@@ -45,6 +45,7 @@ class ImageReader:
         self.batch_size = int(batch_size)
         self.workers = workers or usable_cores()
         self.prefetch = prefetch
+        max_image_pixels()  # a bad FEATX_MAX_IMAGE_PIXELS stops the run here, not each file
 
     def __len__(self) -> int:
         return len(self.paths)

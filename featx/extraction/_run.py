@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -13,10 +14,10 @@ import numpy as np
 from featx._io import featx_version
 from featx.cache import CacheSession, ExtractStats, key_hash, reconcile
 from featx.data import excluded_paths
-from featx.errors import CacheError
+from featx.errors import CacheError, Interrupted
 
 from . import _ray_engine
-from ._engine import run_pipeline
+from ._engine import SignalStop, run_pipeline
 from ._int8 import int8_model
 from ._onnx_store import ensure_fp32, store_for
 from ._reader import ImageReader, decoded
@@ -52,6 +53,7 @@ class Run:
         self.ray_computed_by = []  # what the Ray actors say computed their shards
         self.stats = ExtractStats()
         self.excluded = frozenset()  # relative paths the exclude list names
+        self.stopped = None  # an Interrupted, raised once what was embedded is committed
         self.mapper = _OnDemand(mapper, lambda: open_mapper(
             backbone, options.runtime, options.precision, self._device(), self._store(),
             self._batch_size(), self.int8_model), flip_average=options.flip_average,
@@ -94,6 +96,8 @@ class Run:
         finally:
             cache.close()
         self._count(manifest, failed)
+        if self.stopped is not None:
+            raise self.stopped
 
     def _reconciled(self, key):
         """The full key (int8 adds its model's identity), the folder's manifest (the
@@ -125,7 +129,8 @@ class Run:
         cache, self.stats.n_copied = reconcile.apply_plan(cache, plan, current)
         new_failed = self._embed_new(cache, plan.extract, current, key) \
             if plan.extract.size else []
-        cache, augment_seconds = self._augment(cache, augment, augment_options)
+        cache, augment_seconds = self._augment(cache, 0 if self.stopped else augment,
+                                               augment_options)
         failed = plan.known_failed + new_failed
         cache.set_failed(failed)
         return cache, failed, augment_seconds
@@ -165,8 +170,12 @@ class Run:
         reader = ImageReader(columns["paths"], self.backbone.preprocessing, self._batch_size(),
                              root=self.root, workers=self.options.workers)
         writer = CacheWriter(cache, columns)
-        timing = run_pipeline(reader, self.mapper(cache), writer,
-                              progress=self.options.progress)
+        mapper = self.mapper(cache)
+        with SignalStop() as stop:
+            timing = run_pipeline(reader, mapper, writer, progress=self.options.progress,
+                                  stop=stop)
+        if stop:
+            self.stopped = _interrupted(stop.signum, timing.n_images, len(todo), cache.path)
         self.stats.n_extracted = timing.n_images
         self.stats.batch_size = self._batch_size()
         self.stats.first_batch_seconds = timing.first_batch_seconds
@@ -222,6 +231,13 @@ class Run:
             cache, self.backbone, self.root, k, augment_options, self.options.seed,
             self._batch_size(), self.options.progress, mapper=self.mapper)
         return cache, (time.perf_counter() - started) if self.stats.n_augmented else 0.0
+
+
+def _interrupted(signum, done: int, todo: int, cache_path) -> Interrupted:
+    return Interrupted(
+        f"stopped by {signal.Signals(signum).name} at a batch boundary: {done} of {todo} "
+        f"new images embedded and kept in {cache_path}; run the same command again to embed "
+        "the rest", signum)
 
 
 def check_agreement(cache, mapper, root, preprocessing, sample: int = AGREEMENT_SAMPLE):

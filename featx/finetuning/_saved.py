@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from featx._io import check_artifact, featx_version, read_sidecar, save_artifact, sidecar_for
+from featx.backbones import load_keras_model
 from featx.errors import DataError, ImageDecodeError, UsageError
 from featx.extraction import map_files
 
@@ -71,12 +72,12 @@ def load_finetuned(path):
     Raises
     ------
     DataError
-        The file or its sidecar is missing, the sidecar is not a fine-tuned model's, or the
+        The file or its sidecar is missing, the sidecar is not a fine-tuned model's, the
         file's SHA-256 differs from the recorded one (the model was replaced or damaged;
-        it is then never loaded).
+        it is then never loaded), or it holds Python code that Keras' safe mode refuses
+        (a ``Lambda`` layer).
     """
-    import featx.backbones.layers  # noqa: F401 - registers featx layers for deserialisation
-    import featx.data.augment  # noqa: F401
+    import featx.data.augment  # noqa: F401 - registers its layers for deserialisation
 
     path = Path(path)
     if not path.is_file():
@@ -89,7 +90,7 @@ def load_finetuned(path):
     if metadata.get("featx_model") != "finetune":
         raise DataError(f"{sidecar}: not the metadata of a featx fine-tuned model")
     check_artifact(path, metadata.get("sha256"), sidecar.name)
-    return keras.saving.load_model(str(path), compile=False), metadata
+    return load_keras_model(path, compile=False), metadata
 
 
 def predict_images(model, metadata, paths, batch_size: int = 32, *, on_error="raise"):

@@ -1,6 +1,7 @@
-"""A saved model of either kind, loaded once after its trust check: a classifier from
-``featx fit`` (``.joblib`` + ``.json`` sidecar) or a network from ``featx finetune``
-(``.keras`` + ``.json``). The one place that asks which kind a file is."""
+"""A saved model of either kind, loaded once after its checks: a classifier from
+``featx fit`` (``.skops`` + ``.json`` sidecar) or a network from ``featx finetune``
+(``.keras`` + ``.json``, loaded in Keras' safe mode). The one place that asks which kind a
+file is."""
 
 from __future__ import annotations
 
@@ -35,15 +36,17 @@ class SavedModel:
             self.score_classes = list(range(len(self.class_names)))
 
     @classmethod
-    def load(cls, path) -> SavedModel:
+    def load(cls, path, *, trust_pickle: bool = False) -> SavedModel:
         """Load ``path``: a ``.keras`` file is a fine-tuned model, anything else a
-        classifier (its ``.joblib`` or its ``.json`` sidecar)."""
+        classifier (its ``.skops`` or its ``.json`` sidecar). ``trust_pickle``: also load a
+        featx 0.1 ``.joblib`` classifier, a pickle that runs code when loaded
+        (:func:`featx.classifiers.load_model`)."""
         path = Path(path)
         if path.suffix == ".keras":
             from featx.finetuning import load_finetuned  # imports Keras
 
             return cls(path, "finetune", *load_finetuned(path))
-        return cls(path, "classifier", *load_model(path))
+        return cls(path, "classifier", *load_model(path, trust_pickle=trust_pickle))
 
     @property
     def classes(self) -> list[str]:

@@ -8,6 +8,7 @@ The runtime is exact (:mod:`exact_runtime`), so a re-embedded row is equal bit f
 """
 
 import collections
+import os
 import shutil
 import time
 
@@ -162,6 +163,30 @@ def test_a_damaged_part_file_has_its_rows_embedded_again(tmp_path, pristine, tru
     assert outcome in ((True, ("done", 0)), (True, ("done", 2)))
 
 
+def test_a_shard_damaged_under_an_unchanged_mtime_is_not_read(tmp_path, pristine):
+    data, cache_dir, cache_path, reference = pristine
+    work = tmp_path / "work"
+    shutil.copytree(cache_dir, work)
+    shard = target_file(work / cache_path.relative_to(cache_dir), "shard", 0)
+    before = shard.stat()
+    damage(shard, truncate=False, offset=len(shard.read_bytes()) // 2, bit=3)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # bit rot keeps the mtime
+    assert not read_now(work / cache_path.relative_to(cache_dir), shard, reference)
+    assert extract_again(data, work, shard, reference) == ("done", 6)
+
+
+def test_a_refused_index_deleted_as_its_line_says_gives_every_row_once(tmp_path, pristine):
+    data, cache_dir, cache_path, reference = pristine
+    work = tmp_path / "work"
+    shutil.copytree(cache_dir, work)
+    path = work / cache_path.relative_to(cache_dir)
+    damage(path, truncate=True, offset=0x7000, bit=0)
+    with pytest.raises(CacheError, match="delete it"):
+        Features(path)
+    path.unlink()  # the part file a stopped run left is the deleted index's
+    assert extract_again(data, work, path, reference) == ("done", 10)
+
+
 def test_an_index_written_before_seals_is_read_and_sealed_on_its_next_write(tmp_path,
                                                                             monkeypatch):
     from featx.cache import _index, _shards
@@ -173,9 +198,12 @@ def test_an_index_written_before_seals_is_read_and_sealed_on_its_next_write(tmp_
     with monkeypatch.context() as old:  # as featx wrote indexes before seals
         old.setattr(_index, "SEAL_BYTES", 0)
         old.setattr(_index, "seal", lambda path: None)
+        old.setattr(_shards, "SEAL_BYTES", 0)
+        old.setattr(_shards, "seal", lambda path: None)
         with CacheSession(path, key=key, dim=2, attrs={}) as session:
             session.append(np.ones((1, 2), np.float32), **rows)
     assert path.read_bytes().startswith(_shards.HDF5_SIGNATURE)
+    _index._SEALED.clear()  # as a new process finds it: its seal is checked
     with FeatureCache.open(path) as cache:
         assert cache.rows()["paths"].tolist() == ["a.png"]
     with CacheSession(path, key=key) as session:
@@ -183,3 +211,14 @@ def test_an_index_written_before_seals_is_read_and_sealed_on_its_next_write(tmp_
     assert path.read_bytes().startswith(_shards.SEAL_MAGIC)
     with FeatureCache.open(path) as cache:
         np.testing.assert_array_equal(cache.embeddings(), [[1, 1], [0, 0]])
+
+
+def test_an_image_whose_name_is_not_utf8_is_skipped_and_the_rest_cached(tmp_path, caplog):
+    data = make_dataset(tmp_path / "data", per_class=2)
+    first = next((data / "cat").iterdir())
+    odd = os.fsencode(first.parent) + b"/caf\xe9.png"  # Latin-1, as old cameras wrote
+    os.rename(os.fsencode(first), odd)
+    features = run(data, tmp_path / "cache")
+    assert len(features.paths) == 3 and r"caf\udce9.png" in caplog.text
+    assert len(run(data, tmp_path / "cache").paths) == 3  # and the cache stays usable
+

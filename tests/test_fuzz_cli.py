@@ -28,7 +28,7 @@ TINY_ARGS = ["--backbone", "mobilenet_v2", "--weights", "random", "--input-size"
              "--no-progress"]
 HOSTILE = ["a\0b", "x" * 10_000, "y" * 255, "\udcff\udcfe", "a\nb", "", "-1",
            "-99999999999999999999", "99999999999999999999", "1e309", "nan", "-inf",
-           "../outside", ".", "OUTSIDE_FILE"]
+           "../outside", ".", "OUTSIDE_FILE", "/proc/featx-cannot-be-made"]
 
 
 def commands(group=cli, prefix=()):

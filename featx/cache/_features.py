@@ -147,6 +147,7 @@ class Features(_Rows):
             # what computed the rows: "onnxruntime/cpu", "keras/jax/gpu" (extraction.computed_by)
             self.computed_by = cache.json_attr("computed_by", [])
             self._index_id = cache.attr("index_id")
+            self._augment_recipe = cache.attr("augment_recipe")
             failed = cache.failed()
         # cache row of each of our rows: take() reads through it
         self._cache_rows = np.flatnonzero([p not in exclude for p in rows["paths"]])
@@ -195,6 +196,9 @@ class Features(_Rows):
         """Where rows ``idx`` are in an index written since this object read its rows (an
         extract or a compaction meanwhile): found by path, content and view, never by
         position, which another index gives to other images."""
+        if cache.attr("augment_recipe") != self._augment_recipe and (self.view[idx] > 0).any():
+            raise CacheError(f"{self.cache_path}: its augmented views were made again with "
+                             "other options since they were read; read the cache again")
         now = cache.rows()
         where = {row: i for i, row in enumerate(zip(now["paths"], now["sha256"],
                                                     now["view"].tolist()))}

@@ -228,6 +228,7 @@ class FeatureCache(_CacheReader):
             info = self.shards[number]
             path = self.shard_dir / info.name
             if path.exists() and not is_intact(self.shard_dir, info):
+                self._raise_if_replaced()  # compact deleted it while we looked
                 raise CacheError(f"{path}: shard of {self.path.name} fails its checksum; run "
                                  "`featx extract` again to re-extract its rows")
             try:

@@ -90,6 +90,7 @@ class CacheSession(_CacheReader):
                 raise ValueError("key and dim are needed to create a cache")
             _write_index(self.path, key=key, dim=dim, attrs=attrs or {}, rows=None,
                          refs=None, shards=[], failed=[])
+            _discard_parts(self.parts_dir)
         self._main = FeatureCache.open(self.path)
         if key is not None:
             validate(self._main.h5, self.path, key)
@@ -424,6 +425,16 @@ class CacheSession(_CacheReader):
 
 
 FeatureCache.writer = CacheSession
+
+
+def _discard_parts(folder: Path):
+    """Part files beside a new index are a deleted index's: their rows are extracted again
+    with the rest (merged, they would be rows of images counted twice, or gone)."""
+    parts = list(folder.glob("part-*")) if folder.exists() else []
+    for part in parts:
+        part.unlink()
+    if parts:
+        log.info("%s: %d part files of a deleted index discarded", folder, len(parts))
 
 
 def _folder_bytes(folder) -> int:

@@ -125,15 +125,32 @@ def checksum(path, block_rows: int = 8192) -> str:
     return digest.hexdigest()
 
 
+_SEALS_HELD: dict[str, tuple] = {}  # path -> stat key of a shard whose seal held
+
+
+def _seal_holds(path: Path, stat) -> bool:
+    """Whether a shard's bytes are as sealed (an older, unsealed shard counts as holding);
+    hashed once per process while the file's stat stays the same."""
+    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if _SEALS_HELD.get(str(path)) == key:
+        return True
+    state, stat = check_seal(path)
+    if state not in ("intact", "unsealed"):
+        return False
+    _SEALS_HELD[str(path)] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return True
+
+
 def is_intact(folder, info: ShardInfo, full: bool = False) -> bool:
     """Whether shard ``info`` in ``folder`` holds what was written. Unless ``full``, a file
-    whose size and mtime are as recorded is trusted (as unchanged image files are). A
-    sealed shard's seal is checked before HDF5 reads it."""
+    whose size and mtime are as recorded needs only its seal to hold (checked once per
+    process: bytes that rot under an unchanged mtime are caught too); with ``full``, its
+    embeddings are hashed against the index's checksum as well."""
     path = Path(folder) / info.name
     try:
         stat = path.stat()
         if not full and (stat.st_size, stat.st_mtime_ns) == (info.size, info.mtime_ns):
-            return True
+            return _seal_holds(path, stat)
         if check_seal(path)[0] not in ("intact", "unsealed"):
             return False
         return checksum(path) == info.checksum

@@ -93,20 +93,25 @@ def handle_errors(func):
     return wrapper
 
 
-# A file that could not be written for a reason outside featx: one line naming it, exit 2.
-# What was saved before is kept (files are replaced whole), so the rerun goes on from there.
+# A file that could not be written or read for a reason outside featx (a full disk, a
+# read-only or missing folder): one line naming it, exit 2. What was saved before is kept
+# (files are replaced whole), so the rerun goes on from there.
 STORAGE_ERRORS = {
-    errno.ENOSPC: "free some space and run the command again",
-    errno.EDQUOT: "free some space and run the command again",
-    errno.EROFS: "make it writable, or choose another folder",
-    errno.EACCES: "make it writable, or choose another folder",
+    errno.ENOSPC: "; free some space and run the command again",
+    errno.EDQUOT: "; free some space and run the command again",
+    errno.EROFS: "; make it writable, or choose another folder",
+    errno.EACCES: "; make it writable, or choose another folder",
 }
 
 
 def _storage_error(exc: Exception):
-    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:
+    """Exit 2 with one line for an OSError about storage: one in STORAGE_ERRORS, or any
+    other that names its file (ENOENT, ENOTDIR, EPERM...)."""
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return
+    if exc.errno in STORAGE_ERRORS or exc.filename is not None:
         where = "" if exc.filename is None else f"{exc.filename}: "
-        click.echo(f"Error: {where}{os.strerror(exc.errno)}; {STORAGE_ERRORS[exc.errno]}",
+        click.echo(f"Error: {where}{os.strerror(exc.errno)}{STORAGE_ERRORS.get(exc.errno, '')}",
                    err=True)
         sys.exit(2)
 

@@ -222,6 +222,14 @@ def _is_image_name(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk gives undecodable bytes as surrogates
+        return False
+    return True
+
+
 def _not_an_image(name: str) -> str:
     ext = os.path.splitext(name)[1]
     return f"not an image file ({ext})" if ext else "not an image file (no extension)"
@@ -272,7 +280,10 @@ def _scan_class_folder(root: Path, folder: Path, ignored) -> list[str]:
             if _is_hidden(name):
                 continue
             rel = prefix + name
-            if _is_image_name(name):
+            if not _is_utf8(rel):  # a cache stores paths as UTF-8
+                log.warning("skipped %s: its name is not UTF-8; rename it to embed it",
+                            ascii(rel)[1:-1])
+            elif _is_image_name(name):
                 images.append(rel)
             else:
                 ignored.append((rel, _not_an_image(name)))

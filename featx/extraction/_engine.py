@@ -59,7 +59,8 @@ class SignalStop:
 
     def _restore(self):
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            # None: a handler installed from C, which Python cannot put back
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
 
 

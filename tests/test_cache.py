@@ -775,3 +775,18 @@ def test_read_rows_in_blocks_equals_fancy_indexing(tmp_path):
                 out, at = np.zeros((n + 3, DIM), np.float32), rng.permutation(n + 3)[:n]
                 read_rows(h5["e"], rows, block, out=out, at=at)
                 np.testing.assert_array_equal(out[at], data[rows])
+
+
+def test_views_made_again_with_other_options_since_they_were_read_are_refused(path):
+    from featx.cache import Features
+
+    with CacheSession(path, key=KEY, dim=DIM, attrs={**ATTRS, "augment_recipe": "zoom"}) as s:
+        s.append(vectors(2), **columns(2))
+        s.append(vectors(2, seed=1), **columns(2, view=1))
+    features = Features(path)
+    with CacheSession(path, key=KEY) as session:  # another process's extract --augment
+        session.set_attrs(augment_recipe="flat")
+        session.append(vectors(1, seed=2), **columns(1, start=5))
+    np.testing.assert_array_equal(features.take([0, 1])[0], vectors(2))  # originals: kept
+    with pytest.raises(CacheError, match="made again with other options"):
+        features.take([2, 3])

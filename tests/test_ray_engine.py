@@ -332,3 +332,18 @@ def test_a_wrong_or_missing_token_gives_one_line(ray_cluster, image_folder, cach
         f"Error: --ray-address {address}: the Ray cluster {refusal}: "
         f"{ray_engine.AUTH_HELP}"]
     assert not cache_dir.exists()  # refused before any file was hashed
+
+
+def test_the_actors_get_the_drivers_backend_and_image_limit(monkeypatch):
+    from types import SimpleNamespace
+
+    from featx.extraction._ray_engine import connect
+
+    calls = []
+    fake = SimpleNamespace(is_initialized=lambda: False,
+                           init=lambda **kwargs: calls.append(kwargs),
+                           exceptions=SimpleNamespace(RayError=RuntimeError))
+    monkeypatch.setenv("FEATX_MAX_IMAGE_PIXELS", "1000")
+    assert connect(fake, None, 1)
+    assert calls[0]["runtime_env"]["env_vars"]["FEATX_MAX_IMAGE_PIXELS"] == "1000"
+    assert "KERAS_BACKEND" in calls[0]["runtime_env"]["env_vars"]

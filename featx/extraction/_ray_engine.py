@@ -235,9 +235,13 @@ def connect(ray, address: str | None, num_cpus: int | None) -> bool:
         return False
     if not log.isEnabledFor(logging.DEBUG):  # Ray's INFO lines only with featx -v
         logging.getLogger("ray").setLevel(logging.ERROR)  # and ray.data's, its child
-    # the actors run Keras on the driver's backend, whatever the nodes' default
+    # the actors run Keras on the driver's backend, whatever the nodes' default, and
+    # refuse the images the driver would refuse
+    env = {"KERAS_BACKEND": backend_name()}
+    if os.environ.get("FEATX_MAX_IMAGE_PIXELS"):
+        env["FEATX_MAX_IMAGE_PIXELS"] = os.environ["FEATX_MAX_IMAGE_PIXELS"]
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                  runtime_env={"env_vars": {"KERAS_BACKEND": backend_name()}})
+                  runtime_env={"env_vars": env})
     try:
         if address:
             ray.init(address=address, **kwargs)

@@ -517,7 +517,7 @@ def test_a_damaged_shard_with_its_stat_restored_is_caught_by_its_seal(path):
     stat = shard.stat()
     corrupt(shard)
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    _shards._SEALS_HELD.clear()  # as a new process finds it
+    _shards.SEALS_HELD.clear()  # as a new process finds it
     with FeatureCache.open(path) as cache:
         assert cache.damaged_shards() == [0]  # its seal, checked once per process
         assert cache.damaged_shards(full=True) == [0]

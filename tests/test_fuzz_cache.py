@@ -203,7 +203,7 @@ def test_an_index_written_before_seals_is_read_and_sealed_on_its_next_write(tmp_
         with CacheSession(path, key=key, dim=2, attrs={}) as session:
             session.append(np.ones((1, 2), np.float32), **rows)
     assert path.read_bytes().startswith(_shards.HDF5_SIGNATURE)
-    _index._SEALED.clear()  # as a new process finds it: its seal is checked
+    _shards.SEALS_HELD.clear()  # as a new process finds it: its seal is checked
     with FeatureCache.open(path) as cache:
         assert cache.rows()["paths"].tolist() == ["a.png"]
     with CacheSession(path, key=key) as session:

@@ -27,7 +27,8 @@ from featx._io import atomic_path
 from featx.errors import CacheError
 
 from ._key import shard_dir
-from ._shards import SEAL_BYTES, ShardInfo, check_seal, is_intact, read_rows, seal
+from ._shards import (SEAL_BYTES, ShardInfo, is_intact, read_rows, remember_seal, seal,
+                      seal_state, stat_key)
 
 CACHE_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -142,7 +143,7 @@ class FeatureCache(_CacheReader):
         for _ in range(3):  # a writer may replace the index between the check and the open
             checked = _check_index(path)
             h5 = _open_h5(path, "r")
-            if _stat_key(os.fstat(h5.id.get_vfd_handle())) == checked:
+            if stat_key(os.fstat(h5.id.get_vfd_handle())) == checked:
                 break
             h5.close()
         else:
@@ -242,10 +243,10 @@ class FeatureCache(_CacheReader):
     def _raise_if_replaced(self):
         """A shard this index names is gone because a newer index replaced it (compact)."""
         try:
-            now = _stat_key(self.path.stat())
+            now = stat_key(self.path.stat())
         except OSError:
             now = None
-        if now != _stat_key(os.fstat(self.h5.id.get_vfd_handle())):
+        if now != stat_key(os.fstat(self.h5.id.get_vfd_handle())):
             raise CacheError(f"{self.path}: replaced while being read (by `featx cache "
                              "compact` or `featx extract`); read it again") from None
 
@@ -288,23 +289,11 @@ def _remember_rows(index_id, rows: dict):
         _LAST_ROWS[index_id] = rows
 
 
-# Indexes whose seal was checked, by path: the (inode, size, mtime) of the file checked. An
-# index is never changed in place, so while these are unchanged it holds the checked bytes.
-_SEALED: dict[str, tuple] = {}
-
-
-def _stat_key(stat) -> tuple:
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
 def _check_index(path: Path) -> tuple:
     """Refuse an index whose bytes are not what featx wrote, before HDF5 reads any of them;
     returns the stat key of the file checked."""
-    key = _stat_key(path.stat())
-    if _SEALED.get(str(path)) == key:
-        return key
     try:
-        state, stat = check_seal(path)
+        state, key = seal_state(path)
     except OSError as exc:
         raise CacheError(f"{path}: cannot be read ({exc.strerror})") from None
     if state == "damaged":
@@ -313,9 +302,6 @@ def _check_index(path: Path) -> tuple:
     if state == "foreign":
         raise CacheError(f"{path}: not a valid featx cache (neither an HDF5 file nor sealed "
                          "by featx); move it away or delete it")
-    key = _stat_key(stat)
-    if state == "intact":
-        _SEALED[str(path)] = key
     return key
 
 
@@ -352,7 +338,7 @@ def _write_index(path, *, key, dim, attrs, rows, refs, shards, failed) -> str:
             h5.attrs["n_committed"] = n
             h5.attrs["index_id"] = index_id = uuid.uuid4().hex
         seal(tmp)  # fsyncs
-    _SEALED[str(path)] = _stat_key(Path(path).stat())  # its bytes were hashed to seal it
+    remember_seal(path)
     return index_id
 
 

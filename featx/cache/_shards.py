@@ -125,20 +125,32 @@ def checksum(path, block_rows: int = 8192) -> str:
     return digest.hexdigest()
 
 
-_SEALS_HELD: dict[str, tuple] = {}  # path -> stat key of a shard whose seal held
+# Files whose seal held, by path: the (inode, size, mtime) of the file checked. Sealed
+# files are never changed in place, so while these are unchanged they hold the checked bytes.
+SEALS_HELD: dict[str, tuple] = {}
 
 
-def _seal_holds(path: Path, stat) -> bool:
-    """Whether a shard's bytes are as sealed (an older, unsealed shard counts as holding);
-    hashed once per process while the file's stat stays the same."""
-    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if _SEALS_HELD.get(str(path)) == key:
-        return True
+def stat_key(stat) -> tuple:
+    """What tells one version of a file from another: (inode, size, mtime)."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def seal_state(path, stat=None) -> tuple[str, tuple]:
+    """(:func:`check_seal`'s state, the stat key of the file checked); a file whose seal
+    held is hashed again only when its stat changed. Raises OSError."""
+    key = stat_key(stat or os.stat(path))
+    if SEALS_HELD.get(str(path)) == key:
+        return "intact", key
     state, stat = check_seal(path)
-    if state not in ("intact", "unsealed"):
-        return False
-    _SEALS_HELD[str(path)] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    return True
+    key = stat_key(stat)
+    if state == "intact":
+        SEALS_HELD[str(path)] = key
+    return state, key
+
+
+def remember_seal(path) -> None:
+    """Record a file just sealed (its bytes were hashed to seal it) as checked."""
+    SEALS_HELD[str(path)] = stat_key(os.stat(path))
 
 
 def is_intact(folder, info: ShardInfo, full: bool = False) -> bool:
@@ -149,10 +161,11 @@ def is_intact(folder, info: ShardInfo, full: bool = False) -> bool:
     path = Path(folder) / info.name
     try:
         stat = path.stat()
-        if not full and (stat.st_size, stat.st_mtime_ns) == (info.size, info.mtime_ns):
-            return _seal_holds(path, stat)
-        if check_seal(path)[0] not in ("intact", "unsealed"):
+        state = check_seal(path)[0] if full else seal_state(path, stat)[0]
+        if state not in ("intact", "unsealed"):
             return False
+        if not full and (stat.st_size, stat.st_mtime_ns) == (info.size, info.mtime_ns):
+            return True
         return checksum(path) == info.checksum
     except Exception:  # noqa: BLE001 - h5py raises many kinds on a damaged unsealed file
         return False

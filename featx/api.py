@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx._io import sidecar_for
 from featx.auditing import (CopyVerifier, LocalFeatureStore, audit_findings, audit_rows,
                             exclude_entries, summary_counts, write_audit_report)
 from featx.backbones import describe_backbones
@@ -205,7 +206,7 @@ def convert_model(model_path, *, trust_pickle=False) -> ConvertedModel:
     ``trust_pickle=True`` this refuses (UsageError), as :func:`predict` does.
     """
     path, record = convert_saved_model(model_path, trust_pickle=trust_pickle)
-    return ConvertedModel(str(path), str(path.with_suffix(".json")),
+    return ConvertedModel(str(path), str(sidecar_for(path)),
                           str(path.with_name(record["converted_from"])), record["sha256"])
 
 

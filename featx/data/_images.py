@@ -15,11 +15,10 @@ from featx.errors import ImageDecodeError, UsageError
 from ._headers import declared_size, jpeg_size
 
 # ----- reading images --------------------------------------------------------------
-# Formats that may carry alpha or 16-bit samples, by their leading bytes. They are decoded
+# Of the six formats read, all but JPEG may carry alpha or 16-bit samples: they are decoded
 # with IMREAD_UNCHANGED and normalised here; JPEG with IMREAD_COLOR, which applies the EXIF
 # orientation and converts gray and CMYK to BGR.
-_UNCHANGED_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+",
-                         b"GIF87a", b"GIF89a", b"BM")
+_JPEG_SIGNATURE = b"\xff\xd8"
 
 
 _MIN_SIDE = 2
@@ -109,7 +108,7 @@ def read_image(path, *, reduced_decode: bool = False,
     limit = max_image_pixels()
     data = _read_bytes(path)
     _check_declared_size(data, limit, path)
-    unchanged = _is_unchanged_format(data)
+    unchanged = not data.startswith(_JPEG_SIGNATURE)  # the size check let only six through
     if unchanged:
         flag = cv2.IMREAD_UNCHANGED
     else:
@@ -177,11 +176,6 @@ def _check_declared_size(data: bytes, limit: int, path) -> None:
 
 
 # ----- decoded samples to RGB ----------------------------------------------------------
-def _is_unchanged_format(data: bytes) -> bool:
-    head = data[:16]
-    return head.startswith(_UNCHANGED_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-
-
 def _looks_truncated(data: bytes) -> bool:
     """True when a file that failed to decode lacks the end its format requires.
 
